@@ -1,0 +1,12 @@
+"""rfdetr_fn: RF-DETR as pure functions over parameter pytrees, with a compiled functional trainer.
+
+    import rfdetr_fn as rf
+    cfg = rf.presets.nano(num_classes=3)
+    params = rf.init(cfg, seed=0)
+    out = rf.apply(params, images, mask, cfg, train=False)
+"""
+
+from rfdetr_fn import presets
+from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+
+__all__ = ["presets", "ModelConfig", "TrainConfig", "DataConfig", "EvalConfig"]

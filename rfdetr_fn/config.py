@@ -1,0 +1,347 @@
+"""Frozen attrs configs: everything that shapes the network, the training run, the data and evaluation.
+
+Configs are values, not objects with behaviour: they are hashed into compile caches, written to
+`training_config.json`, and turned into the command line by tyro. Every check runs at construction,
+so a bad value fails early with the field's name.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+Encoder = Literal[
+    "dinov2_windowed_small",
+    "dinov2_windowed_base",
+    "dinov2_registers_windowed_small",
+    "dinov2_registers_windowed_base",
+]
+Level = Literal["P3", "P4", "P5"]
+
+_ENCODER_DEFAULTS = {"small": (384, 6), "base": (768, 12)}
+UPSTREAM_NAMES = {
+    "nano": "RFDETRNano",
+    "small": "RFDETRSmall",
+    "medium": "RFDETRMedium",
+    "large": "RFDETRLarge",
+    "base": "RFDETRBase",
+    "large_deprecated": "RFDETRLargeDeprecated",
+    "seg_preview": "RFDETRSegPreview",
+    "seg_nano": "RFDETRSegNano",
+    "seg_small": "RFDETRSegSmall",
+    "seg_medium": "RFDETRSegMedium",
+    "seg_large": "RFDETRSegLarge",
+    "seg_xlarge": "RFDETRSegXLarge",
+    "seg_2xlarge": "RFDETRSeg2XLarge",
+}
+
+
+def _positive(inst, att, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{att.name}={value} must be positive")
+
+
+def _non_negative(inst, att, value) -> None:
+    if value < 0:
+        raise ValueError(f"{att.name}={value} must be >= 0")
+
+
+def _unit_interval(inst, att, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{att.name}={value} must lie in [0, 1]")
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """Detector architecture (one preset per upstream variant; every field can be overridden)."""
+
+    name: str = "nano"
+    """Preset name; upstream's model_name is derived from it when weights are saved."""
+    encoder: Encoder = "dinov2_windowed_small"
+    """ViT backbone family; '_registers_' adds 4 register tokens."""
+    vit_hidden_size: int | None = attrs.field(default=None, validator=_positive)
+    """ViT width; None takes the encoder's (384 small, 768 base)."""
+    vit_num_layers: int = attrs.field(default=12, validator=_positive)
+    """ViT depth."""
+    vit_num_heads: int | None = attrs.field(default=None, validator=_positive)
+    """ViT attention heads; None takes the encoder's (6 small, 12 base)."""
+    vit_mlp_ratio: int = attrs.field(default=4, validator=_positive)
+    """ViT MLP width as a multiple of its hidden size."""
+    patch_size: int = attrs.field(default=16, validator=_positive)
+    """ViT patch side in pixels."""
+    num_windows: int = attrs.field(default=2, validator=_positive)
+    """Windows per image side for windowed attention (1 = no windowing)."""
+    out_feature_indexes: tuple[int, ...] = (3, 6, 9, 12)
+    """ViT stages fed to the projector (stage k = output of block k-1)."""
+    projector_scale: tuple[Level, ...] = ("P4",)
+    """Feature levels built by the projector."""
+    hidden_dim: int = attrs.field(default=256, validator=_positive)
+    """Decoder width d."""
+    dec_layers: int = attrs.field(default=2, validator=_positive)
+    """Decoder layers."""
+    sa_nheads: int = attrs.field(default=8, validator=_positive)
+    """Decoder self-attention heads."""
+    ca_nheads: int = attrs.field(default=16, validator=_positive)
+    """Decoder deformable cross-attention heads."""
+    dec_n_points: int = attrs.field(default=2, validator=_positive)
+    """Sampling points per head and level in deformable attention."""
+    dim_feedforward: int = attrs.field(default=2048, validator=_positive)
+    """Decoder FFN width."""
+    num_queries: int = attrs.field(default=300, validator=_positive)
+    """Object queries per group."""
+    num_select: int = attrs.field(default=300, validator=_positive)
+    """Detections kept by postprocess (top-k over queries x classes)."""
+    group_detr: int = attrs.field(default=13, validator=_positive)
+    """Query groups used in training (1 at inference)."""
+    two_stage: bool = True
+    """Encoder proposals seed the decoder's reference boxes."""
+    bbox_reparam: bool = True
+    """Boxes are deltas relative to a reference box."""
+    lite_refpoint_refine: bool = True
+    """Every decoder layer predicts relative to the same initial reference."""
+    layer_norm: bool = True
+    """Projector uses channel LayerNorm (upstream's only supported setting)."""
+    resolution: int = attrs.field(default=384, validator=_positive)
+    """Square input side; must be divisible by patch_size * num_windows."""
+    positional_encoding_size: int | None = attrs.field(default=None, validator=_positive)
+    """ViT position table side; None = resolution // patch_size."""
+    num_classes: int = attrs.field(default=90, validator=_positive)
+    """Foreground classes; the class head has num_classes + 1 outputs."""
+    num_channels: int = attrs.field(default=3, validator=_positive)
+    """Input channels."""
+    segmentation_head: bool = False
+    """Adds the instance-mask head."""
+    mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
+    """Mask logits are predicted at 1/ratio of the input size."""
+
+    def __attrs_post_init__(self) -> None:
+        block = self.patch_size * self.num_windows
+        if self.resolution % block:
+            raise ValueError(
+                f"resolution={self.resolution} must be divisible by patch_size*num_windows = "
+                f"{self.patch_size}*{self.num_windows} = {block}"
+            )
+        if self.vit_width % self.vit_heads:
+            raise ValueError(
+                f"vit_hidden_size={self.vit_width} must be divisible by vit_num_heads={self.vit_heads}"
+            )
+        for heads in ("sa_nheads", "ca_nheads"):
+            if self.hidden_dim % getattr(self, heads):
+                raise ValueError(
+                    f"hidden_dim={self.hidden_dim} must be divisible by {heads}={getattr(self, heads)}"
+                )
+        idx = self.out_feature_indexes
+        if not idx or list(idx) != sorted(set(idx)) or idx[0] < 1 or idx[-1] > self.vit_num_layers:
+            raise ValueError(
+                f"out_feature_indexes={idx} must be strictly increasing stages in 1..{self.vit_num_layers}"
+            )
+        if not self.projector_scale or list(self.projector_scale) != sorted(set(self.projector_scale)):
+            raise ValueError(f"projector_scale={self.projector_scale} must be distinct levels in P3<P4<P5 order")
+        if self.num_select > self.num_queries * (self.num_classes + 1):
+            raise ValueError(
+                f"num_select={self.num_select} exceeds num_queries*(num_classes+1)="
+                f"{self.num_queries * (self.num_classes + 1)}"
+            )
+        if self.segmentation_head and self.resolution % (self.mask_downsample_ratio):
+            raise ValueError(
+                f"resolution={self.resolution} must be divisible by mask_downsample_ratio={self.mask_downsample_ratio}"
+            )
+
+    # Derived quantities: one place for every formula that other modules need.
+    @property
+    def vit_width(self) -> int:
+        return self.vit_hidden_size or _ENCODER_DEFAULTS[self.encoder.rsplit("_", 1)[1]][0]
+
+    @property
+    def vit_heads(self) -> int:
+        return self.vit_num_heads or _ENCODER_DEFAULTS[self.encoder.rsplit("_", 1)[1]][1]
+
+    @property
+    def num_registers(self) -> int:
+        return 4 if "_registers_" in self.encoder else 0
+
+    @property
+    def pe_size(self) -> int:
+        return self.positional_encoding_size or self.resolution // self.patch_size
+
+    @property
+    def block_size(self) -> int:
+        """Input sides must be multiples of this (patch_size * num_windows)."""
+        return self.patch_size * self.num_windows
+
+    @property
+    def full_attention_blocks(self) -> tuple[int, ...]:
+        """Blocks numbered like the out-feature stages run full attention (upstream's off-by-one)."""
+        n = self.out_feature_indexes[-1] + 1
+        return tuple(i for i in range(n) if i in self.out_feature_indexes and i < self.vit_num_layers)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.projector_scale)
+
+    @property
+    def num_logits(self) -> int:
+        """Class-head width: num_classes + 1 (the last column is never a positive target)."""
+        return self.num_classes + 1
+
+    @property
+    def model_name(self) -> str:
+        """Upstream's class name, stored in checkpoints so upstream's from_checkpoint picks the variant."""
+        return UPSTREAM_NAMES.get(self.name, "RFDETR" + self.name.title().replace("_", ""))
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """Optimisation and loop settings (upstream's TrainConfig defaults unless noted)."""
+
+    lr: float = attrs.field(default=1e-4, validator=_positive)
+    """Peak learning rate for the decoder, heads and projector."""
+    lr_encoder: float = attrs.field(default=1.5e-4, validator=_positive)
+    """Base learning rate of the ViT before layer-wise decay."""
+    weight_decay: float = attrs.field(default=1e-4, validator=_non_negative)
+    """AdamW weight decay."""
+    lr_vit_layer_decay: float = attrs.field(default=0.8, validator=_unit_interval)
+    """Per-layer LR decay of the ViT (deeper layers learn faster)."""
+    lr_component_decay: float = attrs.field(default=0.7, validator=_unit_interval)
+    """LR factor of the decoder (and squared, of the ViT)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = attrs.field(default=1e-8, validator=_positive)
+    """AdamW epsilon."""
+    batch_size: int = attrs.field(default=4, validator=_positive)
+    """Images per micro-batch."""
+    grad_accum_steps: int = attrs.field(default=1, validator=_positive)
+    """Micro-batches per optimizer step."""
+    eval_batch_size: int | None = attrs.field(default=None, validator=_positive)
+    """Evaluation batch size; None = batch_size."""
+    epochs: int = attrs.field(default=100, validator=_positive)
+    """Training epochs."""
+    max_steps: int | None = attrs.field(default=None, validator=_positive)
+    """Stop after this many optimizer steps (None = run all epochs)."""
+    warmup_epochs: float = attrs.field(default=0.0, validator=_non_negative)
+    """Linear LR warm-up length in epochs."""
+    lr_scheduler: Literal["step", "cosine"] = "step"
+    """LR schedule after warm-up."""
+    lr_drop: int = attrs.field(default=100, validator=_positive)
+    """'step' schedule: epoch at which the LR drops tenfold."""
+    lr_min_factor: float = attrs.field(default=0.0, validator=_unit_interval)
+    """'cosine' schedule: final LR as a fraction of the peak."""
+    clip_max_norm: float = attrs.field(default=0.1, validator=_non_negative)
+    """Global gradient-norm clip (0 disables)."""
+    use_ema: bool = True
+    """Keep an exponential moving average of the weights (evaluated by default)."""
+    ema_decay: float = attrs.field(default=0.993, validator=_unit_interval)
+    """EMA decay reached after warm-up."""
+    ema_tau: float = attrs.field(default=100.0, validator=_positive)
+    """EMA warm-up constant in optimizer steps."""
+    ema_update_interval: int = attrs.field(default=1, validator=_positive)
+    """Update the EMA every this many optimizer steps."""
+    drop_path: float = attrs.field(default=0.0, validator=_unit_interval)
+    """Stochastic depth of the last ViT layer (linear from 0 over layers)."""
+    multi_scale: Literal["off", "per-batch", "per-sample"] = "per-batch"
+    """Multi-scale training mode."""
+    expanded_scales: bool = True
+    """Use the wider scale menu (offsets -5..5 instead of -3..4)."""
+    scale_jitter: bool = True
+    """Randomly choose between square resize and resize-crop-resize."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
+    compile: bool = True
+    """torch.compile the train step."""
+    cls_loss_coef: float = 1.0
+    """Weight of the IA-BCE classification loss."""
+    bbox_loss_coef: float = 5.0
+    """Weight of the L1 box loss."""
+    giou_loss_coef: float = 2.0
+    """Weight of the GIoU loss."""
+    mask_ce_loss_coef: float = 5.0
+    """Weight of the mask BCE loss (segmentation)."""
+    mask_dice_loss_coef: float = 5.0
+    """Weight of the mask dice loss (segmentation)."""
+    mask_point_sample_ratio: int = attrs.field(default=16, validator=_positive)
+    """Mask losses sample H*W/ratio points."""
+    set_cost_class: float = 2.0
+    """Matcher weight of the focal class cost."""
+    set_cost_bbox: float = 5.0
+    """Matcher weight of the L1 box cost."""
+    set_cost_giou: float = 2.0
+    """Matcher weight of the GIoU cost."""
+    focal_alpha: float = 0.25
+    """Focal/IA-BCE alpha."""
+    eval_interval: int = attrs.field(default=1, validator=_positive)
+    """Evaluate every this many epochs (the last epoch is always evaluated)."""
+    checkpoint_interval: int = attrs.field(default=10, validator=_positive)
+    """Keep a numbered train-state checkpoint every this many epochs (the last one is always kept)."""
+    eval_base_model: bool = False
+    """Also evaluate the non-EMA weights."""
+    compute_val_loss: bool = False
+    """Compute the loss on the validation split."""
+    early_stopping: bool = False
+    """Stop when the monitored mAP stops improving."""
+    early_stopping_patience: int = attrs.field(default=10, validator=_positive)
+    """Evaluations without improvement before stopping."""
+    early_stopping_min_delta: float = attrs.field(default=0.001, validator=_non_negative)
+    """Smallest improvement that counts."""
+    early_stopping_use_ema: bool = True
+    """Monitor the EMA metric when available (else the max of regular and EMA)."""
+    best_model_metric: Literal["map", "mar"] = "map"
+    """Metric that picks the best checkpoint."""
+    skip_best_epochs: int = attrs.field(default=0, validator=_non_negative)
+    """Ignore epochs before this one for best-model and early-stopping decisions."""
+    smooth_alpha: float = attrs.field(default=0.0, validator=_unit_interval)
+    """EMA smoothing of the regular metric for best-model comparison (0 = off)."""
+    run_test: bool = False
+    """Evaluate the best model on the test split at the end."""
+    seed: int = 0
+    """Seed for weights, augmentation and sampling (rank is added in multi-process runs)."""
+    output_dir: str = "output"
+    """Where checkpoints, metrics and plots are written."""
+    resume: str | None = None
+    """Train-state checkpoint directory to resume from ('auto' = output_dir/last)."""
+    pretrain_weights: str | None = None
+    """Weights file to fine-tune from (upstream .pth/.ckpt or safetensors); None trains from scratch."""
+    tensorboard: bool = True
+    """Write TensorBoard events when tensorboard is installed."""
+    progress_bar: bool = True
+    """Show a progress bar."""
+    log_every_n_steps: int = attrs.field(default=10, validator=_positive)
+    """Write a metrics.csv row every this many optimizer steps."""
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are loaded."""
+
+    dataset_dir: str | None = None
+    """Dataset root; None uses the built-in synthetic shapes dataset."""
+    dataset_format: Literal["auto", "roboflow", "coco", "yolo", "synthetic"] = "auto"
+    """Layout of dataset_dir; auto detects Roboflow COCO, raw COCO 2017 or YOLO."""
+    class_names: tuple[str, ...] | None = None
+    """Explicit class names (checked against the dataset)."""
+    num_workers: int = attrs.field(default=2, validator=_non_negative)
+    """DataLoader worker processes."""
+    synthetic_images: int = attrs.field(default=64, validator=_positive)
+    """Built-in dataset: training images (valid and test get a quarter each)."""
+    synthetic_classes: int = attrs.field(default=3, validator=_positive)
+    """Built-in dataset: number of shape classes."""
+    synthetic_size: int = attrs.field(default=128, validator=_positive)
+    """Built-in dataset: image side in pixels."""
+
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """How detections are scored."""
+
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    """COCOeval implementation; both give identical numbers, faster_coco_eval is faster."""
+    max_dets: int = attrs.field(default=500, validator=_positive)
+    """Largest max-detections threshold (COCO uses 1, 10 and this)."""
+    per_class: bool = False
+    """Report AP per class."""
+    threshold: float = attrs.field(default=0.5, validator=_unit_interval)
+    """predict: keep detections scoring above this."""

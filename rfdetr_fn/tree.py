@@ -1,0 +1,64 @@
+"""Parameter pytrees: nested dicts of tensors whose dotted paths are upstream's state-dict keys.
+
+Nested dicts let a layer take just its own subtree (`linear(p["fc1"], x)`); the flat dotted view is
+what checkpoints, optimizers and tests compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+Params = dict[str, Any]  # nested dict whose leaves are tensors
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested dict -> {"a.b.c": leaf}, in insertion order."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> Params:
+    """{"a.b.c": leaf} -> nested dict (the inverse of `flatten`)."""
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def leaves(tree: Mapping[str, Any]) -> Iterator[torch.Tensor]:
+    yield from flatten(tree).values()
+
+
+def map_(fn: Callable[..., Any], tree: Mapping[str, Any], *rest: Mapping[str, Any]) -> Params:
+    """Apply `fn` leaf-wise over trees of identical structure, keeping the structure."""
+    out: Params = {}
+    for key, value in tree.items():
+        others = [r[key] for r in rest]
+        out[key] = map_(fn, value, *others) if isinstance(value, Mapping) else fn(value, *others)
+    return out
+
+
+def clone(tree: Mapping[str, Any]) -> Params:
+    """Deep copy of every tensor: optimizer/EMA state must never alias params (it forces recompiles)."""
+    return map_(lambda t: t.detach().clone(), tree)
+
+
+def num_params(tree: Mapping[str, Any]) -> int:
+    return sum(t.numel() for t in leaves(tree))
+
+
+def shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
