@@ -1,0 +1,1 @@
+"""Hungarian matching and the set criterion."""

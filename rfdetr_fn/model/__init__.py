@@ -1,0 +1,1 @@
+"""The RF-DETR network as pure functions: backbone, projector, transformer, heads, postprocess."""
