@@ -1,0 +1,268 @@
+"""Set criterion: IA-BCE, L1 and GIoU box losses (+ point-sampled mask BCE and dice) over matched pairs.
+
+Every matched layer (final, aux `_i`, encoder `_enc`) is matched first, then scored, like upstream
+(so the random mask points are drawn in the same order). Matched pairs are gathered with the padded
+(B, G, T) index tensor and padding slots are masked out with `torch.where`, so the whole criterion is
+one graph with static shapes, and `torch.func.grad` / `torch.compile(fullgraph=True)` trace it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rfdetr_fn import boxes as box_ops
+from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.loss.matcher import (
+    FOCAL_GAMMA,
+    dense_query_masks,
+    match,
+    nearest_index,
+    point_sample,
+    safe_target_boxes,
+)
+
+OVERSAMPLE = 3
+IMPORTANCE = 0.75
+
+
+def weight_dict(cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, float]:
+    """Loss weights per key, duplicated for every aux layer and the encoder outputs (upstream's keys)."""
+    base = {"loss_ce": tcfg.cls_loss_coef, "loss_bbox": tcfg.bbox_loss_coef, "loss_giou": tcfg.giou_loss_coef}
+    if cfg.segmentation_head:
+        base |= {"loss_mask_ce": tcfg.mask_ce_loss_coef, "loss_mask_dice": tcfg.mask_dice_loss_coef}
+    suffixes = ["", *(f"_{i}" for i in range(cfg.dec_layers - 1))] + (["_enc"] if cfg.two_stage else [])
+    return {key + suffix: value for suffix in suffixes for key, value in base.items()}
+
+
+def layers(outputs: dict) -> list[tuple[str, dict]]:
+    """(suffix, outputs) for the final layer, each aux layer and the encoder outputs, in upstream's order."""
+    out = [("", outputs)]
+    out += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
+    if outputs.get("enc_outputs") is not None:
+        out.append(("_enc", outputs["enc_outputs"]))
+    return out
+
+
+def check_targets(targets: dict, outputs: dict, masks: bool) -> None:
+    """Shape/dtype checks (static under compile), naming the offending field."""
+    logits = outputs.get("pred_logits")
+    if logits is None or outputs.get("pred_boxes") is None:
+        raise ValueError("outputs must hold 'pred_logits' and 'pred_boxes'")
+    labels, boxes = targets.get("labels"), targets.get("boxes")
+    if labels is None or labels.dim() != 2 or labels.dtype != torch.int64:
+        raise ValueError("targets['labels'] must be an int64 (B, T) tensor with -1 in padding slots")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets['labels'] has batch {labels.shape[0]}, outputs have {logits.shape[0]}")
+    if boxes is None or tuple(boxes.shape) != (*labels.shape, 4) or not boxes.is_floating_point():
+        raise ValueError(f"targets['boxes'] must be float {(*labels.shape, 4)} normalised cxcywh")
+    if masks:
+        m = targets.get("masks")
+        if m is None or m.dim() != 4 or tuple(m.shape[:2]) != tuple(labels.shape):
+            raise ValueError(
+                f"targets['masks'] must be bool (B, T, H, W) with (B, T) = {tuple(labels.shape)}"
+            )
+
+
+def default_num_boxes(labels: Tensor, groups: int) -> Tensor:
+    """Valid targets x groups, at least 1 (the single-process normaliser)."""
+    return ((labels >= 0).sum() * groups).to(torch.float32).clamp(min=1.0)
+
+
+def gather_pairs(layer: dict, targets: dict, idx: Tensor) -> dict[str, Tensor]:
+    """Flatten (B, G, T) matches to M = G*T slots per image and gather both sides of every pair."""
+    batch, groups, slots = idx.shape
+    flat = idx.reshape(batch, groups * slots)
+    matched = flat >= 0
+    query = flat.clamp(min=0)
+    labels = targets["labels"][:, None, :].expand(-1, groups, -1).reshape(batch, -1)
+    boxes = targets["boxes"][:, None].expand(-1, groups, -1, -1).reshape(batch, -1, 4)
+    pred = layer["pred_boxes"]
+    return {
+        "matched": matched,
+        "query": query,
+        "labels": labels.clamp(min=0),
+        "tgt_boxes": safe_target_boxes(boxes.to(pred.dtype), matched),
+        "src_boxes": pred.gather(1, query[..., None].expand(-1, -1, 4)),
+    }
+
+
+def ia_bce_loss(logits: Tensor, pairs: dict, num_boxes: Tensor, alpha: float) -> Tensor:
+    """IoU-aware BCE: soft target t = clamp(p^a * IoU^(1-a), 0.01) (detached) at matched (query, class),
+    p^2-weighted BCE towards 0 elsewhere (the p^2 weight keeps its gradient)."""
+    batch, num_queries, num_classes = logits.shape
+    prob = logits.sigmoid()
+    matched = pairs["matched"]
+    position = pairs["query"] * num_classes + pairs["labels"]  # (B, M) into the flattened (Nq*C) axis
+    with torch.no_grad():
+        iou, _ = box_ops.elementwise_iou(
+            box_ops.cxcywh_to_xyxy(pairs["src_boxes"].detach()), box_ops.cxcywh_to_xyxy(pairs["tgt_boxes"])
+        )
+        p = prob.detach().flatten(1).gather(1, position)
+        t = (p.pow(alpha) * iou.pow(1 - alpha)).clamp(min=0.01)
+        t = torch.where(matched, t, torch.zeros_like(t))
+        # Each query is matched at most once, so scatter_add places every t in its own cell.
+        pos_w = torch.zeros_like(prob).flatten(1).scatter_add(1, position, t).view_as(prob)
+        hits = torch.zeros_like(prob).flatten(1).scatter_add(1, position, matched.to(prob.dtype))
+        positive = hits.view_as(prob) > 0
+    neg_w = torch.where(positive, 1 - pos_w, prob**FOCAL_GAMMA)
+    loss = neg_w * logits - F.logsigmoid(logits) * (pos_w + neg_w)
+    return loss.sum() / num_boxes
+
+
+def class_error(logits: Tensor, pairs: dict) -> Tensor:
+    """100 - top-1 accuracy (%) over matched pairs (logging only)."""
+    with torch.no_grad():
+        picked = logits.detach().gather(1, pairs["query"][..., None].expand(-1, -1, logits.shape[-1]))
+        correct = (picked.argmax(-1) == pairs["labels"]) & pairs["matched"]
+        count = pairs["matched"].sum().clamp(min=1).to(logits.dtype)
+        return 100 - correct.sum().to(logits.dtype) * (100.0 / count)
+
+
+def cardinality_error(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean |#queries with max sigmoid > 0.5 - #targets| per image (logging only)."""
+    with torch.no_grad():
+        predicted = (logits.detach().sigmoid().amax(-1) > 0.5).sum(1).to(torch.float32)
+        return (predicted - (labels >= 0).sum(1).to(torch.float32)).abs().mean()
+
+
+def box_losses(pairs: dict, num_boxes: Tensor) -> dict[str, Tensor]:
+    """Summed L1 (cxcywh) and 1 - GIoU over matched pairs, each divided by num_boxes."""
+    src, tgt, matched = pairs["src_boxes"], pairs["tgt_boxes"], pairs["matched"]
+    l1 = (src - tgt).abs().sum(-1)
+    giou = box_ops.elementwise_giou(box_ops.cxcywh_to_xyxy(src), box_ops.cxcywh_to_xyxy(tgt))
+    zero = torch.zeros_like(l1)
+    return {
+        "loss_bbox": torch.where(matched, l1, zero).sum() / num_boxes,
+        "loss_giou": torch.where(matched, 1 - giou, zero).sum() / num_boxes,
+    }
+
+
+def uncertain_points(logits: Tensor, num_points: int) -> Tensor:
+    """PointRend points for (N, 1, h, w) logits: the 75% most uncertain of 3P uniform ones + 25% uniform."""
+    n = logits.shape[0]
+    coords = torch.rand(n, num_points * OVERSAMPLE, 2, device=logits.device)
+    uncertainty = -point_sample(logits, coords)[:, 0].abs()
+    keep = int(IMPORTANCE * num_points)
+    top = uncertainty.topk(keep, dim=1).indices
+    chosen = coords.gather(1, top[..., None].expand(-1, -1, 2))
+    extra = torch.rand(n, num_points - keep, 2, device=logits.device)
+    return torch.cat([chosen, extra], dim=1)
+
+
+def matched_mask_logits(pred_masks: dict | Tensor, query: Tensor) -> Tensor:
+    """(B, M, h, w) mask logits of the queries in `query` (B, M), from the sparse dict or dense masks."""
+    packed = dense_query_masks(pred_masks)
+    if isinstance(packed, tuple):
+        spatial, queries, bias = packed
+        picked = queries.gather(1, query[..., None].expand(-1, -1, queries.shape[-1]))
+        return torch.einsum("bchw,bmc->bmhw", spatial, picked) + bias
+    h, w = packed.shape[-2:]
+    return packed.gather(1, query[:, :, None, None].expand(-1, -1, h, w))
+
+
+def mask_losses(
+    pred_masks: dict | Tensor,
+    target_masks: Tensor,
+    idx: Tensor,
+    num_boxes: Tensor,
+    *,
+    point_ratio: int,
+) -> dict[str, Tensor]:
+    """Point-sampled mean BCE and dice of every matched mask; padding slots give exact zeros.
+
+    With no match at all the result is a zero that is still connected to the mask head's outputs.
+    """
+    batch, groups, slots = idx.shape
+    flat = idx.reshape(batch, groups * slots)
+    matched = flat >= 0
+    logits = matched_mask_logits(pred_masks, flat.clamp(min=0))  # (B, M, h, w)
+    h, w = logits.shape[-2:]
+    num_points = max(h, h * w // point_ratio)
+    stacked = logits.reshape(-1, 1, h, w)
+    with torch.no_grad():
+        coords = uncertain_points(stacked.detach(), num_points)  # (B*M, P, 2)
+    point_logits = point_sample(stacked, coords)[:, 0].view(batch, groups * slots, num_points)
+    with torch.no_grad():
+        height, width = target_masks.shape[-2:]
+        pixel = nearest_index(coords, height, width).view(batch, groups, slots, num_points)
+        pixel = pixel.transpose(1, 2).reshape(batch, slots, groups * num_points)  # slot (g, t) reads mask t
+        labels = target_masks.flatten(2).gather(2, pixel).view(batch, slots, groups, num_points)
+        labels = labels.transpose(1, 2).reshape(batch, groups * slots, num_points).to(point_logits.dtype)
+    ce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none").mean(-1)
+    prob = point_logits.sigmoid()
+    dice = 1 - (2 * (prob * labels).sum(-1) + 1) / (prob.sum(-1) + labels.sum(-1) + 1)
+    zero = torch.zeros_like(ce)
+    return {
+        "loss_mask_ce": torch.where(matched, ce, zero).sum() / num_boxes,
+        "loss_mask_dice": torch.where(matched, dice, zero).sum() / num_boxes,
+    }
+
+
+def criterion(
+    outputs: dict,
+    targets: dict,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    *,
+    train: bool,
+    num_boxes: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
+    from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
+    a distributed caller passes its all-reduced value instead."""
+    use_masks = cfg.segmentation_head
+    check_targets(targets, outputs, use_masks)
+    groups = cfg.group_detr if train else 1
+    labels = targets["labels"]
+    if num_boxes is None:
+        num_boxes = default_num_boxes(labels, groups)
+    num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
+    matched_layers = layers(outputs)
+    match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
+    indices = []
+    for suffix, layer in matched_layers:
+        points = None
+        if use_masks:
+            if layer.get("pred_masks") is None:
+                raise ValueError(f"segmentation outputs{suffix or ' (final)'} lack 'pred_masks'")
+            source = dense_query_masks(layer["pred_masks"])
+            source = source[0] if isinstance(source, tuple) else source
+            points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
+        indices.append(
+            match(
+                layer,
+                match_targets,
+                group_detr=groups,
+                cost_class=tcfg.set_cost_class,
+                cost_bbox=tcfg.set_cost_bbox,
+                cost_giou=tcfg.set_cost_giou,
+                focal_alpha=tcfg.focal_alpha,
+                cost_mask_ce=tcfg.mask_ce_loss_coef,
+                cost_mask_dice=tcfg.mask_dice_loss_coef,
+                mask_points=points,
+            )
+        )
+    losses: dict[str, Tensor] = {}
+    for (suffix, layer), idx in zip(matched_layers, indices):
+        pairs = gather_pairs(layer, targets, idx)
+        losses["loss_ce" + suffix] = ia_bce_loss(layer["pred_logits"], pairs, num_boxes, tcfg.focal_alpha)
+        if not suffix:
+            losses["class_error"] = class_error(layer["pred_logits"], pairs)
+        for key, value in box_losses(pairs, num_boxes).items():
+            losses[key + suffix] = value
+        losses["cardinality_error" + suffix] = cardinality_error(layer["pred_logits"], labels)
+        if use_masks:
+            found = mask_losses(
+                layer["pred_masks"],
+                targets["masks"],
+                idx,
+                num_boxes,
+                point_ratio=tcfg.mask_point_sample_ratio,
+            )
+            for key, value in found.items():
+                losses[key + suffix] = value
+    weights = weight_dict(cfg, tcfg)
+    total = torch.stack([losses[k] * weights[k] for k in losses if k in weights]).sum()
+    return total, losses
