@@ -8,5 +8,19 @@
 
 from rfdetr_fn import presets
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.model.detector import apply, init, param_shapes
+from rfdetr_fn.model.postprocess import postprocess
+from rfdetr_fn.predict import predict
 
-__all__ = ["presets", "ModelConfig", "TrainConfig", "DataConfig", "EvalConfig"]
+__all__ = [
+    "presets",
+    "ModelConfig",
+    "TrainConfig",
+    "DataConfig",
+    "EvalConfig",
+    "init",
+    "apply",
+    "param_shapes",
+    "postprocess",
+    "predict",
+]

@@ -1,0 +1,366 @@
+"""RF-DETR's transformer (upstream prefix `transformer.`): two-stage proposals and the deformable decoder.
+
+There is no transformer encoder: the projector output is the memory. The two-stage step scores every
+memory position with per-group encoder heads, keeps the top `num_queries` positions per group, and
+turns their boxes into the decoder's reference boxes. The decoder runs post-norm layers of
+group-restricted self-attention, multi-scale deformable cross-attention and a ReLU FFN, all around
+one initial reference box per query ("lite" refinement). Supported: two_stage, bbox_reparam and
+lite_refpoint_refine all True (every upstream variant).
+
+Every function is pure and shape-static for a fixed input size, so the whole forward traces under
+torch.compile(fullgraph=True): no .item(), no branching on tensor values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rfdetr_fn import nn
+from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.kernels import ms_deform_attn
+from rfdetr_fn.model.position import sine_for_boxes
+from rfdetr_fn.tree import Params
+
+Shapes = list[tuple[int, int]]
+
+
+# ---------------------------------------------------------------- flattening and proposals
+
+
+def flatten_levels(feats: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor, Shapes]:
+    """Per-level (B, d, h, w) maps and (B, h, w) masks -> memory (B, S, d), mask (B, S), [(h, w)]."""
+    memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+    mask = torch.cat([m.flatten(1) for m in masks], 1)
+    return memory, mask, [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+
+
+def valid_ratios(masks: list[Tensor]) -> Tensor:
+    """(B, levels, 2) fraction of each map that is image, as (w, h); float32 like upstream."""
+    out = []
+    for m in masks:
+        h, w = m.shape[-2:]
+        valid_h = (~m[:, :, 0]).sum(1).float() / h
+        valid_w = (~m[:, 0, :]).sum(1).float() / w
+        out.append(torch.stack([valid_w, valid_h], -1))
+    return torch.stack(out, 1)
+
+
+def encoder_proposals(memory: Tensor, mask: Tensor, shapes: Shapes) -> tuple[Tensor, Tensor]:
+    """Grid-cell proposal boxes (cxcywh, relative to the valid region); memory with invalid rows zeroed.
+
+    A proposal is valid when all four coordinates lie in (0.01, 0.99); padded and invalid positions get
+    proposal 0 and memory 0. The grid is float32 (upstream's island), cast to the memory dtype.
+    """
+    batch = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        m = mask[:, start : start + h * w].reshape(batch, h, w)
+        scale = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).reshape(batch, 1, 1, 2).float()
+        gy, gx = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        centres = (torch.stack([gx, gy], -1)[None] + 0.5) / scale
+        sizes = torch.ones_like(centres) * 0.05 * (2.0**lvl)
+        proposals.append(torch.cat([centres, sizes], -1).reshape(batch, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)
+    keep = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True) & ~mask[..., None]
+    proposals = proposals.masked_fill(~keep, 0.0)
+    return memory.masked_fill(~keep, 0.0), proposals.to(memory.dtype)
+
+
+def apply_deltas(deltas: Tensor, boxes: Tensor) -> Tensor:
+    """Box reparameterisation: centre moves by delta * size, size scales by exp(delta)."""
+    cxcy = deltas[..., :2] * boxes[..., 2:] + boxes[..., :2]
+    wh = deltas[..., 2:].exp() * boxes[..., 2:]
+    return torch.cat([cxcy, wh], -1)
+
+
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def two_stage(p: Params, memory: Tensor, mask: Tensor, shapes: Shapes, cfg: ModelConfig, groups: int):
+    """Select `num_queries` encoder positions per group with that group's heads.
+
+    Returns (memory_ts, boxes_ts, logits_ts, indices), each concatenated over groups along the query
+    axis: memory_ts (B, k*G, d) the selected normalised memory, boxes_ts (B, k*G, 4) the encoder boxes
+    (not detached: the encoder loss trains them), logits_ts their class logits and indices the
+    flattened memory positions picked. Query slot i of a group takes its i-th best position
+    (torch.topk order, like upstream).
+    """
+    out_memory, proposals = encoder_proposals(memory, mask, shapes)
+    k = min(cfg.num_queries, memory.shape[1])
+    mems, boxes, logits, picks = [], [], [], []
+    for g in range(groups):
+        g_key = str(g)
+        m = nn.layer_norm(p["enc_output_norm"][g_key], nn.linear(p["enc_output"][g_key], out_memory))
+        scores = nn.linear(p["enc_out_class_embed"][g_key], m).max(-1).values
+        idx = torch.topk(scores, k, dim=1).indices
+        deltas = nn.mlp(p["enc_out_bbox_embed"][g_key], m, 3)
+        sel = _gather_rows(m, idx)
+        mems.append(sel)
+        boxes.append(_gather_rows(apply_deltas(deltas, proposals), idx))
+        logits.append(nn.linear(p["enc_out_class_embed"][g_key], sel))
+        picks.append(idx)
+    return torch.cat(mems, 1), torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(picks, 1)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -> Tensor:
+    """nn.MultiheadAttention(batch_first) with q = k = x + pos, v = x, restricted to each query group.
+
+    The (B, G*Q, d) queries are viewed as (B*G, Q, d): attention never crosses a group boundary.
+    """
+    b, n, d = x.shape
+    qk = x + pos
+    w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
+    b_q, b_k, b_v = p["in_proj_bias"].chunk(3)
+
+    def heads_view(t: Tensor) -> Tensor:
+        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2)
+
+    q = heads_view(qk @ w_q.T + b_q)
+    k = heads_view(qk @ w_k.T + b_k)
+    v = heads_view(x @ w_v.T + b_v)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2).reshape(b, n, d)
+    return nn.linear(p["out_proj"], out)
+
+
+def deformable_attention(
+    p: Params, query: Tensor, ref: Tensor, value: Tensor, mask: Tensor, shapes: Shapes, cfg: ModelConfig
+) -> Tensor:
+    """MSDeformAttn with 4-d reference boxes (B, N, levels, 4): offsets scale with box size * 0.5 / points."""
+    b, n, d = query.shape
+    heads, levels, points = cfg.ca_nheads, len(shapes), cfg.dec_n_points
+    v = nn.linear(p["value_proj"], value).masked_fill(mask[..., None], 0.0)
+    offsets = nn.linear(p["sampling_offsets"], query).view(b, n, heads, levels, points, 2)
+    weights = nn.linear(p["attention_weights"], query).view(b, n, heads, levels * points)
+    weights = weights.softmax(-1).view(b, n, heads, levels, points)
+    r = ref[:, :, None, :, None, :]
+    loc = r[..., :2] + offsets / points * r[..., 2:] * 0.5
+    out = ms_deform_attn(v.view(b, v.shape[1], heads, d // heads), shapes, loc, weights)
+    return nn.linear(p["output_proj"], out)
+
+
+# ---------------------------------------------------------------- decoder
+
+
+def decoder_layer(
+    p: Params,
+    tgt: Tensor,
+    query_pos: Tensor,
+    ref: Tensor,
+    memory: Tensor,
+    mask: Tensor,
+    shapes: Shapes,
+    cfg: ModelConfig,
+    groups: int,
+) -> Tensor:
+    """Post-norm layer: group self-attention, deformable cross-attention, ReLU FFN (dropout is 0)."""
+    tgt = nn.layer_norm(
+        p["norm1"], tgt + self_attention(p["self_attn"], tgt, query_pos, cfg.sa_nheads, groups)
+    )
+    cross = deformable_attention(p["cross_attn"], tgt + query_pos, ref, memory, mask, shapes, cfg)
+    tgt = nn.layer_norm(p["norm2"], tgt + cross)
+    ffn = nn.linear(p["linear2"], F.relu(nn.linear(p["linear1"], tgt)))
+    return nn.layer_norm(p["norm3"], tgt + ffn)
+
+
+def decoder(
+    p: Params,
+    tgt: Tensor,
+    ref: Tensor,
+    memory: Tensor,
+    mask: Tensor,
+    shapes: Shapes,
+    ratios: Tensor,
+    cfg: ModelConfig,
+    groups: int,
+) -> Tensor:
+    """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm."""
+    ref_input = ref[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
+    query_pos = nn.mlp(p["ref_point_head"], sine_for_boxes(ref_input[:, :, 0], cfg.hidden_dim // 2), 2)
+    hs = []
+    for i in range(cfg.dec_layers):
+        tgt = decoder_layer(p["layers"][str(i)], tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        hs.append(nn.layer_norm(p["norm"], tgt))
+    return torch.stack(hs)
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    for field in ("two_stage", "bbox_reparam", "lite_refpoint_refine"):
+        if not getattr(cfg, field):
+            raise ValueError(f"ModelConfig.{field}=False is not supported (every upstream variant uses True)")
+
+
+def apply(
+    p: Params,
+    feats: list[Tensor],
+    masks: list[Tensor],
+    refpoint_embed: Tensor,
+    query_feat: Tensor,
+    cfg: ModelConfig,
+    groups: int,
+) -> dict[str, Tensor]:
+    """Projector maps + level masks -> decoder states and two-stage outputs.
+
+    `refpoint_embed` (N, 4) and `query_feat` (N, d) are the rows of the groups in use (N = Q*groups).
+    Returns hs (L, B, N, d), ref (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts,
+    boxes_ts, logits_ts and indices.
+    """
+    check_supported(cfg)
+    memory, mask, shapes = flatten_levels(feats, masks)
+    ratios = valid_ratios(masks).to(memory.dtype)
+    memory_ts, boxes_ts, logits_ts, indices = two_stage(p, memory, mask, shapes, cfg, groups)
+    b = memory.shape[0]
+    tgt = query_feat[None].expand(b, -1, -1)
+    learned = refpoint_embed[None].expand(b, -1, -1)
+    n_ts = boxes_ts.shape[1]
+    ref = torch.cat([apply_deltas(learned[:, :n_ts], boxes_ts.detach()), learned[:, n_ts:]], 1)
+    hs = decoder(p["decoder"], tgt, ref, memory, mask, shapes, ratios, cfg, groups)
+    return {
+        "hs": hs,
+        "ref": ref,
+        "memory_ts": memory_ts,
+        "boxes_ts": boxes_ts,
+        "logits_ts": logits_ts,
+        "indices": indices,
+    }
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _msda_offset_bias(heads: int, levels: int, points: int) -> Tensor:
+    """Upstream's direction pattern: head h points along angle 2*pi*h/heads, point i at distance i+1."""
+    theta = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    grid = torch.stack([theta.cos(), theta.sin()], -1)
+    grid = (grid / grid.abs().max(-1, keepdim=True).values).view(heads, 1, 1, 2).repeat(1, levels, points, 1)
+    grid = grid * torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, points, 1)
+    return grid.flatten()
+
+
+def _xavier_linear(out_dim: int, in_dim: int, gen: torch.Generator) -> Params:
+    """xavier_uniform weight (Transformer._reset_parameters) with the default nn.Linear bias."""
+    return {
+        "weight": nn.xavier_uniform((out_dim, in_dim), gen),
+        "bias": nn.default_bias((out_dim,), in_dim, gen),
+    }
+
+
+def _layer_init(cfg: ModelConfig, gen: torch.Generator) -> Params:
+    d, ff = cfg.hidden_dim, cfg.dim_feedforward
+    heads, levels, points = cfg.ca_nheads, cfg.num_levels, cfg.dec_n_points
+    return {
+        "self_attn": {
+            "in_proj_weight": nn.xavier_uniform((3 * d, d), gen),
+            "in_proj_bias": torch.zeros(3 * d),
+            "out_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
+        },
+        "norm1": nn.norm_init(d),
+        "cross_attn": {
+            "sampling_offsets": {
+                "weight": torch.zeros(heads * levels * points * 2, d),
+                "bias": _msda_offset_bias(heads, levels, points),
+            },
+            "attention_weights": {
+                "weight": torch.zeros(heads * levels * points, d),
+                "bias": torch.zeros(heads * levels * points),
+            },
+            "value_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
+            "output_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
+        },
+        "linear1": _xavier_linear(ff, d, gen),
+        "linear2": _xavier_linear(d, ff, gen),
+        "norm2": nn.norm_init(d),
+        "norm3": nn.norm_init(d),
+    }
+
+
+def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
+    """Decoder and per-group encoder projections; the encoder class/box heads are added by the detector
+    (upstream makes them deep copies of `class_embed` / `bbox_embed`)."""
+    d = cfg.hidden_dim
+    return {
+        "decoder": {
+            "layers": {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)},
+            "norm": nn.norm_init(d),
+            "ref_point_head": {
+                "layers": {"0": _xavier_linear(d, 2 * d, gen), "1": _xavier_linear(d, d, gen)}
+            },
+        },
+        "enc_output": {str(g): _xavier_linear(d, d, gen) for g in range(cfg.group_detr)},
+        "enc_output_norm": {str(g): nn.norm_init(d) for g in range(cfg.group_detr)},
+    }
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat shapes of `transformer.*`, in upstream's state-dict order (encoder heads included)."""
+    d, ff, c = cfg.hidden_dim, cfg.dim_feedforward, cfg.num_logits
+    hlp = cfg.ca_nheads * cfg.num_levels * cfg.dec_n_points
+    layer = {
+        "self_attn.in_proj_weight": (3 * d, d),
+        "self_attn.in_proj_bias": (3 * d,),
+        "self_attn.out_proj.weight": (d, d),
+        "self_attn.out_proj.bias": (d,),
+        "norm1.weight": (d,),
+        "norm1.bias": (d,),
+        "cross_attn.sampling_offsets.weight": (2 * hlp, d),
+        "cross_attn.sampling_offsets.bias": (2 * hlp,),
+        "cross_attn.attention_weights.weight": (hlp, d),
+        "cross_attn.attention_weights.bias": (hlp,),
+        "cross_attn.value_proj.weight": (d, d),
+        "cross_attn.value_proj.bias": (d,),
+        "cross_attn.output_proj.weight": (d, d),
+        "cross_attn.output_proj.bias": (d,),
+        "linear1.weight": (ff, d),
+        "linear1.bias": (ff,),
+        "linear2.weight": (d, ff),
+        "linear2.bias": (d,),
+        "norm2.weight": (d,),
+        "norm2.bias": (d,),
+        "norm3.weight": (d,),
+        "norm3.bias": (d,),
+    }
+    out: dict[str, tuple[int, ...]] = {}
+    for i in range(cfg.dec_layers):
+        out.update({f"decoder.layers.{i}.{k}": v for k, v in layer.items()})
+    out.update({"decoder.norm.weight": (d,), "decoder.norm.bias": (d,)})
+    out.update(
+        {"decoder.ref_point_head.layers.0.weight": (d, 2 * d), "decoder.ref_point_head.layers.0.bias": (d,)}
+    )
+    out.update(
+        {"decoder.ref_point_head.layers.1.weight": (d, d), "decoder.ref_point_head.layers.1.bias": (d,)}
+    )
+    groups = range(cfg.group_detr)
+    for g in groups:
+        out.update({f"enc_output.{g}.weight": (d, d), f"enc_output.{g}.bias": (d,)})
+    for g in groups:
+        out.update({f"enc_output_norm.{g}.weight": (d,), f"enc_output_norm.{g}.bias": (d,)})
+    for g in groups:
+        out.update({f"enc_out_bbox_embed.{g}.{k}": v for k, v in box_head_shapes(d).items()})
+    for g in groups:
+        out.update({f"enc_out_class_embed.{g}.weight": (c, d), f"enc_out_class_embed.{g}.bias": (c,)})
+    return out
+
+
+def box_head_shapes(d: int) -> dict[str, tuple[int, ...]]:
+    """The 3-layer box MLP d -> d -> d -> 4."""
+    return {
+        "layers.0.weight": (d, d),
+        "layers.0.bias": (d,),
+        "layers.1.weight": (d, d),
+        "layers.1.bias": (d,),
+        "layers.2.weight": (4, d),
+        "layers.2.bias": (4,),
+    }
