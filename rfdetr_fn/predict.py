@@ -1,5 +1,8 @@
 """Inference on raw images: `predict(params, cfg, images)` -> boxes in original pixels, scores, labels.
 
+Also the command line: `python -m rfdetr_fn.predict --checkpoint output/ --images a.jpg photos/` writes
+`predictions.json` (and, with --draw, one annotated PNG per image) into --output-dir.
+
 Preprocessing is upstream's `RFDETR.predict`: uint8 RGB -> float [0, 1] (a true division by 255),
 square bilinear resize to `cfg.resolution` without antialiasing, ImageNet normalisation. The
 network sees the square image; boxes and masks come back at each image's original size.
@@ -7,16 +10,20 @@ network sees the square image; boxes and masks come back at each image's origina
 
 from __future__ import annotations
 
+import colorsys
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 
+from rfdetr_fn import checkpoint
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
@@ -90,3 +97,193 @@ def predict(
             det["masks"] = res["masks"][keep][:, 0]
         kept.append(det)
     return kept
+
+
+# ---------------------------------------------------------------- command line
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
+
+
+@attrs.frozen(kw_only=True)
+class PredictArgs:
+    """Detect objects in images with a trained checkpoint; write predictions.json and annotated PNGs."""
+
+    checkpoint: str = "output/checkpoint_best_total.pth"
+    """Weights file (.pth, .ckpt or .safetensors) or a training output directory."""
+    images: tuple[str, ...] = ()
+    """Image files and/or folders (folders: their .jpg/.jpeg/.png/.bmp/.webp files, sorted)."""
+    output_dir: str = "predictions"
+    """Folder for predictions.json and the drawn images."""
+    threshold: float = 0.5
+    """Keep detections scoring above this."""
+    draw: bool = True
+    """Also write <stem>.png per image with boxes, labels and masks drawn on it."""
+    device: str | None = None
+    """cpu, cuda or cuda:N; None picks CUDA when available."""
+    batch_size: int = 4
+    """Images per forward pass."""
+
+
+def collect_images(items: Sequence[str]) -> list[Path]:
+    """Expand files and folders into the image paths to run on, in the order given (folders sorted)."""
+    if not items:
+        raise ValueError("--images: no images given; pass image files and/or folders")
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"--images: folder {p} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"--images: image file {p} not found")
+    return paths
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB; a file Pillow cannot decode is an error naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--images: cannot read image {path}: {e}") from e
+
+
+def detections_to_json(det: dict[str, Tensor], names: Sequence[str] | None) -> list[dict[str, Any]]:
+    """One image's detections as JSON-ready dicts, best score first; masks as COCO RLE."""
+    order = torch.argsort(det["scores"], descending=True).cpu()
+    boxes = det["boxes"].float().cpu()[order]
+    scores = det["scores"].float().cpu()[order]
+    labels = det["labels"].cpu()[order]
+    masks = det["masks"].cpu()[order] if "masks" in det else None
+    out = []
+    for i in range(len(order)):
+        label = int(labels[i])
+        entry: dict[str, Any] = {
+            "box_xyxy": [round(float(v), 2) for v in boxes[i]],
+            "score": round(float(scores[i]), 5),
+            "label": label,
+            "class_name": class_name(label, names),
+        }
+        if masks is not None:
+            entry["mask_rle"] = encode_mask(masks[i].numpy())
+        out.append(entry)
+    return out
+
+
+def class_name(label: int, names: Sequence[str] | None) -> str:
+    """The checkpoint's name for a label; the number itself when there are no names or it is out of range."""
+    return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A bool (H, W) mask as COCO RLE {"size": [h, w], "counts": str} (pycocotools' bytes decoded)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A distinct, saturated colour per class: golden-ratio steps around the hue circle."""
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(image: np.ndarray, det: dict[str, Tensor], names: Sequence[str] | None) -> Image.Image:
+    """The image with semi-transparent masks, then boxes and "name score" labels, one colour per class."""
+    base = Image.fromarray(image).convert("RGBA")
+    labels = det["labels"].cpu().tolist()
+    if "masks" in det:
+        overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+        for mask, label in zip(det["masks"].cpu().numpy(), labels):
+            tint = Image.new("RGBA", base.size, (*class_colour(label), MASK_ALPHA))
+            overlay.paste(tint, (0, 0), Image.fromarray(mask.astype(np.uint8) * 255))
+        base = Image.alpha_composite(base, overlay)
+    canvas = base.convert("RGB")
+    pen = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width = max(1, round(min(canvas.size) / 200))
+    for box, score, label in zip(det["boxes"].float().cpu().tolist(), det["scores"].cpu().tolist(), labels):
+        colour = class_colour(label)
+        pen.rectangle(box, outline=colour, width=width)
+        text = f"{class_name(label, names)} {score:.2f}"
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        x, y = box[0], max(0.0, box[1] - (bottom - top) - 2)
+        pen.rectangle((x, y, x + right - left + 2, y + bottom - top + 2), fill=colour)
+        pen.text((x + 1 - left, y + 1 - top), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _drawing_names(paths: Sequence[Path]) -> list[str]:
+    """<stem>.png per image; a repeated stem (same name in two folders) gets -2, -3, ... appended."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        n = seen[p.stem] = seen.get(p.stem, 0) + 1
+        out.append(f"{p.stem}.png" if n == 1 else f"{p.stem}-{n}.png")
+    return out
+
+
+def run(args: PredictArgs) -> list[dict[str, Any]]:
+    """Predict on every image in `args.images`; write predictions.json (and drawings); return its records."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    paths = collect_images(args.images)
+    weights = _resolve_checkpoint(args.checkpoint)
+    cfg, params = checkpoint.load_weights(weights)
+    names = checkpoint.class_names(weights)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    params = _to_device(params, device)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawings = _drawing_names(paths)
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        arrays = [read_image(p) for p in chunk]
+        for j, (path, arr, det) in enumerate(
+            zip(chunk, arrays, predict(params, cfg, arrays, threshold=args.threshold))
+        ):
+            h, w = arr.shape[:2]
+            records.append(
+                {
+                    "image": str(path),
+                    "width": int(w),
+                    "height": int(h),
+                    "detections": detections_to_json(det, names),
+                }
+            )
+            if args.draw:
+                draw_detections(arr, det, names).save(out_dir / drawings[start + j])
+    (out_dir / "predictions.json").write_text(json.dumps(records, indent=2))
+    found = sum(len(r["detections"]) for r in records)
+    print(
+        f"{len(records)} image(s), {found} detection(s) above {args.threshold} -> {out_dir}/predictions.json"
+    )
+    return records
+
+
+def _resolve_checkpoint(path: str) -> Path:
+    from rfdetr_fn.validate import resolve_checkpoint  # validate pulls in the data pipeline: import lazily
+
+    return resolve_checkpoint(path)
+
+
+def _to_device(params: Params, device: torch.device) -> Params:
+    return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in params.items()}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """`python -m rfdetr_fn.predict --checkpoint FILE_OR_DIR --images a.jpg folder/ [...]`."""
+    from rfdetr_fn.cli import parse
+
+    return run(parse(PredictArgs, argv))
+
+
+if __name__ == "__main__":
+    main()

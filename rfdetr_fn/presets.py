@@ -36,13 +36,20 @@ _TABLE: dict[str, dict] = {
 }
 
 NAMES: tuple[str, ...] = tuple(_TABLE)
+"""The upstream variants; `get` also accepts "tiny" (a test-size model that is not an upstream variant)."""
+_TINY = dict(
+    vit_hidden_size=48, vit_num_layers=4, vit_num_heads=3, out_feature_indexes=(1, 2, 3, 4), hidden_dim=64,
+    sa_nheads=4, ca_nheads=4, dim_feedforward=128, num_queries=20, num_select=20, group_detr=3, resolution=128,
+    num_classes=3,
+)
 
 
 def get(name: str, **overrides) -> ModelConfig:
     """The preset called `name` with `overrides` applied."""
-    if name not in _TABLE:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(NAMES)}")
-    return ModelConfig(**{"name": name, **_TABLE[name], **overrides})
+    table = {**_TABLE, "tiny": _TINY}
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
+    return ModelConfig(**{"name": name, **table[name], **overrides})
 
 
 def _maker(name: str) -> Callable[..., ModelConfig]:
@@ -69,11 +76,4 @@ seg_xlarge = _maker("seg_xlarge")
 seg_2xlarge = _maker("seg_2xlarge")
 
 
-def tiny(**overrides) -> ModelConfig:
-    """A few-hundred-thousand-parameter detector for tests and CPU smoke runs (not an upstream variant)."""
-    spec = dict(
-        name="tiny", vit_hidden_size=48, vit_num_layers=4, vit_num_heads=3, out_feature_indexes=(1, 2, 3, 4),
-        hidden_dim=64, sa_nheads=4, ca_nheads=4, dim_feedforward=128, num_queries=20, num_select=20,
-        group_detr=3, resolution=128, num_classes=3,
-    )
-    return ModelConfig(**{**spec, **overrides})
+tiny = _maker("tiny")
