@@ -186,12 +186,8 @@ def run_sweep(device, reps, warmup):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 cuda, 3 cpu)")
     parser.add_argument("--interpreter", action="store_true", help="on cpu, also time Triton's interpreter")
@@ -215,9 +211,7 @@ def main(argv=None) -> None:
     reps = args.reps or (50 if cuda else 3)
     warmup = 5 if cuda else 1
     configs = CONFIGS if cuda or not args.interpreter else TINY
-    run_table(
-        configs, dtypes, args.device, cuda or args.interpreter, reps, warmup, bandwidth, args.graphs and cuda
-    )
+    run_table(configs, dtypes, args.device, cuda or args.interpreter, reps, warmup, bandwidth, args.graphs and cuda)
     if args.sweep and cuda:
         run_sweep(args.device, reps, warmup)
 

@@ -70,9 +70,7 @@ def _check_shapes_sum(value: Tensor, spatial_shapes: Tensor) -> None:
     if spatial_shapes.device.type == "cpu":
         total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
         if total != value.shape[1]:
-            raise ValueError(
-                f"spatial_shapes: sum of H*W over levels is {total} but value has {value.shape[1]} tokens"
-            )
+            raise ValueError(f"spatial_shapes: sum of H*W over levels is {total} but value has {value.shape[1]} tokens")
 
 
 @torch.library.custom_op("rfdetr_fn::msda_forward", mutates_args=())
@@ -177,9 +175,7 @@ def _validate(value: Tensor, spatial_shapes, sampling_locations: Tensor, attenti
             raise ValueError(f"spatial_shapes: expected {levels} (H, W) pairs, got {len(spatial_shapes)}")
         total = sum(int(h) * int(w) for h, w in spatial_shapes)
         if total != value.shape[1]:
-            raise ValueError(
-                f"spatial_shapes: sum of H*W over levels is {total} but value has {value.shape[1]} tokens"
-            )
+            raise ValueError(f"spatial_shapes: sum of H*W over levels is {total} but value has {value.shape[1]} tokens")
     for name, t in (
         ("value", value),
         ("sampling_locations", sampling_locations),

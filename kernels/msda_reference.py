@@ -12,15 +12,18 @@ from torch import Tensor
 
 
 def ms_deform_attn_reference(
-    value: Tensor, spatial_shapes: Tensor | list[tuple[int, int]], sampling_locations: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor | list[tuple[int, int]],
+    sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
     """value (N, S, H, D); spatial_shapes (L, 2) as (H, W); locations (N, Q, H, L, P, 2) in [0, 1], x first;
     weights (N, Q, H, L, P). Returns (N, Q, H*D)."""
     n, _, heads, dim = value.shape
     _, q, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor)
-                                             else spatial_shapes)]
+    shapes = [
+        (int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes)
+    ]
     per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     sampled = []

@@ -81,9 +81,7 @@ def _msda_fwd(
             tok00 = start + y0 * wl + x0
             p00 = value_ptr + vbase + tok00.to(tl.int64) * token_stride
             cmask = chan_ok[None, :]
-            v00 = tl.load(
-                p00[:, None] + chans[None, :], mask=(row_ok & y_in0 & x_in0)[:, None] & cmask, other=0.0
-            )
+            v00 = tl.load(p00[:, None] + chans[None, :], mask=(row_ok & y_in0 & x_in0)[:, None] & cmask, other=0.0)
             v01 = tl.load(
                 p00[:, None] + token_stride + chans[None, :],
                 mask=(row_ok & y_in0 & x_in1)[:, None] & cmask,
@@ -143,9 +141,9 @@ def _msda_bwd(
     cmask = chan_ok[None, :]
     vbase = (batch.to(tl.int64) * S * HEADS + head) * D
     token_stride = HEADS * D
-    gout = tl.load(
-        gout_ptr + rows64[:, None] * D + chans[None, :], mask=row_ok[:, None] & cmask, other=0.0
-    ).to(tl.float32)
+    gout = tl.load(gout_ptr + rows64[:, None] * D + chans[None, :], mask=row_ok[:, None] & cmask, other=0.0).to(
+        tl.float32
+    )
     start = 0
     for lvl in tl.static_range(LEVELS):
         hl = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
@@ -193,9 +191,7 @@ def _msda_bwd(
             g_w = tl.sum(gout * sampled, axis=1)
             g_x = tl.sum(gout * ds_dx, axis=1) * w * wl
             g_y = tl.sum(gout * ds_dy, axis=1) * w * hl
-            tl.store(
-                gattw_ptr + rows64 * (LEVELS * POINTS) + k, g_w.to(gattw_ptr.dtype.element_ty), mask=row_ok
-            )
+            tl.store(gattw_ptr + rows64 * (LEVELS * POINTS) + k, g_w.to(gattw_ptr.dtype.element_ty), mask=row_ok)
             tl.store(gloc_ptr + loc_off, g_x.to(gloc_ptr.dtype.element_ty), mask=row_ok)
             tl.store(gloc_ptr + loc_off + 1, g_y.to(gloc_ptr.dtype.element_ty), mask=row_ok)
             gw = gout * w[:, None]

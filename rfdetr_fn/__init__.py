@@ -1,16 +1,16 @@
 """rfdetr_fn: RF-DETR as pure functions over parameter pytrees, with a compiled functional trainer.
 
-    import rfdetr_fn as rf
-    cfg = rf.presets.nano(num_classes=3)
-    params = rf.init(cfg, seed=0)
-    out = rf.apply(params, images, mask, cfg, train=False)
+import rfdetr_fn as rf
+cfg = rf.presets.nano(num_classes=3)
+params = rf.init(cfg, seed=0)
+out = rf.apply(params, images, mask, cfg, train=False)
 """
 
 from rfdetr_fn import presets
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.inference import predict
 from rfdetr_fn.model.detector import apply, init, param_shapes
 from rfdetr_fn.model.postprocess import postprocess
-from rfdetr_fn.predict import predict
 
 __all__ = [
     "presets",

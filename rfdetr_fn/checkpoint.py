@@ -141,9 +141,7 @@ def _torch_load(path: Path) -> Any:
                 f"and unsafe unpickling could run arbitrary code. Re-save it as plain tensors/dicts. "
                 f"({text[:300]})"
             ) from err
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {text[:300]}"
-        ) from err
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {text[:300]}") from err
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -349,9 +347,7 @@ def _preset_name(model_name: str | None, fields: Mapping[str, Any], path: Path) 
         by_upstream = {v: k for k, v in UPSTREAM_NAMES.items()}
         if model_name in by_upstream:
             return by_upstream[model_name]
-        warnings.warn(
-            f"{path}: unknown upstream model_name {model_name!r}; picking the closest preset", stacklevel=4
-        )
+        warnings.warn(f"{path}: unknown upstream model_name {model_name!r}; picking the closest preset", stacklevel=4)
     keys = ("patch_size", "encoder", "hidden_dim", "dec_layers", "resolution", "num_windows", "num_queries")
 
     def score(name: str) -> int:
@@ -405,9 +401,7 @@ def slice_queries(t: Tensor, src: tuple[int | None, int | None], dst: tuple[int,
     if g_src is None and q_src:
         g_src = rows // q_src
     if q_src and g_src and q_src * g_src == rows and q_dst <= q_src and g_dst <= g_src:
-        return (
-            t.reshape(g_src, q_src, *t.shape[1:])[:g_dst, :q_dst].reshape(q_dst * g_dst, *t.shape[1:]).clone()
-        )
+        return t.reshape(g_src, q_src, *t.shape[1:])[:g_dst, :q_dst].reshape(q_dst * g_dst, *t.shape[1:]).clone()
     return t[: q_dst * g_dst].clone()
 
 

@@ -123,14 +123,10 @@ class ModelConfig:
                 f"{self.patch_size}*{self.num_windows} = {block}"
             )
         if self.vit_width % self.vit_heads:
-            raise ValueError(
-                f"vit_hidden_size={self.vit_width} must be divisible by vit_num_heads={self.vit_heads}"
-            )
+            raise ValueError(f"vit_hidden_size={self.vit_width} must be divisible by vit_num_heads={self.vit_heads}")
         for heads in ("sa_nheads", "ca_nheads"):
             if self.hidden_dim % getattr(self, heads):
-                raise ValueError(
-                    f"hidden_dim={self.hidden_dim} must be divisible by {heads}={getattr(self, heads)}"
-                )
+                raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by {heads}={getattr(self, heads)}")
         idx = self.out_feature_indexes
         if not idx or list(idx) != sorted(set(idx)) or idx[0] < 1 or idx[-1] > self.vit_num_layers:
             raise ValueError(

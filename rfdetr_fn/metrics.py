@@ -191,11 +191,7 @@ def _gt_annotation(ann: Mapping[str, Any], index: int) -> dict[str, Any]:
 def _class_name(cat_id: int, cats: Mapping[int, Mapping], class_names: Any) -> str:
     if isinstance(class_names, Mapping) and cat_id in class_names:
         return str(class_names[cat_id])
-    if (
-        isinstance(class_names, Sequence)
-        and not isinstance(class_names, str)
-        and 0 <= cat_id < len(class_names)
-    ):
+    if isinstance(class_names, Sequence) and not isinstance(class_names, str) and 0 <= cat_id < len(class_names):
         return str(class_names[cat_id])
     return str(cats.get(cat_id, {}).get("name", cat_id))
 
@@ -221,9 +217,7 @@ def coco_map(
         raise ValueError(f"iou_type={iou_type!r} must be 'bbox' or 'segm'")
     max_dets = [int(m) for m in max_dets]
     if len(max_dets) != 3 or sorted(max_dets) != max_dets or max_dets[0] < 1:
-        raise ValueError(
-            f"max_dets={tuple(max_dets)} must be three increasing positive counts, e.g. (1, 10, 500)"
-        )
+        raise ValueError(f"max_dets={tuple(max_dets)} must be three increasing positive counts, e.g. (1, 10, 500)")
     _check_image_ids(gt, detections)
     coco_cls, eval_cls, eval_kwargs = _backend(backend)
     # COCOeval writes into annotation dicts (ignore flags, polygons -> RLE): work on copies.
@@ -378,9 +372,7 @@ def f1_sweep(
     for d in detections:
         dets[(d["image_id"], d["category_id"])].append(d)
 
-    per_class: dict[int, dict[str, Any]] = defaultdict(
-        lambda: {"scores": [], "tp": [], "ignored": [], "n_gt": 0}
-    )
+    per_class: dict[int, dict[str, Any]] = defaultdict(lambda: {"scores": [], "tp": [], "ignored": [], "n_gt": 0})
     for key in set(gt_items) | set(dets):
         items, crowd = gt_items.get(key, ([], np.zeros(0, dtype=bool)))
         entry = per_class[key[1]]
@@ -468,9 +460,7 @@ class Evaluator:
     @classmethod
     def from_config(cls, gt: Mapping[str, Any], cfg: Any, class_names: Any = None) -> Evaluator:
         """Build from an EvalConfig (backend, max_dets, per_class)."""
-        return cls(
-            gt, max_dets=cfg.max_dets, backend=cfg.backend, per_class=cfg.per_class, class_names=class_names
-        )
+        return cls(gt, max_dets=cfg.max_dets, backend=cfg.backend, per_class=cfg.per_class, class_names=class_names)
 
     def reset(self) -> None:
         self._seen: set[int] = set()

@@ -48,9 +48,7 @@ def _vit_layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_settings(
-    names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig
-) -> dict[str, tuple[float, float]]:
+def param_settings(names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, tuple[float, float]]:
     """name -> (lr, weight_decay) by upstream's rules (spec 5.1).
 
     ViT (`backbone.0.encoder`): lr_encoder * lr_vit_layer_decay^(N + 1 - layer_id) * lr_component_decay^2
@@ -147,12 +145,8 @@ def adamw_update(
         if group.weight_decay != 0.0:
             ps = torch._foreach_mul(ps, _scalar(1.0 - lr * group.weight_decay, like))
         ms = torch._foreach_lerp([flat_m[n] for n in names], gs, 1.0 - beta1)
-        vs = torch._foreach_addcmul(
-            torch._foreach_mul([flat_v[n] for n in names], beta2), gs, gs, value=1.0 - beta2
-        )
-        denom = torch._foreach_add(
-            torch._foreach_div(torch._foreach_sqrt(vs), _scalar(bias2_sqrt, like)), eps
-        )
+        vs = torch._foreach_addcmul(torch._foreach_mul([flat_v[n] for n in names], beta2), gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(vs), _scalar(bias2_sqrt, like)), eps)
         steps = torch._foreach_mul(torch._foreach_div(ms, denom), _scalar(lr / bias1, like))
         ps = torch._foreach_sub(ps, steps)
         for i, n in enumerate(names):

@@ -1,17 +1,15 @@
-"""Inference on raw images: `predict(params, cfg, images)` -> boxes in original pixels, scores, labels.
+"""Predict from the command line: `python -m rfdetr_fn.predict --checkpoint output/ --images a.jpg photos/`.
 
-Also the command line: `python -m rfdetr_fn.predict --checkpoint output/ --images a.jpg photos/` writes
-`predictions.json` (and, with --draw, one annotated PNG per image) into --output-dir.
-
-Preprocessing is upstream's `RFDETR.predict`: uint8 RGB -> float [0, 1] (a true division by 255),
-square bilinear resize to `cfg.resolution` without antialiasing, ImageNet normalisation. The
-network sees the square image; boxes and masks come back at each image's original size.
+Writes `predictions.json` (and, unless --no-draw, one annotated PNG per image) into --output-dir. The
+library function behind it is `rfdetr_fn.predict` / `rfdetr_fn.inference.predict`.
 """
 
 from __future__ import annotations
 
 import colorsys
 import json
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,87 +17,12 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 
 from rfdetr_fn import checkpoint
-from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import detector
-from rfdetr_fn.model.postprocess import postprocess
-from rfdetr_fn.tree import Params, leaves
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def _to_array(image: Any, where: str) -> np.ndarray:
-    """Path / PIL image / uint8 (H, W, 3) array -> uint8 (H, W, 3) RGB array."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{where}: image file {path} not found")
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"{where}: arrays must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
-        return image
-    raise TypeError(f"{where}: expected a path, PIL image or uint8 ndarray, got {type(image).__name__}")
-
-
-def preprocess(images: Sequence[Any], cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    """Images -> normalised float32 batch (B, 3, res, res) and original sizes (B, 2) as (h, w)."""
-    batch, sizes = [], []
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    for i, image in enumerate(images):
-        arr = _to_array(image, f"images[{i}]")
-        x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float() / 255
-        x = F.interpolate(
-            x[None],
-            size=(cfg.resolution, cfg.resolution),
-            mode="bilinear",
-            align_corners=False,
-            antialias=False,
-        )[0]
-        batch.append((x - mean) / std)
-        sizes.append(arr.shape[:2])
-    return torch.stack(batch), torch.tensor(sizes, dtype=torch.int64)
-
-
-def predict(
-    params: Params, cfg: ModelConfig, images: Any, *, threshold: float = 0.5
-) -> list[dict[str, Tensor]]:
-    """Detect objects in one image or a list of them (paths, PIL images, uint8 (H, W, 3) RGB arrays).
-
-    Returns one dict per image with boxes (K, 4) xyxy in original pixels, scores (K,), labels (K,)
-    and, for segmentation models, masks (K, H, W) bool; only detections scoring above `threshold`.
-    Runs on the device and dtype of `params`.
-    """
-    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
-        images = [images]
-    images = list(images)
-    if not images:
-        return []
-    ref = next(leaves(params))
-    batch, sizes = preprocess(images, cfg)
-    with torch.no_grad():
-        out = detector.apply(params, batch.to(ref.device, ref.dtype), None, cfg, train=False)
-        results = postprocess(out, sizes.to(ref.device), cfg.num_select)
-    kept = []
-    for res in results:
-        keep = res["scores"] > threshold
-        det = {k: res[k][keep] for k in ("boxes", "scores", "labels")}
-        if "masks" in res:
-            det["masks"] = res["masks"][keep][:, 0]
-        kept.append(det)
-    return kept
-
-
-# ---------------------------------------------------------------- command line
+from rfdetr_fn.inference import predict
+from rfdetr_fn.tree import Params
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
@@ -262,9 +185,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
                 draw_detections(arr, det, names).save(out_dir / drawings[start + j])
     (out_dir / "predictions.json").write_text(json.dumps(records, indent=2))
     found = sum(len(r["detections"]) for r in records)
-    print(
-        f"{len(records)} image(s), {found} detection(s) above {args.threshold} -> {out_dir}/predictions.json"
-    )
+    print(f"{len(records)} image(s), {found} detection(s) above {args.threshold} -> {out_dir}/predictions.json")
     return records
 
 
@@ -283,6 +204,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from rfdetr_fn.cli import parse
 
     return run(parse(PredictArgs, argv))
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets the package attribute `rfdetr_fn.predict` to it, hiding the library
+    function of the same name; making the module callable keeps `rf.predict(params, cfg, images)` working."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[dict[str, Tensor]]:
+        return predict(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -9,22 +9,33 @@ from collections.abc import Callable
 
 from rfdetr_fn.config import ModelConfig
 
-_SEG = dict(
-    segmentation_head=True, patch_size=12, num_windows=2, out_feature_indexes=(3, 6, 9, 12), dec_layers=4
-)
+_SEG = dict(segmentation_head=True, patch_size=12, num_windows=2, out_feature_indexes=(3, 6, 9, 12), dec_layers=4)
 _TABLE: dict[str, dict] = {
     "nano": dict(resolution=384, dec_layers=2),
     "small": dict(resolution=512, dec_layers=3),
     "medium": dict(resolution=576, dec_layers=4),
     "large": dict(resolution=704, dec_layers=4),
     "base": dict(
-        resolution=560, patch_size=14, num_windows=4, out_feature_indexes=(2, 5, 8, 11), dec_layers=3,
+        resolution=560,
+        patch_size=14,
+        num_windows=4,
+        out_feature_indexes=(2, 5, 8, 11),
+        dec_layers=3,
         positional_encoding_size=37,
     ),
     "large_deprecated": dict(
-        encoder="dinov2_windowed_base", hidden_dim=384, sa_nheads=12, ca_nheads=24, dec_n_points=4,
-        resolution=560, patch_size=14, num_windows=4, out_feature_indexes=(2, 5, 8, 11), dec_layers=3,
-        projector_scale=("P3", "P5"), positional_encoding_size=37,
+        encoder="dinov2_windowed_base",
+        hidden_dim=384,
+        sa_nheads=12,
+        ca_nheads=24,
+        dec_n_points=4,
+        resolution=560,
+        patch_size=14,
+        num_windows=4,
+        out_feature_indexes=(2, 5, 8, 11),
+        dec_layers=3,
+        projector_scale=("P3", "P5"),
+        positional_encoding_size=37,
     ),
     "seg_preview": dict(_SEG, resolution=432, num_queries=200, num_select=200),
     "seg_nano": dict(_SEG, resolution=312, num_windows=1, num_queries=100, num_select=100),
@@ -38,8 +49,18 @@ _TABLE: dict[str, dict] = {
 NAMES: tuple[str, ...] = tuple(_TABLE)
 """The upstream variants; `get` also accepts "tiny" (a test-size model that is not an upstream variant)."""
 _TINY = dict(
-    vit_hidden_size=48, vit_num_layers=4, vit_num_heads=3, out_feature_indexes=(1, 2, 3, 4), hidden_dim=64,
-    sa_nheads=4, ca_nheads=4, dim_feedforward=128, num_queries=20, num_select=20, group_detr=3, resolution=128,
+    vit_hidden_size=48,
+    vit_num_layers=4,
+    vit_num_heads=3,
+    out_feature_indexes=(1, 2, 3, 4),
+    hidden_dim=64,
+    sa_nheads=4,
+    ca_nheads=4,
+    dim_feedforward=128,
+    num_queries=20,
+    num_select=20,
+    group_detr=3,
+    resolution=128,
     num_classes=3,
 )
 

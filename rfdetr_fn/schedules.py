@@ -37,9 +37,7 @@ def schedule_lengths(
 
 def lr_kwargs(tcfg: TrainConfig, steps_per_epoch: int) -> dict:
     """Every keyword `lr_factor` needs, from a TrainConfig and the loader's optimizer steps per epoch."""
-    total, warmup = schedule_lengths(
-        tcfg.epochs, steps_per_epoch, tcfg.warmup_epochs, max_steps=tcfg.max_steps
-    )
+    total, warmup = schedule_lengths(tcfg.epochs, steps_per_epoch, tcfg.warmup_epochs, max_steps=tcfg.max_steps)
     return dict(
         total_steps=total,
         steps_per_epoch=max(1, total // tcfg.epochs),

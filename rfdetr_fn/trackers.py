@@ -90,9 +90,7 @@ def update_best(
         if math.isnan(current):
             current = -math.inf  # ModelCheckpoint's NaN rule in max mode
         if state.best_regular is None or current > state.best_regular:
-            state = attrs.evolve(
-                state, best_regular=current, best_regular_epoch=epoch, best_raw_regular=regular
-            )
+            state = attrs.evolve(state, best_regular=current, best_regular_epoch=epoch, best_raw_regular=regular)
             decisions.append("regular")
     if ema is not None and ema > state.best_ema:
         state = attrs.evolve(state, best_ema=ema, best_ema_epoch=epoch)

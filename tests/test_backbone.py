@@ -123,9 +123,7 @@ def test_init_statistics():
     assert torch.equal(layer["layer_scale1"]["lambda1"], torch.ones(384))
     pos = b["encoder"]["embeddings"]["position_embeddings"]
     assert abs(pos.std().item() - 0.02) < 1e-3
-    conv = p["stages"]["0"]["0"]["m"]["0"]["cv1"]["conv"][
-        "weight"
-    ]  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
+    conv = p["stages"]["0"]["0"]["m"]["0"]["cv1"]["conv"]["weight"]  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
     bound = 1 / math.sqrt(128 * 9)
     assert conv.abs().max() <= bound and conv.abs().max() > 0.99 * bound
     again = backbone.init(cfg, torch.Generator().manual_seed(0))
@@ -181,9 +179,7 @@ def _reference_features(b, images, cfg):
 
     def attend(p, x):
         a = p["attention"]
-        q, k, v = (
-            lin(a[n], x).reshape(-1, heads, d // heads).transpose(0, 1) for n in ("query", "key", "value")
-        )
+        q, k, v = (lin(a[n], x).reshape(-1, heads, d // heads).transpose(0, 1) for n in ("query", "key", "value"))
         att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d // heads), dim=-1) @ v
         return lin(p["output"]["dense"], att.transpose(0, 1).reshape(-1, d))
 
@@ -194,9 +190,7 @@ def _reference_features(b, images, cfg):
                 [
                     torch.stack(
                         [
-                            (proj["weight"] * images[i, :, r * ps : (r + 1) * ps, c * ps : (c + 1) * ps]).sum(
-                                (1, 2, 3)
-                            )
+                            (proj["weight"] * images[i, :, r * ps : (r + 1) * ps, c * ps : (c + 1) * ps]).sum((1, 2, 3))
                             for c in range(wp)
                         ]
                     )
@@ -228,9 +222,7 @@ def _reference_features(b, images, cfg):
                 out = [attend(p["attention"], x) for x in normed]
             wins = [x + o * p["layer_scale1"]["lambda1"] for x, o in zip(wins, out)]
             wins = [
-                x
-                + lin(p["mlp"]["fc2"], F.gelu(lin(p["mlp"]["fc1"], ln(p["norm2"], x))))
-                * p["layer_scale2"]["lambda1"]
+                x + lin(p["mlp"]["fc2"], F.gelu(lin(p["mlp"]["fc1"], ln(p["norm2"], x)))) * p["layer_scale2"]["lambda1"]
                 for x in wins
             ]
             new.append(wins)
@@ -241,9 +233,9 @@ def _reference_features(b, images, cfg):
         for i, wins in enumerate(states[stage]):
             for k, x in enumerate(wins):
                 r, c = divmod(k, nw)
-                out[i, :, r * h : (r + 1) * h, c * w : (c + 1) * w] = ln(enc["layernorm"], x)[
-                    prefix:
-                ].T.reshape(d, h, w)
+                out[i, :, r * h : (r + 1) * h, c * w : (c + 1) * w] = ln(enc["layernorm"], x)[prefix:].T.reshape(
+                    d, h, w
+                )
         maps.append(out)
     return maps
 
@@ -377,9 +369,7 @@ def _reference_projector(p, feats, cfg):
 
     def conv_x(q, x, stride=1, act=F.silu):
         w = q["conv"]["weight"]
-        conv = torch.nn.Conv2d(
-            w.shape[1], w.shape[0], w.shape[-1], stride, w.shape[-1] // 2, bias=False
-        ).double()
+        conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[-1], stride, w.shape[-1] // 2, bias=False).double()
         conv.weight.data = w
         y = conv(x).permute(0, 2, 3, 1)
         y = torch.nn.functional.layer_norm(y, (y.shape[-1],), q["bn"]["weight"], q["bn"]["bias"], 1e-6)
@@ -464,18 +454,10 @@ def test_runs_on_golden_tiny_det_weights(golden_dir):
         num_classes=5,
     )
     b = tree.unflatten(
-        {
-            k[len("backbone.0.encoder.") :]: v
-            for k, v in weights.items()
-            if k.startswith("backbone.0.encoder.")
-        }
+        {k[len("backbone.0.encoder.") :]: v for k, v in weights.items() if k.startswith("backbone.0.encoder.")}
     )
     p = tree.unflatten(
-        {
-            k[len("backbone.0.projector.") :]: v
-            for k, v in weights.items()
-            if k.startswith("backbone.0.projector.")
-        }
+        {k[len("backbone.0.projector.") :]: v for k, v in weights.items() if k.startswith("backbone.0.projector.")}
     )
     b_init, p_init = meta_params(cfg)
     assert tree.shapes(b) == tree.shapes(b_init) and tree.shapes(p) == tree.shapes(p_init)

@@ -106,9 +106,7 @@ def test_shape_only_inference_matches_presets(golden_dir):
         sd = {}
         for line in (golden_dir.parent / "reference" / f"reference-rfdetr-{tsv}-state-dict.tsv").open():
             key, shape, _ = line.rstrip("\n").split("\t")[:3]
-            sd[key] = torch.empty(
-                tuple(json.loads(shape.replace("(", "[").replace(",)", "]").replace(")", "]")))
-            )
+            sd[key] = torch.empty(tuple(json.loads(shape.replace("(", "[").replace(",)", "]").replace(")", "]"))))
         sd.pop(ckpt.KP_MASK)
         raw = ckpt.RawCheckpoint(Path(tsv), sd, {}, None, None, None)
         assert ckpt.infer_config(raw) == presets.get(name)

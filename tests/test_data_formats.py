@@ -215,11 +215,7 @@ def test_synthetic_deterministic_and_consistent():
     assert a.coco_gt() == b.coco_gt()
     for i in range(3):
         (xa, ta), (xb, tb) = a[i], b[i]
-        assert (
-            torch.equal(xa, xb)
-            and torch.equal(ta["boxes"], tb["boxes"])
-            and torch.equal(ta["masks"], tb["masks"])
-        )
+        assert torch.equal(xa, xb) and torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["masks"], tb["masks"])
     reseeded = synthetic_source(cfg, "train", seed=1)
     assert [x["bbox"] for x in reseeded.annotations] != [x["bbox"] for x in a.coco_gt()["annotations"]]
     # pixels agree with masks: shapes are saturated colours, the background is noisy grey

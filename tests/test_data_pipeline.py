@@ -98,12 +98,8 @@ def test_train_transform_keeps_boxes_on_masks():
 
 def test_transform_is_a_function_of_the_generator_seed():
     image, target = _scene()
-    a = T.train_transform(
-        image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3)
-    )
-    b = T.train_transform(
-        image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3)
-    )
+    a = T.train_transform(image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3))
+    b = T.train_transform(image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
 
 
@@ -157,11 +153,7 @@ def test_collate_pads_images_masks_and_targets():
     assert set(batch) == {"images", "mask", "labels", "boxes", "masks", "image_id", "orig_size", "size"}
     assert batch["images"].shape == (2, 3, 64, 96) and batch["images"].dtype == torch.float32
     assert batch["mask"].shape == (2, 64, 96) and batch["mask"].dtype == torch.bool
-    assert (
-        not batch["mask"][0, :40, :70].any()
-        and batch["mask"][0, 40:].all()
-        and batch["mask"][0, :, 70:].all()
-    )
+    assert not batch["mask"][0, :40, :70].any() and batch["mask"][0, 40:].all() and batch["mask"][0, :, 70:].all()
     assert batch["images"][0, :, 40:].abs().sum() == 0 and batch["images"][0, :, :40, :70].eq(1).all()
     assert batch["labels"].shape == (2, 16) and batch["labels"][0, 3:].eq(-1).all()
     assert batch["labels"][1, :9].tolist() == list(range(9)) and batch["boxes"][0, 3:].abs().sum() == 0

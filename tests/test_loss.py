@@ -69,17 +69,13 @@ def pad(target_list: list[dict], slots: int | None = None, positions: list[list[
 
 def leaves(outputs: dict) -> list[torch.Tensor]:
     return [
-        t
-        for name in LAYERS
-        for t in (layer_of(outputs, name)["pred_logits"], layer_of(outputs, name)["pred_boxes"])
+        t for name in LAYERS for t in (layer_of(outputs, name)["pred_logits"], layer_of(outputs, name)["pred_boxes"])
     ]
 
 
 def with_grad(outputs: dict) -> dict:
     out = {k: v.clone().requires_grad_() for k, v in outputs.items() if torch.is_tensor(v)}
-    out["aux_outputs"] = [
-        {k: v.clone().requires_grad_() for k, v in a.items()} for a in outputs["aux_outputs"]
-    ]
+    out["aux_outputs"] = [{k: v.clone().requires_grad_() for k, v in a.items()} for a in outputs["aux_outputs"]]
     out["enc_outputs"] = {k: v.clone().requires_grad_() for k, v in outputs["enc_outputs"].items()}
     return out
 
@@ -169,9 +165,7 @@ def ref_match(layer: dict, target_list: list[dict], groups: int) -> list[tuple[l
     return result
 
 
-def ref_layer_losses(
-    layer: dict, target_list: list[dict], pairs, num_boxes: float
-) -> dict[str, torch.Tensor]:
+def ref_layer_losses(layer: dict, target_list: list[dict], pairs, num_boxes: float) -> dict[str, torch.Tensor]:
     """Upstream's loss_labels / loss_boxes written pair by pair with in-place weight writes."""
     logits, boxes = layer["pred_logits"], layer["pred_boxes"]
     prob = logits.sigmoid()
@@ -204,10 +198,7 @@ def ref_total(outputs: dict, target_list: list[dict], groups: int, pairs_by_laye
 
 
 def golden_pairs(golden) -> dict:
-    return {
-        name: [(img["pred_idx"], img["tgt_idx"]) for img in golden["matcher"]["layers"][name]]
-        for name in LAYERS
-    }
+    return {name: [(img["pred_idx"], img["tgt_idx"]) for img in golden["matcher"]["layers"][name]] for name in LAYERS}
 
 
 def pairs_from_idx(idx: torch.Tensor, slot_to_target: list[dict[int, int]] | None = None):
@@ -266,9 +257,7 @@ def test_matcher_costs_equal_golden(golden, name):
         n = len(t["labels"])
         for term in ("class", "bbox", "giou", "total"):
             ref = golden["costs"][f"{name}.{term}"][b, :, start : start + n]
-            torch.testing.assert_close(
-                costs[term][b, :, :n], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()
-            )
+            torch.testing.assert_close(costs[term][b, :, :n], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         start += n
 
 
@@ -448,14 +437,10 @@ def test_hungarian_sanitises_non_finite_costs():
 
 
 def test_hungarian_padding_and_more_targets_than_queries():
-    cost = torch.tensor(
-        [[[0.0, 9.0, 9.0, 7.0], [9.0, 0.0, 9.0, 7.0]], [[1.0, 0.0, 5.0, 5.0], [0.0, 1.0, 5.0, 5.0]]]
-    )
+    cost = torch.tensor([[[0.0, 9.0, 9.0, 7.0], [9.0, 0.0, 9.0, 7.0]], [[1.0, 0.0, 5.0, 5.0], [0.0, 1.0, 5.0, 5.0]]])
     out = hungarian(cost, torch.tensor([3, 0]))
     assert out.tolist() == [[0, 1, -1, -1], [-1, -1, -1, -1]]
-    torch.library.opcheck(
-        hungarian, (cost, torch.tensor([2, 1])), test_utils=("test_schema", "test_faketensor")
-    )
+    torch.library.opcheck(hungarian, (cost, torch.tensor([2, 1])), test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------------- masks
@@ -485,8 +470,7 @@ def test_mask_losses_match_dense_reference():
     flat_q = idx.reshape(b, -1).clamp(min=0)
     stacked = torch.stack(
         [
-            torch.einsum("chw,c->hw", pred["spatial_features"][i], pred["query_features"][i, q])
-            + pred["bias"]
+            torch.einsum("chw,c->hw", pred["spatial_features"][i], pred["query_features"][i, q]) + pred["bias"]
             for i in range(b)
             for q in flat_q[i].tolist()
         ]
@@ -501,16 +485,11 @@ def test_mask_losses_match_dense_reference():
                 if q < 0:
                     continue
                 dense = (
-                    torch.einsum("chw,c->hw", pred["spatial_features"][i], pred["query_features"][i, q])
-                    + pred["bias"]
+                    torch.einsum("chw,c->hw", pred["spatial_features"][i], pred["query_features"][i, q]) + pred["bias"]
                 )
                 pts = coords[i * groups * slots + g * slots + t][None, :, None, :] * 2 - 1
-                x = F.grid_sample(
-                    dense[None, None], pts, padding_mode="border", align_corners=False
-                ).flatten()
-                y = F.grid_sample(
-                    masks[i, t][None, None].float(), pts, mode="nearest", align_corners=False
-                ).flatten()
+                x = F.grid_sample(dense[None, None], pts, padding_mode="border", align_corners=False).flatten()
+                y = F.grid_sample(masks[i, t][None, None].float(), pts, mode="nearest", align_corners=False).flatten()
                 ce = ce + F.binary_cross_entropy_with_logits(x, y)
                 s = x.sigmoid()
                 dice = dice + 1 - (2 * (s * y).sum() + 1) / (s.sum() + y.sum() + 1)
@@ -550,26 +529,17 @@ def test_matcher_mask_costs_match_direct_computation():
     grid = (coords * 2 - 1)[None, :, None, :]
     for i in range(2):
         for q in range(6):
-            dense = (
-                torch.einsum("chw,c->hw", pred["spatial_features"][i], pred["query_features"][i, q])
-                + pred["bias"]
-            )
+            dense = torch.einsum("chw,c->hw", pred["spatial_features"][i], pred["query_features"][i, q]) + pred["bias"]
             x = F.grid_sample(dense[None, None], grid, padding_mode="border", align_corners=False).flatten()
             for t in range(3):
-                y = F.grid_sample(
-                    masks[i, t][None, None].float(), grid, mode="nearest", align_corners=False
-                ).flatten()
+                y = F.grid_sample(masks[i, t][None, None].float(), grid, mode="nearest", align_corners=False).flatten()
                 ce = F.binary_cross_entropy_with_logits(x, y)
                 s = x.sigmoid()
                 dice = 1 - (2 * (s * y).sum() + 1) / (s.sum() + y.sum() + 1)
                 assert costs["mask_ce"][i, q, t].item() == pytest.approx(ce.item(), rel=1e-5, abs=1e-6)
                 assert costs["mask_dice"][i, q, t].item() == pytest.approx(dice.item(), rel=1e-5, abs=1e-6)
     expected = (
-        5 * costs["bbox"]
-        + 2 * costs["class"]
-        + 2 * costs["giou"]
-        + 5 * costs["mask_ce"]
-        + 5 * costs["mask_dice"]
+        5 * costs["bbox"] + 2 * costs["class"] + 2 * costs["giou"] + 5 * costs["mask_ce"] + 5 * costs["mask_dice"]
     )
     torch.testing.assert_close(costs["total"], expected)
 

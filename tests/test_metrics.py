@@ -265,9 +265,7 @@ def test_segm_map_from_polygons_and_rle(raw, raw_path, label_gt):
         }
         for m, s, lab in zip(masks, scores, labels):
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-            results.append(
-                {"image_id": image_id, "category_id": label2cat[lab], "segmentation": rle, "score": s}
-            )
+            results.append({"image_id": image_id, "category_id": label2cat[lab], "segmentation": rle, "score": s})
     ref = pycocotools_stats(raw_path, results, iou_type="segm", image_ids=image_ids)
     assert 0.2 < ref["mAP_50_95"] < 0.95
 
@@ -300,14 +298,10 @@ def test_detections_to_coco_boxes_and_masks():
     assert [d["category_id"] for d in out] == [3, 0] and out[0]["image_id"] == 42
     assert out[1]["score"] == pytest.approx(0.25)
     json.dumps(out)  # JSON-safe (RLE counts as str)
-    decoded = mask_utils.decode(
-        {**out[0]["segmentation"], "counts": out[0]["segmentation"]["counts"].encode()}
-    )
+    decoded = mask_utils.decode({**out[0]["segmentation"], "counts": out[0]["segmentation"]["counts"].encode()})
     assert np.array_equal(decoded.astype(bool), masks[0, 0].numpy())
     assert (
-        detections_to_coco(
-            [1], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}]
-        )
+        detections_to_coco([1], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}])
         == []
     )
 

@@ -75,9 +75,7 @@ def flat_outputs(out, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def worst_deltas(ours: dict, ref: dict, prefix: str) -> dict[str, float]:
     expected = {k[len(prefix) :] for k in ref if k.startswith(prefix) and ".source." not in k}
-    assert set(ours) == expected, (
-        f"keys differ: ours-only {set(ours) - expected}, golden-only {expected - set(ours)}"
-    )
+    assert set(ours) == expected, f"keys differ: ours-only {set(ours) - expected}, golden-only {expected - set(ours)}"
     out = {}
     for key, value in ours.items():
         golden = ref[prefix + key]
@@ -107,9 +105,7 @@ def test_eval_parity_fp32(case):
     for batch in _batches(case):
         x = case["inputs"]
         with torch.no_grad():
-            out = detector.apply(
-                case["params"], x[f"{batch}.images"], x[f"{batch}.mask"], case["cfg"], train=False
-            )
+            out = detector.apply(case["params"], x[f"{batch}.images"], x[f"{batch}.mask"], case["cfg"], train=False)
         deltas = worst_deltas(flat_outputs(out), ref, f"{batch}.")
         worst = max(deltas.values())
         print(f"{case['name']} eval {batch}: worst |delta| {worst:.3g}")
@@ -122,9 +118,7 @@ def test_eval_parity_fp64(case):
     for batch in [b for b in _batches(case) if f"{b}.pred_logits" in ref]:
         x = case["inputs"]
         with torch.no_grad():
-            out = detector.apply(
-                params, x[f"{batch}.images"].double(), x[f"{batch}.mask"], case["cfg"], train=False
-            )
+            out = detector.apply(params, x[f"{batch}.images"].double(), x[f"{batch}.mask"], case["cfg"], train=False)
         assert out["pred_logits"].dtype == torch.float64
         deltas = worst_deltas(flat_outputs(out), ref, f"{batch}.")
         worst = max(deltas.values())
@@ -151,9 +145,7 @@ def test_postprocess_parity(case):
     ref = load_file(case["dir"] / "postprocess.safetensors")
     eval_ref = load_file(case["dir"] / "outputs_eval.safetensors")
     x = case["inputs"]
-    golden_out = {
-        k[len("batch1.") :]: v for k, v in eval_ref.items() if k.startswith("batch1.") and k.count(".") == 1
-    }
+    golden_out = {k[len("batch1.") :]: v for k, v in eval_ref.items() if k.startswith("batch1.") and k.count(".") == 1}
     with torch.no_grad():
         ours = detector.apply(case["params"], x["batch1.images"], x["batch1.mask"], case["cfg"], train=False)
     for label, out in (("golden outputs", golden_out), ("our outputs", ours)):
@@ -162,37 +154,25 @@ def test_postprocess_parity(case):
             assert torch.equal(res["labels"], ref[f"{i}.labels"]), f"{label} image {i}: labels differ"
             score_d = (res["scores"] - ref[f"{i}.scores"]).abs().max().item()
             box_d = (res["boxes"] - ref[f"{i}.boxes"]).abs().max().item()
-            print(
-                f"{case['name']} postprocess ({label}) image {i}: scores {score_d:.3g}, boxes {box_d:.3g} px"
-            )
-            assert score_d <= 1e-6 and box_d <= 1e-3, (
-                f"{label} image {i}: scores {score_d:.3g}, boxes {box_d:.3g}"
-            )
+            print(f"{case['name']} postprocess ({label}) image {i}: scores {score_d:.3g}, boxes {box_d:.3g} px")
+            assert score_d <= 1e-6 and box_d <= 1e-3, f"{label} image {i}: scores {score_d:.3g}, boxes {box_d:.3g}"
             if f"{i}.masks" in ref:
                 flips = (res["masks"] != ref[f"{i}.masks"]).sum().item()
                 frac = flips / res["masks"].numel()
                 print(f"  masks: {flips} of {res['masks'].numel()} pixels differ")
                 assert res["masks"].dtype == torch.bool and res["masks"].shape == ref[f"{i}.masks"].shape
-                assert flips == 0 if label == "golden outputs" else frac < 1e-4, (
-                    f"{label}: {flips} mask pixels"
-                )
+                assert flips == 0 if label == "golden outputs" else frac < 1e-4, f"{label}: {flips} mask pixels"
 
 
 def test_postprocess_ties_go_to_lower_index():
     logits = torch.zeros(1, 4, 3)  # every score ties
     logits[0, 2, 1] = 1.0
-    boxes = torch.tensor(
-        [[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 2.0, 2.0], [0.9, 0.9, 0.2, 0.2]]]
-    )
-    (res,) = postprocess.postprocess(
-        {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), 4
-    )
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 2.0, 2.0], [0.9, 0.9, 0.2, 0.2]]])
+    (res,) = postprocess.postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), 4)
     assert res["labels"].tolist() == [1, 0, 1, 2]  # flat idx 7 first, then 0, 1, 2 in order
     assert res["boxes"][0].tolist() == [0.0, 0.0, 200.0, 100.0]  # clamped to the (w, h) image
     assert torch.allclose(res["boxes"][1], torch.tensor([80.0, 30.0, 120.0, 70.0]))
-    assert torch.allclose(
-        res["scores"], torch.tensor([torch.sigmoid(torch.tensor(1.0)).item(), 0.5, 0.5, 0.5])
-    )
+    assert torch.allclose(res["scores"], torch.tensor([torch.sigmoid(torch.tensor(1.0)).item(), 0.5, 0.5, 0.5]))
 
 
 def test_mask_sine_encoding_follows_valid_region():
@@ -274,10 +254,7 @@ def test_init_matches_param_shapes_and_upstream_scheme(segmentation):
     assert all(v.dtype == torch.float32 for v in flat.values())
     tr = params["transformer"]
     assert torch.allclose(params["class_embed"]["bias"], torch.full((cfg.num_logits,), -math.log(99.0)))
-    assert (
-        not params["refpoint_embed"]["weight"].any()
-        and not params["bbox_embed"]["layers"]["2"]["weight"].any()
-    )
+    assert not params["refpoint_embed"]["weight"].any() and not params["bbox_embed"]["layers"]["2"]["weight"].any()
     for g in range(cfg.group_detr):  # encoder heads start as copies, but never alias
         head = tr["enc_out_class_embed"][str(g)]
         assert torch.equal(head["weight"], params["class_embed"]["weight"])

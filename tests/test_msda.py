@@ -32,9 +32,7 @@ def _interpreted() -> bool:
 # CPU tensors need the interpreter; on a CUDA machine (TRITON_INTERPRET unset) the kernels run on the GPU.
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA and not _interpreted():
-    pytest.skip(
-        "Triton interpreter is off: set TRITON_INTERPRET=1 before importing triton", allow_module_level=True
-    )
+    pytest.skip("Triton interpreter is off: set TRITON_INTERPRET=1 before importing triton", allow_module_level=True)
 
 # (name, spatial shapes (H, W) per level, batch, queries, heads, head dim, points)
 CASES = [
@@ -144,9 +142,7 @@ def test_dispatch_and_backend_switch(monkeypatch):
     set_backend("reference")
     calls.clear()
     assert resolve_backend(torch.device("cuda")) == "reference"
-    assert torch.equal(
-        ms_deform_attn(value, shapes, loc, attw), ms_deform_attn_reference(value, shapes, loc, attw)
-    )
+    assert torch.equal(ms_deform_attn(value, shapes, loc, attw), ms_deform_attn_reference(value, shapes, loc, attw))
     assert not calls
 
     set_backend("triton")
@@ -194,9 +190,7 @@ def test_dynamo_sees_one_graph_without_breaks():
     explanation = torch._dynamo.explain(loss)(value, shapes, loc, attw)
     assert explanation.graph_count == 1
     assert explanation.graph_break_count == 0
-    ops = [
-        str(node.target) for g in explanation.graphs for node in g.graph.nodes if node.op == "call_function"
-    ]
+    ops = [str(node.target) for g in explanation.graphs for node in g.graph.nodes if node.op == "call_function"]
     assert not any("grid_sampler" in op for op in ops)
 
 

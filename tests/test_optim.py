@@ -284,16 +284,12 @@ def test_compiled_clip_adamw_ema_does_not_recompile():
     gen = torch.Generator().manual_seed(2)
     tcfg = _big_lr_config()
     groups = param_groups(_NAMES, presets.nano(), tcfg)
-    sched = dict(
-        total_steps=10, steps_per_epoch=2, warmup_steps=2, kind="cosine", lr_drop_epochs=5, min_factor=0.1
-    )
+    sched = dict(total_steps=10, steps_per_epoch=2, warmup_steps=2, kind="cosine", lr_drop_epochs=5, min_factor=0.1)
 
     def step_fn(params, grads, opt_state, ema_state, step):
         grads, norm = clip_by_global_norm(grads, 0.5)
         factor = lr_factor(step, **sched)
-        params, opt_state = adamw_update(
-            params, grads, opt_state, groups, factor, betas=tcfg.betas, eps=tcfg.eps
-        )
+        params, opt_state = adamw_update(params, grads, opt_state, groups, factor, betas=tcfg.betas, eps=tcfg.eps)
         ema_state = ema_maybe_update(ema_state, params, step + 1, interval=2, decay=0.9, tau=2.0)
         return params, opt_state, ema_state, norm, factor
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import rfdetr_fn as rf
 from rfdetr_fn import tree
-from rfdetr_fn.predict import preprocess
+from rfdetr_fn.inference import preprocess
 from tests.test_model_parity import golden_config, golden_params
 
 
@@ -48,9 +48,7 @@ def test_predict_matches_golden_postprocess(case, tmp_path):
         assert torch.equal(det["labels"], post[f"{i}.labels"])
         box_d = (det["boxes"] - post[f"{i}.boxes"]).abs().max().item()
         score_d = (det["scores"] - post[f"{i}.scores"]).abs().max().item()
-        assert box_d <= 1e-3 and score_d <= 1e-6, (
-            f"{case['name']} image {i}: boxes {box_d:.3g}, scores {score_d:.3g}"
-        )
+        assert box_d <= 1e-3 and score_d <= 1e-6, f"{case['name']} image {i}: boxes {box_d:.3g}, scores {score_d:.3g}"
         torch.testing.assert_close(det["boxes"], other["boxes"], rtol=0, atol=0)
         if f"{i}.masks" in post:
             assert det["masks"].shape == post[f"{i}.masks"].shape[:1] + post[f"{i}.masks"].shape[2:]

@@ -102,9 +102,7 @@ def test_segmentation_masks(tmp_path):
     weights = _write_weights(tmp_path / "seg.pth", segmentation_head=True, num_classes=2)
     out = tmp_path / "out"
     images = [str(tmp_path / "imgs" / "b.png"), str(tmp_path / "imgs" / "a.png")]
-    records = main(
-        ["--checkpoint", str(weights), "--images", *images, "--output-dir", str(out), "--threshold", "0"]
-    )
+    records = main(["--checkpoint", str(weights), "--images", *images, "--output-dir", str(out), "--threshold", "0"])
     assert [Path(r["image"]).name for r in records] == ["b.png", "a.png"]  # files keep the given order
     for r in records:
         h, w = r["height"], r["width"]
@@ -135,9 +133,7 @@ def test_checkpoint_directory_and_names_fallback(tmp_path):
 def test_missing_image_is_named(det_run, tmp_path):
     missing = tmp_path / "nope.jpg"
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
-        main(
-            ["--checkpoint", str(det_run["weights"]), "--images", str(missing), "--output-dir", str(tmp_path)]
-        )
+        main(["--checkpoint", str(det_run["weights"]), "--images", str(missing), "--output-dir", str(tmp_path)])
 
 
 def test_unreadable_image_is_named(det_run, tmp_path):

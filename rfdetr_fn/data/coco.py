@@ -74,8 +74,7 @@ def filter_parent_categories(categories: list[dict], annotated_ids: set[int]) ->
     parents = {
         c.get("supercategory")
         for c in ordered
-        if c.get("supercategory") not in _PLACEHOLDER_SUPERCATEGORIES
-        and c.get("supercategory") != c.get("name")
+        if c.get("supercategory") not in _PLACEHOLDER_SUPERCATEGORIES and c.get("supercategory") != c.get("name")
     }
     kept = [c for c in ordered if not (c.get("name") in parents and int(c["id"]) not in annotated_ids)]
     return kept or ordered
@@ -186,11 +185,7 @@ def _image_problems(source: Source) -> tuple[list[dict], list[str]]:
         if entry["id"] in seen:
             problems.append(f"image id {entry['id']} ({entry['file_name']}): duplicate image id")
             continue
-        path = (
-            None
-            if source.render is not None or source.image_dir is None
-            else source.image_dir / entry["file_name"]
-        )
+        path = None if source.render is not None or source.image_dir is None else source.image_dir / entry["file_name"]
         if path is not None and not os.path.isfile(path):
             problems.append(f"image id {entry['id']}: missing image file {path}")
         seen.add(entry["id"])
@@ -224,9 +219,7 @@ def _check_source(source: Source) -> tuple[list[dict], list[_Record], list[str],
             problems.append(f"{where}: unknown category id {cat}")
             continue
         if cat not in source.cat2label:
-            problems.append(
-                f"{where}: category id {cat} ({declared[cat]}) is not in the train split's label map"
-            )
+            problems.append(f"{where}: category id {cat} ({declared[cat]}) is not in the train split's label map")
             continue
         im = images[pos[image_id]]
         W, H = im["width"], im["height"]
@@ -271,9 +264,7 @@ def decode_masks(segmentations: list[Any], height: int, width: int) -> Tensor:
     rles, slots = [], []
     for i, seg in enumerate(segmentations):
         if isinstance(seg, dict):
-            rles.append(
-                mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
-            )
+            rles.append(mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg)
         elif seg and (polys := [p for p in seg if len(p) >= 6]):
             rles.append(mask_utils.merge(mask_utils.frPyObjects(polys, height, width)))
         else:
@@ -386,9 +377,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         p = self.pipeline
         if p.train:
             gen = torch.Generator().manual_seed(seed)
-            image, target = T.train_transform(
-                image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen
-            )
+            image, target = T.train_transform(image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen)
         else:
             image, target = T.eval_transform(image, target, p.resolution)
         image, target = T.finalize(image, target)

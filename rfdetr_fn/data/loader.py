@@ -25,9 +25,7 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def collate(
-    samples: Sequence[tuple[Tensor, dict]], block_size: int, target_pad: int = 8
-) -> dict[str, Tensor]:
+def collate(samples: Sequence[tuple[Tensor, dict]], block_size: int, target_pad: int = 8) -> dict[str, Tensor]:
     """Stack samples into fixed-layout tensors.
 
     images (B,3,H,W) zero-padded bottom/right to the batch max rounded up to block_size; mask (B,H,W)

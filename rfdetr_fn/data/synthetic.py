@@ -33,9 +33,7 @@ _SPLIT_OFFSET = {"train": 0, "valid": 1, "val": 1, "test": 2}
 def class_names(num_classes: int) -> list[str]:
     """'red rectangle', 'red ellipse', 'red triangle', 'green rectangle', ..."""
     if num_classes > len(SHAPES) * len(COLOURS):
-        raise DatasetError(
-            f"synthetic_classes={num_classes} exceeds {len(SHAPES) * len(COLOURS)} shape/colour pairs"
-        )
+        raise DatasetError(f"synthetic_classes={num_classes} exceeds {len(SHAPES) * len(COLOURS)} shape/colour pairs")
     colours = list(COLOURS)
     return [f"{colours[k // len(SHAPES)]} {SHAPES[k % len(SHAPES)]}" for k in range(num_classes)]
 
@@ -102,9 +100,7 @@ def synthetic_source(data_cfg: DataConfig, split: str, seed: int = 0) -> Source:
         rng = random.Random(split_seed * 1_000_003 + i)
         shapes = _layout(rng, size, k)
         polygons[image_id] = shapes
-        images.append(
-            {"id": image_id, "file_name": f"synthetic_{split}_{i:05d}.png", "height": size, "width": size}
-        )
+        images.append({"id": image_id, "file_name": f"synthetic_{split}_{i:05d}.png", "height": size, "width": size})
         for cls, poly in shapes:
             xs, ys = poly[0::2], poly[1::2]
             box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]

@@ -97,9 +97,7 @@ def drop_degenerate(target: Target) -> Target:
     return target if bool(keep.all()) else filter_instances(target, keep)
 
 
-def crop(
-    image: Tensor, target: Target, top: int, left: int, height: int, width: int
-) -> tuple[Tensor, Target]:
+def crop(image: Tensor, target: Target, top: int, left: int, height: int, width: int) -> tuple[Tensor, Target]:
     """Cut a window; boxes are shifted and clipped, and instances left without area are dropped."""
     out = dict(target)
     shift = torch.tensor([left, top, left, top], dtype=torch.float32)

@@ -60,9 +60,7 @@ def check_targets(targets: dict, outputs: dict, masks: bool) -> None:
     if masks:
         m = targets.get("masks")
         if m is None or m.dim() != 4 or tuple(m.shape[:2]) != tuple(labels.shape):
-            raise ValueError(
-                f"targets['masks'] must be bool (B, T, H, W) with (B, T) = {tuple(labels.shape)}"
-            )
+            raise ValueError(f"targets['masks'] must be bool (B, T, H, W) with (B, T) = {tuple(labels.shape)}")
 
 
 def default_num_boxes(labels: Tensor, groups: int) -> Tensor:

@@ -99,9 +99,7 @@ def dense_query_masks(pred_masks: dict | Tensor) -> tuple[Tensor, Tensor, Tensor
     return pred_masks
 
 
-def mask_costs(
-    pred_masks: dict | Tensor, target_masks: Tensor, num_points: int | None
-) -> tuple[Tensor, Tensor]:
+def mask_costs(pred_masks: dict | Tensor, target_masks: Tensor, num_points: int | None) -> tuple[Tensor, Tensor]:
     """Pairwise mean point BCE and dice (B, Nq, T) at one shared set of uniform random points."""
     packed = dense_query_masks(pred_masks)
     source = packed[0] if isinstance(packed, tuple) else packed

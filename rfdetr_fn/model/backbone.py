@@ -166,9 +166,7 @@ def features(
         raise ValueError(f"images must be (B, {cfg.num_channels}, H, W), got {tuple(images.shape)}")
     height, width = images.shape[-2:]
     if height % cfg.block_size or width % cfg.block_size:
-        raise ValueError(
-            f"image size {height}x{width} must be divisible by patch_size*num_windows = {cfg.block_size}"
-        )
+        raise ValueError(f"image size {height}x{width} must be divisible by patch_size*num_windows = {cfg.block_size}")
     grid = (height // cfg.patch_size, width // cfg.patch_size)
     enc = p["encoder"]
     rates = drop_path_rates(drop_path, cfg.vit_num_layers, images.device) if train and drop_path > 0 else None

@@ -35,9 +35,7 @@ def _c2f(in_ch: int, out_ch: int, gen: torch.Generator) -> Params:
     return {
         "cv1": _conv_x(in_ch, 2 * c, 1, gen),
         "cv2": _conv_x((2 + NUM_BLOCKS) * c, out_ch, 1, gen),
-        "m": {
-            str(i): {"cv1": _conv_x(c, c, 3, gen), "cv2": _conv_x(c, c, 3, gen)} for i in range(NUM_BLOCKS)
-        },
+        "m": {str(i): {"cv1": _conv_x(c, c, 3, gen), "cv2": _conv_x(c, c, 3, gen)} for i in range(NUM_BLOCKS)},
     }
 
 
@@ -77,9 +75,7 @@ def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
     sampling: Params = {}
     stages: Params = {}
     for i, level in enumerate(cfg.projector_scale):
-        per_map = {
-            str(j): _sampling_init(level, cfg.vit_width, gen) for j in range(len(cfg.out_feature_indexes))
-        }
+        per_map = {str(j): _sampling_init(level, cfg.vit_width, gen) for j in range(len(cfg.out_feature_indexes))}
         if level != "P4":
             sampling[str(i)] = per_map
         stages[str(i)] = {

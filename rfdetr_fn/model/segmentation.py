@@ -39,10 +39,7 @@ def _spatial_proj(p: Params, x: Tensor) -> Tensor:
 
 def dense(factors: dict[str, Tensor]) -> Tensor:
     """Mask logits (B, N, h, w) from the sparse factors."""
-    return (
-        torch.einsum("bchw,bnc->bnhw", factors["spatial_features"], factors["query_features"])
-        + factors["bias"]
-    )
+    return torch.einsum("bchw,bnc->bnhw", factors["spatial_features"], factors["query_features"]) + factors["bias"]
 
 
 def apply(
@@ -61,9 +58,7 @@ def apply(
     Returns dense logits (eval) or factor dicts (train).
     """
     r = cfg.mask_downsample_ratio
-    x = F.interpolate(
-        spatial, size=(image_hw[0] // r, image_hw[1] // r), mode="bilinear", align_corners=False
-    )
+    x = F.interpolate(spatial, size=(image_hw[0] // r, image_hw[1] // r), mode="bilinear", align_corners=False)
     outs = []
     if skip_blocks:
         if len(hs) != 1:

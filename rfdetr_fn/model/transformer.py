@@ -167,9 +167,7 @@ def decoder_layer(
     groups: int,
 ) -> Tensor:
     """Post-norm layer: group self-attention, deformable cross-attention, ReLU FFN (dropout is 0)."""
-    tgt = nn.layer_norm(
-        p["norm1"], tgt + self_attention(p["self_attn"], tgt, query_pos, cfg.sa_nheads, groups)
-    )
+    tgt = nn.layer_norm(p["norm1"], tgt + self_attention(p["self_attn"], tgt, query_pos, cfg.sa_nheads, groups))
     cross = deformable_attention(p["cross_attn"], tgt + query_pos, ref, memory, mask, shapes, cfg)
     tgt = nn.layer_norm(p["norm2"], tgt + cross)
     ffn = nn.linear(p["linear2"], F.relu(nn.linear(p["linear1"], tgt)))
@@ -295,9 +293,7 @@ def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
         "decoder": {
             "layers": {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)},
             "norm": nn.norm_init(d),
-            "ref_point_head": {
-                "layers": {"0": _xavier_linear(d, 2 * d, gen), "1": _xavier_linear(d, d, gen)}
-            },
+            "ref_point_head": {"layers": {"0": _xavier_linear(d, 2 * d, gen), "1": _xavier_linear(d, d, gen)}},
         },
         "enc_output": {str(g): _xavier_linear(d, d, gen) for g in range(cfg.group_detr)},
         "enc_output_norm": {str(g): nn.norm_init(d) for g in range(cfg.group_detr)},
@@ -336,12 +332,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.dec_layers):
         out.update({f"decoder.layers.{i}.{k}": v for k, v in layer.items()})
     out.update({"decoder.norm.weight": (d,), "decoder.norm.bias": (d,)})
-    out.update(
-        {"decoder.ref_point_head.layers.0.weight": (d, 2 * d), "decoder.ref_point_head.layers.0.bias": (d,)}
-    )
-    out.update(
-        {"decoder.ref_point_head.layers.1.weight": (d, d), "decoder.ref_point_head.layers.1.bias": (d,)}
-    )
+    out.update({"decoder.ref_point_head.layers.0.weight": (d, 2 * d), "decoder.ref_point_head.layers.0.bias": (d,)})
+    out.update({"decoder.ref_point_head.layers.1.weight": (d, d), "decoder.ref_point_head.layers.1.bias": (d,)})
     groups = range(cfg.group_detr)
     for g in groups:
         out.update({f"enc_output.{g}.weight": (d, d), f"enc_output.{g}.bias": (d,)})

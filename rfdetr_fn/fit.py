@@ -1,0 +1,381 @@
+"""Train a detector: `python -m rfdetr_fn.fit [--preset nano] [--config FILE] [--model.* --train.* --data.* --eval.*]`.
+
+The loop reads top to bottom: build data, init or load weights, then for every epoch call the compiled
+step on each batch, evaluate, update the best-model and early-stopping records, save, and stop early if
+asked. Everything stateful lives in the train state and in small records saved with it, so a resumed run
+continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers
+from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.data import build_dataset, multi_scale_scales, per_batch_scale, resize_batch, train_loader
+from rfdetr_fn.model import detector
+from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step
+from rfdetr_fn.validate import evaluate
+
+
+@attrs.frozen(kw_only=True)
+class FitArgs:
+    """Train an RF-DETR detector. Defaults: RF-DETR Nano on the built-in synthetic shapes, 10 epochs."""
+
+    preset: str = "nano"
+    """Model variant whose defaults --model.* starts from (nano, small, medium, large, base, large_deprecated,
+    seg_preview, seg_nano, seg_small, seg_medium, seg_large, seg_xlarge, seg_2xlarge, tiny)."""
+    config: str | None = None
+    """Experiment file (YAML or JSON, see configs/) whose values replace the defaults; flags override it."""
+    model: ModelConfig = presets.nano()
+    train: TrainConfig = TrainConfig(epochs=10)
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    device: str | None = None
+    """cpu, cuda or cuda:N; None picks CUDA when available."""
+
+
+def fit(args: FitArgs) -> dict[str, Any]:
+    """Run training; returns the final metrics record (rank 0's view)."""
+    tcfg, dcfg, ecfg = args.train, args.data, args.eval
+    world = distributed.setup(args.device)
+    out_dir = Path(tcfg.output_dir)
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tcfg.seed)
+
+    # ---- data: the train split fixes the label space for every split ----
+    train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
+    cfg = _align_classes(args.model, train_ds.num_classes)
+    val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
+    class_names = list(dcfg.class_names or train_ds.class_names)
+    loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed)
+    steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
+
+    # ---- weights and state ----
+    if tcfg.pretrain_weights:
+        _, params = checkpoint.load_weights(tcfg.pretrain_weights, cfg)
+    else:
+        params = detector.init(cfg, tcfg.seed)
+    params = _to_device(params, world.device)
+    state = init_state(params, tcfg)
+    loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
+    resume_dir = _resume_dir(tcfg, out_dir)
+    if resume_dir is not None:
+        state, loop = _restore(resume_dir, state, loop)
+        if world.main:
+            print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
+    if world.main:
+        _write_json(out_dir / "training_config.json", _config_record(args, cfg, class_names))
+
+    precision = resolve_precision(tcfg.precision, world.device)
+    step_fn = compile_step(
+        make_train_step(cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size),
+        enabled=tcfg.compile,
+    )
+    scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
+    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+    record: dict[str, Any] = {}
+
+    for epoch in range(loop["epoch"], tcfg.epochs):
+        # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
+        loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
+        bar = _progress(tcfg, world, steps_per_epoch, epoch)
+        micro: list[dict] = []
+        started, seen = time.perf_counter(), 0
+        for index, batch in enumerate(loader, start=loop["batch"]):
+            micro.append(_to_device(batch, world.device))
+            if len(micro) < tcfg.grad_accum_steps:
+                continue
+            step = int(state["step"])
+            if tcfg.multi_scale == "per-batch":
+                size = per_batch_scale(step, scales)
+                micro = [resize_batch(b, size) for b in micro]
+            torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
+            state, metrics = step_fn(state, micro)
+            seen += sum(len(b["images"]) for b in micro)
+            micro = []
+            loop["batch"] = index + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{float(metrics['loss']):.3f}",
+                    img_s=f"{seen / (time.perf_counter() - started):.1f}",
+                )
+            if (step + 1) % tcfg.log_every_n_steps == 0 or step == 0:
+                log.log(_train_row(metrics, step + 1, epoch, tcfg))
+            if tcfg.max_steps and step + 1 >= tcfg.max_steps:
+                break
+        else:  # the epoch ran to its end: the next run starts the next epoch
+            loop["epoch"], loop["batch"] = epoch + 1, 0
+        if bar is not None:
+            bar.close()
+        last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and int(state["step"]) >= tcfg.max_steps)
+
+        # ---- evaluate, track the best weights, decide on stopping ----
+        record = {"step": int(state["step"]), "epoch": epoch}
+        if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
+            record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
+            regular, ema = _monitored(record, tcfg)
+            loop["best"], decisions = trackers.update_best(
+                loop["best"],
+                epoch=epoch,
+                regular=regular,
+                ema=ema,
+                skip_best_epochs=tcfg.skip_best_epochs,
+                smooth_alpha=tcfg.smooth_alpha,
+            )
+            loop["stop"], stop = trackers.update_early_stop(
+                loop["stop"],
+                epoch=epoch,
+                regular=regular,
+                ema=ema,
+                use_ema=tcfg.early_stopping_use_ema,
+                patience=tcfg.early_stopping_patience,
+                min_delta=tcfg.early_stopping_min_delta,
+                skip_best_epochs=tcfg.skip_best_epochs,
+            )
+            if world.main:
+                _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir)
+                log.log(record)
+                print(_summary(record))
+            if tcfg.early_stopping and distributed.broadcast_object(stop, world):
+                last_epoch = True
+                if world.main:
+                    patience = tcfg.early_stopping_patience
+                    print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
+
+        # ---- train-state checkpoints (all ranks take part in DCP) ----
+        _save_state(out_dir / "last", state, loop)
+        if trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs):
+            _save_state(out_dir / f"checkpoint_{epoch:04d}", state, loop)
+        if last_epoch:
+            break
+
+    if world.main:
+        _finish(state, cfg, tcfg, epoch_of(loop), class_names, out_dir, loop["best"])
+        runlog.plot(log.rows, out_dir)
+    log.close()
+    if tcfg.run_test and world.main:
+        from rfdetr_fn.validate import run_split
+
+        _, best = checkpoint.load_weights(out_dir / "checkpoint_best_total.pth", cfg)
+        record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
+        print(_summary(record))
+    distributed.teardown(world)
+    return record
+
+
+# ---------------------------------------------------------------- helpers (in the order fit uses them)
+
+
+def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
+    """The head follows the dataset (upstream's RFDETR.train does the same)."""
+    if cfg.num_classes != dataset_classes:
+        cfg = attrs.evolve(
+            cfg,
+            num_classes=dataset_classes,
+            num_select=min(cfg.num_select, cfg.num_queries * (dataset_classes + 1)),
+        )
+    return cfg
+
+
+def _to_device(tree_like: Any, device: torch.device) -> Any:
+    if isinstance(tree_like, torch.Tensor):
+        return tree_like.to(device, non_blocking=True)
+    if isinstance(tree_like, dict):
+        return {k: _to_device(v, device) for k, v in tree_like.items()}
+    if isinstance(tree_like, (list, tuple)):
+        return type(tree_like)(_to_device(v, device) for v in tree_like)
+    return tree_like
+
+
+def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:
+    if tcfg.resume is None:
+        return None
+    path = out_dir / "last" if tcfg.resume == "auto" else Path(tcfg.resume)
+    if not path.exists():
+        if tcfg.resume == "auto":
+            return None
+        raise FileNotFoundError(f"train.resume={tcfg.resume}: no checkpoint directory there")
+    return path
+
+
+def _state_tree(state: dict, loop: dict) -> dict:
+    return {
+        "state": state,
+        "loop": {"epoch": loop["epoch"], "batch": loop["batch"]},
+        "best": trackers.to_dict(loop["best"]),
+        "stop": trackers.to_dict(loop["stop"]),
+    }
+
+
+def _save_state(path: Path, state: dict, loop: dict) -> None:
+    checkpoint.save_state(path, _state_tree(state, loop))
+
+
+def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
+    restored = checkpoint.load_state(path, _state_tree(state, loop))
+    loop = {
+        "epoch": int(restored["loop"]["epoch"]),
+        "batch": int(restored["loop"]["batch"]),
+        "best": trackers.from_dict(trackers.BestState, restored["best"]),
+        "stop": trackers.from_dict(trackers.EarlyStopState, restored["stop"]),
+    }
+    return restored["state"], loop
+
+
+def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> dict:
+    return {
+        "model": attrs.asdict(cfg),
+        "train": attrs.asdict(args.train),
+        "data": attrs.asdict(args.data),
+        "eval": attrs.asdict(args.eval),
+        "class_names": class_names,
+        "command": sys.argv,
+    }
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _progress(tcfg: TrainConfig, world, total: int, epoch: int):
+    if not (tcfg.progress_bar and world.main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+
+
+def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
+    row: dict[str, Any] = {"step": step, "epoch": epoch}
+    for key, value in metrics.items():
+        if key.startswith("loss") or key in ("grad_norm", "class_error", "cardinality_error"):
+            row[f"train/{key}"] = float(value)
+    factor = float(metrics["lr_factor"])
+    row["train/lr"] = tcfg.lr * factor
+    row["train/lr_encoder"] = tcfg.lr_encoder * factor
+    return row
+
+
+def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, float]:
+    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA."""
+    record: dict[str, float] = {}
+    batch_size = tcfg.eval_batch_size or tcfg.batch_size
+    if tcfg.use_ema:
+        ema = evaluate(
+            state["ema_state"]["params"],
+            cfg,
+            val_ds,
+            batch_size=batch_size,
+            ecfg=ecfg,
+            num_workers=dcfg.num_workers,
+            world=world,
+        )
+        record.update({f"val/ema_{k}": v for k, v in ema.items()})
+    if tcfg.eval_base_model or not tcfg.use_ema:
+        base = evaluate(
+            state["params"],
+            cfg,
+            val_ds,
+            batch_size=batch_size,
+            ecfg=ecfg,
+            num_workers=dcfg.num_workers,
+            world=world,
+        )
+        record.update({f"val/{k}": v for k, v in base.items()})
+    else:  # EMA-only epochs are mirrored onto the primary keys, like upstream
+        record.update({f"val/{k[len('val/ema_') :]}": v for k, v in list(record.items())})
+    return record
+
+
+def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
+    key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
+    base_evaluated = tcfg.eval_base_model or not tcfg.use_ema
+    regular = record.get(f"val/{key}") if base_evaluated else None
+    ema = record.get(f"val/ema_{key}") if tcfg.use_ema else None
+    return regular, ema
+
+
+def _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir: Path) -> None:
+    args = {**attrs.asdict(tcfg), "class_names": class_names}
+    if "regular" in decisions:
+        checkpoint.write_upstream_best(
+            out_dir / "checkpoint_best_regular.pth",
+            state["params"],
+            cfg,
+            epoch=epoch,
+            class_names=class_names,
+            train_args=args,
+        )
+    if "ema" in decisions:
+        checkpoint.write_upstream_best(
+            out_dir / "checkpoint_best_ema.pth",
+            state["ema_state"]["params"],
+            cfg,
+            epoch=epoch,
+            class_names=class_names,
+            train_args=args,
+        )
+
+
+def epoch_of(loop: dict) -> int:
+    return max(0, loop["epoch"] - 1)
+
+
+def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
+    """Upstream's end-of-fit files: best EMA backfill, best_total (strict > rule) and last_ema."""
+    args = {**attrs.asdict(tcfg), "class_names": class_names}
+    final = state["ema_state"]["params"] if tcfg.use_ema else state["params"]
+    if tcfg.use_ema and not (out_dir / "checkpoint_best_ema.pth").exists():
+        checkpoint.write_upstream_best(
+            out_dir / "checkpoint_best_ema.pth",
+            final,
+            cfg,
+            epoch=epoch,
+            class_names=class_names,
+            train_args=args,
+        )
+    source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
+    winner = out_dir / f"checkpoint_best_{source}.pth"
+    if winner.exists():
+        _, params = checkpoint.load_weights(winner, cfg)
+        checkpoint.write_upstream_best(
+            out_dir / "checkpoint_best_total.pth",
+            params,
+            cfg,
+            epoch=epoch,
+            class_names=class_names,
+            train_args=args,
+            source=source,
+        )
+    checkpoint.write_upstream_best(
+        out_dir / "last_ema.pth", final, cfg, epoch=epoch, class_names=class_names, train_args=args
+    )
+
+
+def _summary(record: dict) -> str:
+    keys = [k for k in record if k.startswith(("val/", "test/")) and "AP/" not in k]
+    return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys[:8])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from rfdetr_fn.cli import parse
+
+    with warnings.catch_warnings():
+        return fit(parse(FitArgs, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The train step: one pure function `(state, batches) -> (state, metrics)`, compiled whole.
+
+`TrainState` is a plain dict pytree so torch.compile, DCP checkpoints and tree utilities all see the
+same structure:
+
+    {"step": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {}, "loss_scale": float 0-dim}
+
+Inside one compiled graph the step runs, per micro-batch, the forward pass, the Hungarian matching (an
+opaque custom op, so it does not split the graph; on CUDA it copies the cost matrix to the host, the one
+sync per step), the criterion and `torch.func.grad_and_value`; then the cross-rank gradient average
+(one functional all-reduce over a flat buffer), global-norm clipping, the scheduled AdamW update and the
+EMA update. Gradient-accumulation micro-batches are unrolled, so the graph depends on grad_accum_steps
+and on the batch shapes only; the step number, learning rate and EMA decay are tensors and never cause
+a recompile.
+
+Randomness (drop path, mask-loss point sampling) draws from torch's global generator, which the loop
+reseeds from (seed, step) before every call: the step is a pure function of its inputs and that seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rfdetr_fn import ema as ema_lib
+from rfdetr_fn import optim, schedules, tree
+from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.loss.criterion import criterion
+from rfdetr_fn.model import detector
+
+TrainState = dict[str, Any]
+Batch = dict[str, Tensor]
+
+TARGET_KEYS = ("labels", "boxes", "masks")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA with compute capability >= 8, fp16 on older CUDA, fp32 elsewhere."""
+    if precision != "auto":
+        if precision != "fp32" and device.type != "cuda":
+            raise ValueError(f"precision={precision!r} needs a CUDA device; this run is on {device.type}")
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def init_state(params: tree.Params, tcfg: TrainConfig) -> TrainState:
+    """A fresh train state; optimizer and EMA state are copies, never aliases, of the params."""
+    device = next(tree.leaves(params)).device
+    return {
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+        "params": params,
+        "opt_state": optim.adamw_init(params),
+        "ema_state": ema_lib.ema_init(params) if tcfg.use_ema else {},
+        "loss_scale": torch.full((), 2.0**16, device=device),
+    }
+
+
+def seed_for_step(seed: int, step: int, rank: int = 0) -> int:
+    """The global-RNG seed used for one step; distinct per rank so drop path differs across data shards."""
+    return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
+
+
+def make_train_step(
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    *,
+    steps_per_epoch: int,
+    precision: str = "fp32",
+    world_size: int = 1,
+) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
+    """Bind the static configuration and return the pure step (compile it with `compile_step`)."""
+    names = list(detector.param_shapes(cfg))
+    groups = optim.param_groups(names, cfg, tcfg)
+    total_steps, warmup_steps = schedules.schedule_lengths(tcfg.epochs, steps_per_epoch, tcfg.warmup_epochs)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
+        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
+        out = _to_float32(out) if autocast_dtype is not None else out
+        targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
+        total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes)
+        return total * scale, (total, losses)
+
+    grad_fn = torch.func.grad_and_value(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
+        params, step = state["params"], state["step"]
+        scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
+        grads_sum: tree.Params | None = None
+        loss_sums: dict[str, Tensor] = {}
+        for batch in batches:
+            num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
+            grads, (_, (total, losses)) = grad_fn(params, batch, num_boxes, scale)
+            grads_sum = grads if grads_sum is None else tree.map_(torch.add, grads_sum, grads)
+            for key, value in {"loss": total, **losses}.items():
+                loss_sums[key] = loss_sums.get(key, 0.0) + value.detach() / len(batches)
+        grads = tree.map_(lambda g: g / (len(batches) * scale), grads_sum)
+        if world_size > 1:
+            grads = all_reduce_mean(grads)
+        finite = torch.stack([torch.isfinite(g).all() for g in tree.leaves(grads)]).all()
+        grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
+        lr_factor = schedules.lr_factor(
+            step,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            warmup_steps=warmup_steps,
+            kind=tcfg.lr_scheduler,
+            lr_drop_epochs=tcfg.lr_drop,
+            min_factor=tcfg.lr_min_factor,
+        )
+        new_params, new_opt = optim.adamw_update(
+            params, grads, state["opt_state"], groups, lr_factor, betas=tcfg.betas, eps=tcfg.eps
+        )
+        if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
+            new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
+            new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])
+        new_state = {
+            "step": step + 1,
+            "params": new_params,
+            "opt_state": new_opt,
+            "ema_state": state["ema_state"],
+            "loss_scale": _next_loss_scale(state["loss_scale"], finite, step)
+            if precision == "fp16"
+            else state["loss_scale"],
+        }
+        if tcfg.use_ema:
+            new_state["ema_state"] = ema_lib.ema_maybe_update(
+                state["ema_state"],
+                new_params,
+                step + 1,
+                interval=tcfg.ema_update_interval,
+                decay=tcfg.ema_decay,
+                tau=tcfg.ema_tau,
+            )
+        metrics = {**loss_sums, "grad_norm": grad_norm.detach(), "lr_factor": lr_factor, "finite": finite}
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_step(step_fn: Callable, *, enabled: bool = True) -> Callable:
+    """torch.compile the whole step into one graph (fullgraph: a graph break is a bug, not a slowdown)."""
+    return torch.compile(step_fn, fullgraph=True, dynamic=False) if enabled else step_fn
+
+
+def all_reduce_mean(grads: tree.Params) -> tree.Params:
+    """Average gradients across ranks with ONE traceable collective over a flat buffer."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as fc
+
+    flat = tree.flatten(grads)
+    buffer = torch.cat([g.reshape(-1) for g in flat.values()])
+    buffer = fc.all_reduce(buffer, "avg", dist.group.WORLD)
+    pieces = buffer.split([g.numel() for g in flat.values()])
+    return tree.unflatten({k: p.view_as(g) for (k, g), p in zip(flat.items(), pieces)})
+
+
+def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
+    """Upstream's normaliser: valid targets x groups, averaged over ranks, at least 1."""
+    count = (labels >= 0).sum().to(torch.float32) * group_detr
+    if world_size > 1:
+        import torch.distributed as dist
+        from torch.distributed import _functional_collectives as fc
+
+        count = fc.all_reduce(count, "sum", dist.group.WORLD) / world_size
+    return count.clamp(min=1.0)
+
+
+def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
+    grown = torch.where((step + 1) % 2000 == 0, scale * 2.0, scale)
+    return torch.where(finite, grown, scale * 0.5)
+
+
+def _to_float32(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return {k: _to_float32(v) for k, v in out.items()}
+    if isinstance(out, list):
+        return [_to_float32(v) for v in out]
+    return out

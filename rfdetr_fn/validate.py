@@ -1,0 +1,159 @@
+"""Evaluate weights on a dataset split: `python -m rfdetr_fn.validate --checkpoint output/checkpoint_best_total.pth`.
+
+Also the evaluation used inside `fit`: eval-mode forward, postprocess at the original image size, COCO
+mAP/mAR (bbox, and segm for segmentation models) and the macro-F1 sweep.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import torch
+
+from rfdetr_fn import checkpoint, distributed
+from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.data import build_dataset, eval_loader
+from rfdetr_fn.metrics import Evaluator
+from rfdetr_fn.model import detector
+from rfdetr_fn.model.postprocess import postprocess
+
+
+@attrs.frozen(kw_only=True)
+class EvalArgs:
+    """Evaluate a checkpoint on the validation split (COCO mAP, mAR, F1)."""
+
+    checkpoint: str = "output/checkpoint_best_total.pth"
+    """Weights file (.pth, .ckpt or .safetensors) or a training output directory."""
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    split: Literal["valid", "test"] = "valid"
+    """Dataset split to score."""
+    batch_size: int = 4
+    """Images per forward pass."""
+    output: str | None = None
+    """Write the metrics as JSON here (default: print only)."""
+    device: str | None = None
+    """cpu, cuda or cuda:N; None picks CUDA when available."""
+
+
+@torch.no_grad()
+def evaluate(
+    params,
+    cfg: ModelConfig,
+    dataset,
+    *,
+    batch_size: int,
+    ecfg: EvalConfig,
+    num_workers: int = 0,
+    world: distributed.World | None = None,
+) -> dict[str, float]:
+    """Score `params` on `dataset`; under torchrun each rank takes a shard and rank 0 merges the detections."""
+    world = world or distributed.World(rank=0, size=1, device=next(iter(_leaves(params))).device)
+    loader = eval_loader(
+        dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
+    )
+    results: list[tuple[int, dict]] = []
+    for batch in loader:
+        images = batch["images"].to(world.device)
+        mask = batch["mask"].to(world.device)
+        out = detector.apply(params, images, mask, cfg, train=False)
+        preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select)
+        for image_id, pred in zip(batch["image_id"].tolist(), preds):
+            results.append((image_id, {k: v.cpu() for k, v in pred.items()}))
+    merged = [r for part in distributed.gather_objects(results, world) for r in part]
+    if not world.main:
+        return {}
+    evaluator = Evaluator(
+        dataset.coco_gt(),
+        class_names=dataset.class_names,
+        backend=ecfg.backend,
+        max_dets=ecfg.max_dets,
+        per_class=ecfg.per_class,
+    )
+    seen: set[int] = set()
+    for image_id, pred in merged:  # distributed samplers may repeat images to even out shards
+        if image_id not in seen:
+            seen.add(image_id)
+            evaluator.update([pred], [image_id])
+    return evaluator.compute()
+
+
+def run_split(
+    params,
+    cfg: ModelConfig,
+    dcfg: DataConfig,
+    ecfg: EvalConfig,
+    tcfg: TrainConfig | None,
+    split: str,
+    world: distributed.World | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Evaluate on a named split and prefix the keys with it (`test/mAP_50_95`, ...)."""
+    tcfg = tcfg or TrainConfig()
+    dataset = build_dataset(dcfg, split, cfg, tcfg, train=False)
+    metrics = evaluate(
+        params,
+        cfg,
+        dataset,
+        batch_size=batch_size or tcfg.eval_batch_size or tcfg.batch_size,
+        ecfg=ecfg,
+        num_workers=dcfg.num_workers,
+        world=world,
+    )
+    prefix = "val" if split == "valid" else split
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A weights file, or a training output directory (its best_total, else last_ema)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("checkpoint_best_total.pth", "last_ema.pth", "checkpoint_best_ema.pth"):
+            if (p / name).exists():
+                return p / name
+        raise FileNotFoundError(f"{p} holds no checkpoint_best_total.pth, last_ema.pth or checkpoint_best_ema.pth")
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    return p
+
+
+def run(args: EvalArgs) -> dict[str, float]:
+    world = distributed.setup(args.device)
+    cfg, params = checkpoint.load_weights(resolve_checkpoint(args.checkpoint))
+    params = _move(params, world.device)
+    metrics = run_split(params, cfg, args.data, args.eval, None, args.split, world, batch_size=args.batch_size)
+    if world.main:
+        text = json.dumps(metrics, indent=2)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text)
+    distributed.teardown(world)
+    return metrics
+
+
+def _leaves(tree):
+    for value in tree.values():
+        if isinstance(value, dict):
+            yield from _leaves(value)
+        else:
+            yield value
+
+
+def _move(tree, device):
+    return {k: _move(v, device) if isinstance(v, dict) else v.to(device) for k, v in tree.items()}
+
+
+def main(argv: list[str] | None = None, *, split: str = "valid") -> dict[str, float]:
+    from rfdetr_fn.cli import parse
+
+    args = parse(EvalArgs, argv)
+    if split != "valid" and args.split == "valid":
+        args = attrs.evolve(args, split=split)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Data parallelism on CPU with gloo: two ranks train like one process on the global batch, and train-state
+checkpoints move between world sizes.
+
+One launch of `tests/dist_worker.py` under torch.distributed.run (2 processes, 127.0.0.1, a free port, a
+timeout) serves every test here; the single-process reference runs in the test process itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rfdetr_fn.checkpoint import load_state, save_state
+from rfdetr_fn.step import make_train_step
+from tests import dist_worker as w
+
+LAUNCH_TIMEOUT_S = 150
+PARAM_RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, *extra: str) -> float:
+    """Run two worker ranks; return their wall time. A hang or a failing rank fails with the log tail."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={w.WORLD}",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(Path(w.__file__)), str(out), *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"2-rank run exceeded {LAUNCH_TIMEOUT_S}s:\n{(err.stderr or b'')[-4000:]!r}")
+    if proc.returncode != 0:
+        pytest.fail(f"2-rank run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Reference: one process on the whole global batch, one thread like each rank; then the 2-rank run."""
+    out = tmp_path_factory.mktemp("dist")
+    cfg, tcfg = w.configs()
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10, world_size=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each rank's summation order, so what differs is the collective's doing
+    try:
+        state, history = w.train(step, w.fresh_state(), w.global_batch(), w.STEPS)
+    finally:
+        torch.set_num_threads(threads)
+    save_state(out / "state1", state)
+    seconds = _launch(out)
+    ranks = [torch.load(out / f"trained_rank{r}.pt") for r in range(w.WORLD)]
+    return {"out": out, "ref": w.flat_state(state), "ref_metrics": history, "ranks": ranks, "s": seconds}
+
+
+def _rel_l2(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str) -> float:
+    """||a - b|| / ||b|| over every tensor whose key starts with `prefix`."""
+    keys = sorted(k for k in b if k.startswith(prefix))
+    x, y = (torch.cat([d[k].reshape(-1) for k in keys]) for d in (a, b))
+    return ((x - y).norm() / y.norm()).item()
+
+
+def test_ranks_hold_identical_params(run):
+    a, b = (r["state"] for r in run["ranks"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"ranks diverged at {key}"
+    assert int(a["step"]) == w.STEPS
+
+
+def test_two_ranks_equal_one_process_on_the_global_batch(run):
+    """Averaged gradients with the all-reduced box count are the global-batch gradient: same update.
+
+    Per tensor, max|diff| <= 1e-5 * max|param| + 0.1% of one Adam step: tensors initialised at zero hold
+    only updates, and Adam divides tiny gradients by their own magnitude, so their rounding shows there.
+    """
+    got, ref = run["ranks"][0]["state"], run["ref"]
+    _, tcfg = w.configs()
+    assert got.keys() == ref.keys()
+    for key in (k for k in ref if k.startswith("params.")):
+        bound = PARAM_RTOL * ref[key].abs().max().item() + 1e-3 * tcfg.lr
+        assert (got[key] - ref[key]).abs().max().item() <= bound, key
+    assert _rel_l2(got, ref, "params.") <= PARAM_RTOL
+    assert _rel_l2(got, ref, "ema_state.") <= PARAM_RTOL
+    assert _rel_l2(got, ref, "opt_state.exp_avg.") <= PARAM_RTOL  # the averaged (clipped) gradients
+    assert _rel_l2(got, ref, "opt_state.exp_avg_sq.") <= PARAM_RTOL
+    for step, (r0, r1, one) in enumerate(zip(*(r["metrics"] for r in run["ranks"]), run["ref_metrics"])):
+        # per-rank loss = rank's sum / (global boxes / 2), so the rank mean is the global-batch loss
+        assert (r0["loss"] + r1["loss"]) / 2 == pytest.approx(one["loss"], rel=1e-5), step
+        assert r0["loss"] != pytest.approx(r1["loss"], rel=1e-3)  # the shards really differ
+        assert r0["grad_norm"] == r1["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5), step
+
+
+def test_state_saved_by_two_ranks_loads_in_one_process(run):
+    loaded = w.flat_state(load_state(run["out"] / "state2", w.fresh_state()))
+    saved = run["ranks"][0]["state"]
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_state_saved_by_one_process_loads_in_two_ranks(run):
+    for rank in range(w.WORLD):
+        loaded = torch.load(run["out"] / f"loaded_rank{rank}.pt")["state"]
+        assert loaded.keys() == run["ref"].keys()
+        for key, value in run["ref"].items():
+            assert torch.equal(loaded[key], value), (rank, key)
