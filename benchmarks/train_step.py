@@ -33,6 +33,7 @@ def synthetic_batch(cfg, batch_size: int, resolution: int, device, *, targets: i
         "mask": torch.zeros(batch_size, resolution, resolution, dtype=torch.bool),
         "labels": torch.randint(0, cfg.num_classes, (batch_size, targets), generator=g),
         "boxes": torch.cat([centres, sizes], dim=-1),
+        "size": torch.tensor([[resolution, resolution]] * batch_size),
     }
     if cfg.segmentation_head:
         batch["masks"] = torch.rand(batch_size, targets, resolution, resolution, generator=g) > 0.7
@@ -104,7 +105,7 @@ def gpu_report(step, state, batch, cfg, args) -> dict:
     kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
     import torch._dynamo.utils as dutils
 
-    scales = multi_scale_scales(cfg.resolution, True, cfg.patch_size, cfg.num_windows)
+    scales = multi_scale_scales(cfg.resolution, True, cfg.patch_size, cfg.num_windows)[: args.report_scales]
     for s in scales:  # warm every scale once
         state, _ = step(state, [resize_batch(batch, s)])
     before = dutils.counters["stats"]["unique_graphs"]
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--gpu-report", action="store_true")
+    parser.add_argument("--report-scales", type=int, default=None, help="multi-scale sizes to cycle (default all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
