@@ -1,12 +1,12 @@
 """One rank of the data-parallel test; `tests/test_distributed.py` launches two with torch.distributed.run.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py OUT [--compile]
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py OUT [eager|compile]
 
-Each rank trains on its half of `global_batch()` for STEPS eager steps with `world_size=2`, then writes to
-OUT: its flat train state and per-step metrics (`trained_rank{r}.pt`), a DCP train state saved by both ranks
-(`state2/`), and the state it loads from `OUT/state1/` (saved by one process before the launch,
-`loaded_rank{r}.pt`). With --compile it also runs one aot_eager-compiled step (the functional collectives
-traced into the graph) and writes its state and metrics (`compiled_rank{r}.pt`).
+eager (default): each rank trains on its half of `global_batch()` for STEPS eager steps with `world_size=2`,
+then writes to OUT its flat train state and per-step metrics (`trained_rank{r}.pt`), a DCP train state saved
+by both ranks (`state2/`) and the state it loads from `OUT/state1/` (saved by one process before the launch;
+`loaded_rank{r}.pt`). compile: one step compiled with fullgraph=True and backend="aot_eager", so the
+functional collectives must trace into the graph (`compiled_rank{r}.pt`).
 """
 
 from __future__ import annotations
@@ -81,24 +81,25 @@ def flat_state(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in tree.flatten(state).items()}
 
 
-def main(out: Path, compile_too: bool) -> None:
+def main(out: Path, mode: str) -> None:
     world = distributed.setup("cpu")
     assert world.size == WORLD, f"launch with --nproc_per_node={WORLD}, got WORLD_SIZE={world.size}"
     cfg, tcfg = configs()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10, world_size=WORLD)
     batch = shard(global_batch(), world.rank)
-    state, history = train(step, fresh_state(), batch, STEPS, world.rank)
-    torch.save({"state": flat_state(state), "metrics": history}, out / f"trained_rank{world.rank}.pt")
-    save_state(out / "state2", state)
-    loaded = load_state(out / "state1", fresh_state())
-    torch.save({"state": flat_state(loaded)}, out / f"loaded_rank{world.rank}.pt")
-    if compile_too:
+    if mode == "compile":
         compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
         state, history = train(compiled, fresh_state(), batch, 1, world.rank)
         torch.save({"state": flat_state(state), "metrics": history}, out / f"compiled_rank{world.rank}.pt")
+    else:
+        state, history = train(step, fresh_state(), batch, STEPS, world.rank)
+        torch.save({"state": flat_state(state), "metrics": history}, out / f"trained_rank{world.rank}.pt")
+        save_state(out / "state2", state)
+        loaded = load_state(out / "state1", fresh_state())
+        torch.save({"state": flat_state(loaded)}, out / f"loaded_rank{world.rank}.pt")
     distributed.barrier(world)
     distributed.teardown(world)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), "--compile" in sys.argv[2:])
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "eager")

@@ -244,3 +244,14 @@ def test_workers_do_not_change_batches():
     a = list(train_loader(ds, tc, data0, seed=1, epoch=4))
     b = list(train_loader(ds, tc, data2, seed=1, epoch=4))
     assert len(a) == len(b) and all(torch.equal(x["images"], y["images"]) for x, y in zip(a, b))
+
+
+def test_resize_batch_keeps_every_tensor_on_the_batch_device():
+    """Regression: `size` was rescaled with a CPU tensor, which broke per-batch multi-scale on CUDA."""
+    batch = {
+        "images": torch.zeros(1, 3, 64, 64, device="meta"),
+        "mask": torch.zeros(1, 64, 64, dtype=torch.bool, device="meta"),
+        "size": torch.zeros(1, 2, dtype=torch.int64, device="meta"),
+    }
+    out = resize_batch(batch, 96)
+    assert {t.device.type for t in out.values()} == {"meta"} and out["images"].shape[-1] == 96

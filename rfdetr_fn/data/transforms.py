@@ -197,6 +197,6 @@ def resize_batch(batch: dict[str, Tensor], scale: int) -> dict[str, Tensor]:
             out["masks"] = F.interpolate(m.float(), size=size, mode="nearest").bool()
         else:
             out["masks"] = m.new_zeros((m.shape[0], 0, *size))
-    ratio = torch.tensor([scale / H, scale / W], dtype=torch.float64)
+    ratio = torch.tensor([scale / H, scale / W], dtype=torch.float64, device=batch["size"].device)
     out["size"] = (batch["size"].double() * ratio).round().to(torch.int64)
     return out
