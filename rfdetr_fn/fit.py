@@ -271,30 +271,18 @@ def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
 
 def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, float]:
     """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA."""
+
+    def score(params) -> dict[str, float]:
+        batch_size = tcfg.eval_batch_size or tcfg.batch_size
+        return evaluate(
+            params, cfg, val_ds, batch_size=batch_size, ecfg=ecfg, num_workers=dcfg.num_workers, world=world
+        )
+
     record: dict[str, float] = {}
-    batch_size = tcfg.eval_batch_size or tcfg.batch_size
     if tcfg.use_ema:
-        ema = evaluate(
-            state["ema_state"]["params"],
-            cfg,
-            val_ds,
-            batch_size=batch_size,
-            ecfg=ecfg,
-            num_workers=dcfg.num_workers,
-            world=world,
-        )
-        record.update({f"val/ema_{k}": v for k, v in ema.items()})
+        record.update({f"val/ema_{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     if tcfg.eval_base_model or not tcfg.use_ema:
-        base = evaluate(
-            state["params"],
-            cfg,
-            val_ds,
-            batch_size=batch_size,
-            ecfg=ecfg,
-            num_workers=dcfg.num_workers,
-            world=world,
-        )
-        record.update({f"val/{k}": v for k, v in base.items()})
+        record.update({f"val/{k}": v for k, v in score(state["params"]).items()})
     else:  # EMA-only epochs are mirrored onto the primary keys, like upstream
         record.update({f"val/{k[len('val/ema_') :]}": v for k, v in list(record.items())})
     return record
@@ -308,26 +296,19 @@ def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | N
     return regular, ema
 
 
-def _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir: Path) -> None:
+def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
+    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth)."""
     args = {**attrs.asdict(tcfg), "class_names": class_names}
+    checkpoint.write_upstream_best(
+        out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
+    )
+
+
+def _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir: Path) -> None:
     if "regular" in decisions:
-        checkpoint.write_upstream_best(
-            out_dir / "checkpoint_best_regular.pth",
-            state["params"],
-            cfg,
-            epoch=epoch,
-            class_names=class_names,
-            train_args=args,
-        )
+        _write_weights("checkpoint_best_regular.pth", state["params"], cfg, tcfg, epoch, class_names, out_dir)
     if "ema" in decisions:
-        checkpoint.write_upstream_best(
-            out_dir / "checkpoint_best_ema.pth",
-            state["ema_state"]["params"],
-            cfg,
-            epoch=epoch,
-            class_names=class_names,
-            train_args=args,
-        )
+        _write_weights("checkpoint_best_ema.pth", state["ema_state"]["params"], cfg, tcfg, epoch, class_names, out_dir)
 
 
 def epoch_of(loop: dict) -> int:
@@ -336,38 +317,22 @@ def epoch_of(loop: dict) -> int:
 
 def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
     """Upstream's end-of-fit files: best EMA backfill, best_total (strict > rule) and last_ema."""
-    args = {**attrs.asdict(tcfg), "class_names": class_names}
     final = state["ema_state"]["params"] if tcfg.use_ema else state["params"]
     if tcfg.use_ema and not (out_dir / "checkpoint_best_ema.pth").exists():
-        checkpoint.write_upstream_best(
-            out_dir / "checkpoint_best_ema.pth",
-            final,
-            cfg,
-            epoch=epoch,
-            class_names=class_names,
-            train_args=args,
-        )
+        _write_weights("checkpoint_best_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
     source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
     winner = out_dir / f"checkpoint_best_{source}.pth"
     if winner.exists():
         _, params = checkpoint.load_weights(winner, cfg)
-        checkpoint.write_upstream_best(
-            out_dir / "checkpoint_best_total.pth",
-            params,
-            cfg,
-            epoch=epoch,
-            class_names=class_names,
-            train_args=args,
-            source=source,
-        )
-    checkpoint.write_upstream_best(
-        out_dir / "last_ema.pth", final, cfg, epoch=epoch, class_names=class_names, train_args=args
-    )
+        _write_weights("checkpoint_best_total.pth", params, cfg, tcfg, epoch, class_names, out_dir, source=source)
+    _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
 
 
 def _summary(record: dict) -> str:
-    keys = [k for k in record if k.startswith(("val/", "test/")) and "AP/" not in k]
-    return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys[:8])
+    """The headline numbers of an evaluation (EMA twins when both models were scored)."""
+    names = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "F1")
+    keys = [f"{prefix}{n}" for prefix in ("val/", "val/ema_", "test/") for n in names]
+    return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

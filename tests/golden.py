@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -11,47 +12,20 @@ from safetensors.torch import load_file
 from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig
 
-_FIELDS = (
-    "encoder",
-    "out_feature_indexes",
-    "dec_layers",
-    "two_stage",
-    "projector_scale",
-    "hidden_dim",
-    "patch_size",
-    "num_windows",
-    "sa_nheads",
-    "ca_nheads",
-    "dec_n_points",
-    "num_queries",
-    "num_select",
-    "bbox_reparam",
-    "lite_refpoint_refine",
-    "layer_norm",
-    "num_channels",
-    "num_classes",
-    "resolution",
-    "group_detr",
-    "positional_encoding_size",
-    "segmentation_head",
-    "mask_downsample_ratio",
-)
 
-
-def golden_model_config(case: Path, dtype_note: str = "") -> ModelConfig:
-    """The ModelConfig of a golden case: upstream's model_config plus the shrunk ViT and FFN widths."""
+def golden_config(case: Path) -> ModelConfig:
+    """ModelConfig of a golden case: upstream's model_config + the ViT overrides + the decoder FFN width."""
     raw = json.loads((case / "config.json").read_text())
-    values = {k: raw["model_config"][k] for k in _FIELDS}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    vit = raw["encoder_overrides"]
+    names = {a.name for a in ModelConfig.__attrs_attrs__}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["model_config"].items() if k in names}
+    enc = raw["encoder_overrides"]
     return ModelConfig(
-        name=case.name,
-        vit_hidden_size=vit["hidden_size"],
-        vit_num_layers=vit["num_hidden_layers"],
-        vit_num_heads=vit["num_attention_heads"],
-        vit_mlp_ratio=vit["mlp_ratio"],
+        **fields,
+        vit_hidden_size=enc["hidden_size"],
+        vit_num_layers=enc["num_hidden_layers"],
+        vit_num_heads=enc["num_attention_heads"],
+        vit_mlp_ratio=enc["mlp_ratio"],
         dim_feedforward=raw["model_defaults_overrides"]["dim_feedforward"],
-        **values,
     )
 
 
@@ -72,3 +46,11 @@ def golden_targets(case: Path, pad_to: int = 8) -> dict[str, torch.Tensor]:
         labels[i, :k] = flat[f"{i}.labels"]
         boxes[i, :k] = flat[f"{i}.boxes"]
     return {"labels": labels, "boxes": boxes}
+
+
+def reference_shapes(shared: Path, variant: str) -> dict[str, tuple[int, ...]]:
+    """Upstream's state dict for `variant` ("nano" or "segnano"), key -> shape in upstream's order,
+    from ../shared/reference/reference-rfdetr-<variant>-state-dict.tsv (key, shape, dtype per line)."""
+    path = shared / "reference" / f"reference-rfdetr-{variant}-state-dict.tsv"
+    rows = (line.split("\t") for line in path.read_text().splitlines() if line.strip())
+    return {key: tuple(ast.literal_eval(shape)) for key, shape, _ in rows}

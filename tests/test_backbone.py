@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import math
-from pathlib import Path
 
 import attrs
 import pytest
@@ -16,6 +14,7 @@ from rfdetr_fn import presets, tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import backbone, projector
 from rfdetr_fn.model.backbone import resize_pos_embed, window_partition, window_unpartition
+from tests.golden import reference_shapes
 
 
 def small_cfg(**overrides) -> ModelConfig:
@@ -52,25 +51,12 @@ def meta_params(cfg: ModelConfig):
         return backbone.init(cfg, gen), projector.init(cfg, gen)
 
 
-def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    """Upstream state-dict listing: key, shape, dtype per line."""
-    rows = (line.split("\t") for line in path.read_text().splitlines())
-    return {key: tuple(ast.literal_eval(shape)) for key, shape, _ in rows}
-
-
 # ---- keys, shapes, counts ----
 
 
-@pytest.mark.parametrize(
-    ("preset", "tsv"),
-    [
-        ("nano", "reference-rfdetr-nano-state-dict.tsv"),
-        ("seg_nano", "reference-rfdetr-segnano-state-dict.tsv"),
-    ],
-)
-def test_keys_shapes_and_order_match_upstream_state_dict(preset, tsv, golden_dir):
-    path = golden_dir.parent / "reference" / tsv
-    ref = {k: v for k, v in read_tsv(path).items() if k.startswith("backbone.")}
+@pytest.mark.parametrize(("preset", "variant"), [("nano", "nano"), ("seg_nano", "segnano")])
+def test_keys_shapes_and_order_match_upstream_state_dict(preset, variant, golden_dir):
+    ref = {k: v for k, v in reference_shapes(golden_dir.parent, variant).items() if k.startswith("backbone.")}
     b, p = meta_params(presets.get(preset))
     flat = {**tree.flatten(b, "backbone.0.encoder."), **tree.flatten(p, "backbone.0.projector.")}
     ours = {k: tuple(v.shape) for k, v in flat.items()}

@@ -18,6 +18,7 @@ from rfdetr_fn import checkpoint as ckpt
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model.backbone import resize_pos_embed
+from tests.golden import reference_shapes
 
 PE_KEY = "backbone.0.encoder.encoder.embeddings.position_embeddings"
 
@@ -103,10 +104,7 @@ def test_model_name_maps_to_preset(golden, tmp_path):
 def test_shape_only_inference_matches_presets(golden_dir):
     """A bare upstream state dict (no args) gives back the preset it was built from."""
     for tsv, name in (("nano", "nano"), ("segnano", "seg_nano")):
-        sd = {}
-        for line in (golden_dir.parent / "reference" / f"reference-rfdetr-{tsv}-state-dict.tsv").open():
-            key, shape, _ = line.rstrip("\n").split("\t")[:3]
-            sd[key] = torch.empty(tuple(json.loads(shape.replace("(", "[").replace(",)", "]").replace(")", "]"))))
+        sd = {key: torch.empty(shape) for key, shape in reference_shapes(golden_dir.parent, tsv).items()}
         sd.pop(ckpt.KP_MASK)
         raw = ckpt.RawCheckpoint(Path(tsv), sd, {}, None, None, None)
         assert ckpt.infer_config(raw) == presets.get(name)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rfdetr_fn import presets, tree
-from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import backbone, detector, position, postprocess, projector, transformer
+from tests.golden import golden_config, golden_params, reference_shapes
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 FP32_TOL, FP64_TOL = 1e-4, 1e-6
 
 # Parameter totals from spec 1.4 (num_classes = 90), for the presets without a state-dict listing.
@@ -37,28 +35,6 @@ SPEC_TOTALS = {
     "seg_xlarge": 38_113_635,
     "seg_2xlarge": 38_648_163,
 }
-
-
-def golden_config(case_dir: Path) -> ModelConfig:
-    """ModelConfig of a golden case: upstream's model_config + the ViT overrides + the decoder FFN width."""
-    raw = json.loads((case_dir / "config.json").read_text())
-    names = {a.name for a in ModelConfig.__attrs_attrs__}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["model_config"].items() if k in names}
-    enc = raw["encoder_overrides"]
-    return ModelConfig(
-        **fields,
-        vit_hidden_size=enc["hidden_size"],
-        vit_num_layers=enc["num_hidden_layers"],
-        vit_num_heads=enc["num_attention_heads"],
-        vit_mlp_ratio=enc["mlp_ratio"],
-        dim_feedforward=raw["model_defaults_overrides"]["dim_feedforward"],
-    )
-
-
-def golden_params(case_dir: Path) -> dict:
-    flat = load_file(case_dir / "weights.safetensors")
-    flat.pop("_kp_active_mask")
-    return tree.unflatten(flat)
 
 
 def flat_outputs(out, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -203,27 +179,10 @@ def test_box_sine_encoding_layout():
         torch.testing.assert_close(emb[0, 0, 8 * block : 8 * block + 8], expected)
 
 
-def _tsv_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    return {
-        k: tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-        for k, shape, _ in rows
-        if k != "_kp_active_mask"
-    }
-
-
-@pytest.mark.parametrize(
-    "name,tsv",
-    [
-        ("nano", "reference-rfdetr-nano-state-dict.tsv"),
-        ("seg_nano", "reference-rfdetr-segnano-state-dict.tsv"),
-    ],
-)
-def test_param_shapes_match_upstream_state_dict(name, tsv):
-    upstream = _tsv_shapes(tsv)
+@pytest.mark.parametrize("name,variant", [("nano", "nano"), ("seg_nano", "segnano")])
+def test_param_shapes_match_upstream_state_dict(name, variant, golden_dir):
+    upstream = reference_shapes(golden_dir.parent, variant)
+    upstream.pop("_kp_active_mask")
     ours = detector.param_shapes(presets.get(name))
     assert set(ours) == set(upstream), (
         f"ours-only {set(ours) - set(upstream)}, upstream-only {set(upstream) - set(ours)}"

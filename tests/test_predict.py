@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import rfdetr_fn as rf
 from rfdetr_fn import tree
 from rfdetr_fn.inference import preprocess
-from tests.test_model_parity import golden_config, golden_params
+from tests.golden import golden_config, golden_params
 
 
 @pytest.fixture(scope="module", params=["tiny_det", "tiny_seg"])

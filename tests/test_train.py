@@ -14,13 +14,13 @@ from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, seed_for_step
-from tests.golden import golden_model_config, golden_params, golden_targets
+from tests.golden import golden_config, golden_params, golden_targets
 
 
 def test_gradients_match_upstream(golden_dir):
     """Every parameter's gradient of the weighted loss within 1e-4 of upstream's (relative to its max |g|)."""
     case = golden_dir / "tiny_det"
-    cfg = golden_model_config(case)
+    cfg = golden_config(case)
     params = golden_params(case)
     inputs = load_file(case / "inputs.safetensors")
     targets = golden_targets(case)
