@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,23 +34,39 @@ def _free_port() -> int:
 
 
 def _launch(out: Path, *extra: str, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-    """Run two worker ranks in their own process group; a hang is killed (the whole group) and fails."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={w.WORLD}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        str(Path(w.__file__)), str(out), *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, nothing else
-        log, _ = proc.communicate()
-        pytest.fail(f"2-rank run exceeded {timeout}s:\n{log[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"2-rank run failed (exit {proc.returncode}):\n{log[-6000:]}")
+    """Start the ranks with the environment torchrun gives its workers (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Not through torchrun itself: its workers run in sessions of their own, so a hung run could not be
+    killed from here. Each rank gets its own session; on timeout or failure every one is killed.
+    """
+    port = _free_port()
+    procs = []
+    for rank in range(w.WORLD):
+        env = {
+            **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(w.WORLD),
+            "LOCAL_WORLD_SIZE": str(w.WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        cmd = [sys.executable, str(Path(w.__file__)), str(out), *extra]
+        with open(out / f"rank{rank}.log", "w") as log:  # the child keeps its own copy of the handle
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    codes = [None] * len(procs)
+    try:  # until all exit, one fails (its peer would block in a collective) or time runs out
+        while time.monotonic() < deadline:
+            codes = [proc.poll() for proc in procs]
+            if None not in codes or any(codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # this rank's own session: only what we started
+                proc.wait()
+    if None in codes or any(codes):
+        tails = "\n".join(f"--- rank {r}\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(w.WORLD))
+        why = f"failed (exit codes {codes}, None = killed)" if any(codes) else f"exceeded {timeout}s"
+        pytest.fail(f"2-rank run {why}:\n{tails}")
 
 
 @pytest.fixture(scope="module")
