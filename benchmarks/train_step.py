@@ -50,7 +50,9 @@ def run_mode(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict:
     torch.set_num_threads(args.threads) if args.device == "cpu" else None
     device = torch.device(args.device)
     cfg = rf.presets.get(args.preset, resolution=args.resolution or rf.presets.get(args.preset).resolution)
-    tcfg = TrainConfig(batch_size=batch_size, multi_scale="off", compile=compiled, precision=args.precision)
+    tcfg = TrainConfig(
+        batch_size=batch_size, multi_scale="off", compile="on" if compiled else "off", precision=args.precision
+    )
     params = tree.map_(lambda t: t.to(device), rf.init(cfg, seed=0))
     state = init_state(params, tcfg)
     step = compile_step(make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision), enabled=compiled)

@@ -243,8 +243,9 @@ class TrainConfig:
     """Randomly choose between square resize and resize-crop-resize."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
-    compile: bool = True
-    """torch.compile the train step."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the whole train step; auto = on for CUDA, off on CPU (there a compile takes minutes per
+    input size and gains little for matmul-bound models; see benchmarks/RESULTS.md)."""
     cls_loss_coef: float = 1.0
     """Weight of the IA-BCE classification loss."""
     bbox_loss_coef: float = 5.0

@@ -22,7 +22,7 @@ from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, multi_scale_scales, per_batch_scale, resize_batch, train_loader
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step
+from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
 
 
@@ -79,12 +79,13 @@ def fit(args: FitArgs) -> dict[str, Any]:
     precision = resolve_precision(tcfg.precision, world.device)
     step_fn = compile_step(
         make_train_step(cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size),
-        enabled=tcfg.compile,
+        enabled=use_compile(tcfg.compile, world.device),
     )
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
     record: dict[str, Any] = {}
 
+    step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
     for epoch in range(loop["epoch"], tcfg.epochs):
         # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
         loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
@@ -95,7 +96,6 @@ def fit(args: FitArgs) -> dict[str, Any]:
             micro.append(_to_device(batch, world.device))
             if len(micro) < tcfg.grad_accum_steps:
                 continue
-            step = int(state["step"])
             if tcfg.multi_scale == "per-batch":
                 size = per_batch_scale(step, scales)
                 micro = [resize_batch(b, size) for b in micro]
@@ -103,25 +103,25 @@ def fit(args: FitArgs) -> dict[str, Any]:
             state, metrics = step_fn(state, micro)
             seen += sum(len(b["images"]) for b in micro)
             micro = []
-            loop["batch"] = index + 1
+            step, loop["batch"] = step + 1, index + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{float(metrics['loss']):.3f}",
-                    img_s=f"{seen / (time.perf_counter() - started):.1f}",
-                )
-            if (step + 1) % tcfg.log_every_n_steps == 0 or step == 0:
-                log.log(_train_row(metrics, step + 1, epoch, tcfg))
-            if tcfg.max_steps and step + 1 >= tcfg.max_steps:
+            if step % tcfg.log_every_n_steps == 0 or step == 1:
+                row = _train_row(metrics, step, epoch, tcfg)
+                log.log(row)
+                if bar is not None:
+                    rate = seen / (time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{rate:.1f}")
+            if tcfg.max_steps and step >= tcfg.max_steps:
                 break
         else:  # the epoch ran to its end: the next run starts the next epoch
             loop["epoch"], loop["batch"] = epoch + 1, 0
         if bar is not None:
             bar.close()
-        last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and int(state["step"]) >= tcfg.max_steps)
+        last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
 
         # ---- evaluate, track the best weights, decide on stopping ----
-        record = {"step": int(state["step"]), "epoch": epoch}
+        record = {"step": step, "epoch": epoch}
         if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
             record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
             regular, ema = _monitored(record, tcfg)

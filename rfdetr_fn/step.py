@@ -144,6 +144,11 @@ def make_train_step(
     return train_step
 
 
+def use_compile(setting: str, device: torch.device) -> bool:
+    """'auto' compiles on CUDA only: on CPU each input size costs minutes of compile for little gain."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def compile_step(step_fn: Callable, *, enabled: bool = True) -> Callable:
     """torch.compile the whole step into one graph (fullgraph: a graph break is a bug, not a slowdown)."""
     return torch.compile(step_fn, fullgraph=True, dynamic=False) if enabled else step_fn
