@@ -103,8 +103,8 @@ def make_train_step(
         grads = tree.map_(lambda g: g / (len(batches) * scale), grads_sum)
         if world_size > 1:
             grads = all_reduce_mean(grads)
-        finite = torch.stack([torch.isfinite(g).all() for g in tree.leaves(grads)]).all()
         grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
+        finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
         lr_factor = schedules.lr_factor(
             step,
             total_steps=total_steps,
