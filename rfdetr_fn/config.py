@@ -322,7 +322,7 @@ class DataConfig:
     """Explicit class names (checked against the dataset)."""
     num_workers: int = attrs.field(default=2, validator=_non_negative)
     """DataLoader worker processes."""
-    synthetic_images: int = attrs.field(default=64, validator=_positive)
+    synthetic_images: int = attrs.field(default=32, validator=_positive)
     """Built-in dataset: training images (valid and test get a quarter each)."""
     synthetic_classes: int = attrs.field(default=3, validator=_positive)
     """Built-in dataset: number of shape classes."""

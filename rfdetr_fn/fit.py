@@ -28,7 +28,7 @@ from rfdetr_fn.validate import evaluate
 
 @attrs.frozen(kw_only=True)
 class FitArgs:
-    """Train an RF-DETR detector. Defaults: RF-DETR Nano on the built-in synthetic shapes, 10 epochs."""
+    """Train an RF-DETR detector. Defaults: RF-DETR Nano on the built-in synthetic shapes, 5 epochs (a smoke run)."""
 
     preset: str = "nano"
     """Model variant whose defaults --model.* starts from (nano, small, medium, large, base, large_deprecated,
@@ -36,7 +36,7 @@ class FitArgs:
     config: str | None = None
     """Experiment file (YAML or JSON, see configs/) whose values replace the defaults; flags override it."""
     model: ModelConfig = presets.nano()
-    train: TrainConfig = TrainConfig(epochs=10)
+    train: TrainConfig = TrainConfig(epochs=5)
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     device: str | None = None
