@@ -6,7 +6,8 @@ params = rf.init(cfg, seed=0)
 out = rf.apply(params, images, mask, cfg, train=False)
 """
 
-from rfdetr_fn import presets
+from rfdetr_fn import presets, tree
+from rfdetr_fn.checkpoint import load_weights, save_weights
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.inference import predict
 from rfdetr_fn.model.detector import apply, init, param_shapes
@@ -14,6 +15,9 @@ from rfdetr_fn.model.postprocess import postprocess
 
 __all__ = [
     "presets",
+    "tree",
+    "load_weights",
+    "save_weights",
     "ModelConfig",
     "TrainConfig",
     "DataConfig",

@@ -274,8 +274,16 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, fl
 
     def score(params) -> dict[str, float]:
         batch_size = tcfg.eval_batch_size or tcfg.batch_size
+        loss_cfg = tcfg if tcfg.compute_val_loss else None  # val/loss, like upstream's compute_val_loss
         return evaluate(
-            params, cfg, val_ds, batch_size=batch_size, ecfg=ecfg, num_workers=dcfg.num_workers, world=world
+            params,
+            cfg,
+            val_ds,
+            batch_size=batch_size,
+            ecfg=ecfg,
+            num_workers=dcfg.num_workers,
+            world=world,
+            loss_cfg=loss_cfg,
         )
 
     record: dict[str, float] = {}

@@ -16,9 +16,11 @@ import torch
 from rfdetr_fn import checkpoint, distributed
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, eval_loader
+from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
 from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
+from rfdetr_fn.step import TARGET_KEYS
 
 
 @attrs.frozen(kw_only=True)
@@ -49,21 +51,29 @@ def evaluate(
     ecfg: EvalConfig,
     num_workers: int = 0,
     world: distributed.World | None = None,
+    loss_cfg: TrainConfig | None = None,
 ) -> dict[str, float]:
-    """Score `params` on `dataset`; under torchrun each rank takes a shard and rank 0 merges the detections."""
+    """Score `params` on `dataset`; under torchrun each rank takes a shard and rank 0 merges the detections.
+
+    With `loss_cfg`, the eval-mode criterion (one query group) is averaged over batches as `loss`."""
     world = world or distributed.World(rank=0, size=1, device=next(iter(_leaves(params))).device)
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
     results: list[tuple[int, dict]] = []
+    losses: list[float] = []
     for batch in loader:
         images = batch["images"].to(world.device)
         mask = batch["mask"].to(world.device)
         out = detector.apply(params, images, mask, cfg, train=False)
+        if loss_cfg is not None:
+            targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
+            losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))
         preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select)
         for image_id, pred in zip(batch["image_id"].tolist(), preds):
             results.append((image_id, {k: v.cpu() for k, v in pred.items()}))
     merged = [r for part in distributed.gather_objects(results, world) for r in part]
+    all_losses = [x for part in distributed.gather_objects(losses, world) for x in part]
     if not world.main:
         return {}
     evaluator = Evaluator(
@@ -78,7 +88,10 @@ def evaluate(
         if image_id not in seen:
             seen.add(image_id)
             evaluator.update([pred], [image_id])
-    return evaluator.compute()
+    metrics = evaluator.compute()
+    if all_losses:
+        metrics["loss"] = sum(all_losses) / len(all_losses)
+    return metrics
 
 
 def run_split(

@@ -79,7 +79,7 @@ def _fit_args(out, *extra: str) -> list[str]:
 
 def test_cli_fit_validate_test_predict(tmp_path):
     out = tmp_path / "run"
-    cli.main(["fit", *_fit_args(out, "--train.epochs", "2")])
+    cli.main(["fit", *_fit_args(out, "--train.epochs", "2", "--train.compute-val-loss")])
     for name in (
         "checkpoint_best_total.pth",
         "checkpoint_best_ema.pth",
@@ -94,7 +94,7 @@ def test_cli_fit_validate_test_predict(tmp_path):
     config = json.loads((out / "training_config.json").read_text())
     assert config["model"]["resolution"] == 64 and config["class_names"]
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert "val/mAP_50_95" in rows[0] and len(rows) >= 3
+    assert "val/mAP_50_95" in rows[0] and "val/ema_loss" in rows[0] and len(rows) >= 3
 
     common = [
         "--checkpoint",
