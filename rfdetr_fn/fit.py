@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers
+from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, multi_scale_scales, per_batch_scale, resize_batch, train_loader
 from rfdetr_fn.model import detector
@@ -65,7 +65,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
         _, params = checkpoint.load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
-    params = _to_device(params, world.device)
+    params = tree.to(params, world.device)
     state = init_state(params, tcfg)
     loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     resume_dir = _resume_dir(tcfg, out_dir)
@@ -93,7 +93,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
         micro: list[dict] = []
         started, seen = time.perf_counter(), 0
         for index, batch in enumerate(loader, start=loop["batch"]):
-            micro.append(_to_device(batch, world.device))
+            micro.append(tree.to(batch, world.device))
             if len(micro) < tcfg.grad_accum_steps:
                 continue
             if tcfg.multi_scale == "per-batch":
@@ -186,16 +186,6 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
             num_select=min(cfg.num_select, cfg.num_queries * (dataset_classes + 1)),
         )
     return cfg
-
-
-def _to_device(tree_like: Any, device: torch.device) -> Any:
-    if isinstance(tree_like, torch.Tensor):
-        return tree_like.to(device, non_blocking=True)
-    if isinstance(tree_like, dict):
-        return {k: _to_device(v, device) for k, v in tree_like.items()}
-    if isinstance(tree_like, (list, tuple)):
-        return type(tree_like)(_to_device(v, device) for v in tree_like)
-    return tree_like
 
 
 def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:

@@ -20,9 +20,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 
-from rfdetr_fn import checkpoint
+from rfdetr_fn import checkpoint, tree
 from rfdetr_fn.inference import predict
-from rfdetr_fn.tree import Params
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
@@ -161,7 +160,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     cfg, params = checkpoint.load_weights(weights)
     names = checkpoint.class_names(weights)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    params = _to_device(params, device)
+    params = tree.to(params, device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawings = _drawing_names(paths)
@@ -193,10 +192,6 @@ def _resolve_checkpoint(path: str) -> Path:
     from rfdetr_fn.validate import resolve_checkpoint  # validate pulls in the data pipeline: import lazily
 
     return resolve_checkpoint(path)
-
-
-def _to_device(params: Params, device: torch.device) -> Params:
-    return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in params.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

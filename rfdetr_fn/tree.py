@@ -56,6 +56,11 @@ def clone(tree: Mapping[str, Any]) -> Params:
     return map_(lambda t: t.detach().clone(), tree)
 
 
+def to(tree: Mapping[str, Any], device: torch.device | str) -> Params:
+    """Every leaf on `device` (params, optimizer state, or a batch dict)."""
+    return map_(lambda t: t.to(device, non_blocking=True), tree)
+
+
 def num_params(tree: Mapping[str, Any]) -> int:
     return sum(t.numel() for t in leaves(tree))
 

@@ -13,7 +13,7 @@ from typing import Literal
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed
+from rfdetr_fn import checkpoint, distributed, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, eval_loader
 from rfdetr_fn.loss.criterion import criterion
@@ -56,7 +56,7 @@ def evaluate(
     """Score `params` on `dataset`; under torchrun each rank takes a shard and rank 0 merges the detections.
 
     With `loss_cfg`, the eval-mode criterion (one query group) is averaged over batches as `loss`."""
-    world = world or distributed.World(rank=0, size=1, device=next(iter(_leaves(params))).device)
+    world = world or distributed.World(rank=0, size=1, device=next(tree.leaves(params)).device)
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
@@ -136,7 +136,7 @@ def resolve_checkpoint(path: str) -> Path:
 def run(args: EvalArgs) -> dict[str, float]:
     world = distributed.setup(args.device)
     cfg, params = checkpoint.load_weights(resolve_checkpoint(args.checkpoint))
-    params = _move(params, world.device)
+    params = tree.to(params, world.device)
     metrics = run_split(params, cfg, args.data, args.eval, None, args.split, world, batch_size=args.batch_size)
     if world.main:
         text = json.dumps(metrics, indent=2)
@@ -145,18 +145,6 @@ def run(args: EvalArgs) -> dict[str, float]:
             Path(args.output).write_text(text)
     distributed.teardown(world)
     return metrics
-
-
-def _leaves(tree):
-    for value in tree.values():
-        if isinstance(value, dict):
-            yield from _leaves(value)
-        else:
-            yield value
-
-
-def _move(tree, device):
-    return {k: _move(v, device) if isinstance(v, dict) else v.to(device) for k, v in tree.items()}
 
 
 def main(argv: list[str] | None = None, *, split: str = "valid") -> dict[str, float]:
