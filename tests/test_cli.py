@@ -1,0 +1,50 @@
+"""Command-line parsing: presets, experiment files and flags compose as documented."""
+
+from __future__ import annotations
+
+import pytest
+
+from rfdetr_fn import presets
+from rfdetr_fn.cli import parse
+from rfdetr_fn.fit import FitArgs
+from rfdetr_fn.validate import EvalArgs
+
+
+def test_resolution_flag_as_written_in_the_design():
+    args = parse(FitArgs, ["--model.resolution", "640"])
+    assert args.model == presets.nano(resolution=640) and args.model.pe_size == 40
+
+
+def test_preset_then_flags_override_it():
+    args = parse(FitArgs, ["--preset", "small", "--model.resolution", "640", "--train.lr", "2e-4"])
+    assert args.model.name == "small" and args.model.dec_layers == 3 and args.model.resolution == 640
+    assert args.train.lr == 2e-4
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("preset: seg_nano\nmodel:\n  num_queries: 50\n  num_select: 50\ntrain:\n  epochs: 7\n")
+    args = parse(FitArgs, ["--config", str(path), "--train.epochs", "9"])
+    assert args.model.segmentation_head and args.model.num_queries == 50
+    assert args.train.epochs == 9 and args.config == str(path)
+
+
+def test_config_file_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ValueError, match="epochz"):
+        parse(FitArgs, ["--config", str(path)])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        parse(FitArgs, ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_impossible_config_is_rejected_with_the_field():
+    with pytest.raises(SystemExit):  # tyro reports the validator's message and exits
+        parse(FitArgs, ["--model.resolution", "500"])
+    with pytest.raises(ValueError, match="resolution=500"):
+        presets.nano(resolution=500)
+
+
+def test_eval_args_parse():
+    args = parse(EvalArgs, ["--checkpoint", "w.pth", "--split", "test"])
+    assert args.checkpoint == "w.pth" and args.split == "test"
