@@ -14,7 +14,7 @@ from rfdetr_fn import presets, tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import backbone, projector
 from rfdetr_fn.model.backbone import resize_pos_embed, window_partition, window_unpartition
-from tests.golden import reference_shapes
+from tests.golden import golden_config, reference_shapes
 
 
 def small_cfg(**overrides) -> ModelConfig:
@@ -423,22 +423,7 @@ def test_runs_on_golden_tiny_det_weights(golden_dir):
 
     weights = load_file(str(golden_dir / "tiny_det" / "weights.safetensors"))
     inputs = load_file(str(golden_dir / "tiny_det" / "inputs.safetensors"))
-    cfg = ModelConfig(
-        vit_hidden_size=64,
-        vit_num_layers=4,
-        vit_num_heads=2,
-        out_feature_indexes=(1, 2, 3, 4),
-        patch_size=16,
-        num_windows=2,
-        resolution=192,
-        positional_encoding_size=10,
-        hidden_dim=128,
-        sa_nheads=4,
-        ca_nheads=8,
-        num_queries=30,
-        num_select=30,
-        num_classes=5,
-    )
+    cfg = golden_config(golden_dir / "tiny_det")
     b = tree.unflatten(
         {k[len("backbone.0.encoder.") :]: v for k, v in weights.items() if k.startswith("backbone.0.encoder.")}
     )
