@@ -549,7 +549,7 @@ def save_weights(
         if names is not None:
             meta[NAMES_META] = json.dumps(names)
         meta.update({str(k): json.dumps(_plain(v)) for k, v in (extra or {}).items()})
-        _atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+        atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
         return
     payload = {
         "model": _with_kp_mask(flat),
@@ -559,7 +559,7 @@ def save_weights(
         CONFIG_META: config_to_dict(cfg),
         **{str(k): _plain(v) for k, v in (extra or {}).items()},
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def write_upstream_best(
@@ -588,7 +588,7 @@ def write_upstream_best(
     }
     if source is not None:
         payload["best_total_source"] = source
-    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def _with_kp_mask(flat: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -619,7 +619,7 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------- atomic file writes
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write to a temp file beside `path`, fsync, then os.replace: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -717,7 +717,7 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
     _barrier(on)
     if rank == 0:
         marker = {"format": 1, "tensors": sorted(tensors), "values": values}
-        _atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
+        atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
         _swap_in(tmp, directory)
         if keep is not None:
             kept = directory.with_name(keep)

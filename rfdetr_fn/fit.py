@@ -161,7 +161,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
             break
 
     if world.main:
-        _finish(state, cfg, tcfg, epoch_of(loop), class_names, out_dir, loop["best"])
+        _finish(state, cfg, tcfg, _last_epoch(loop), class_names, out_dir, loop["best"])
         runlog.plot(log.rows, out_dir)
     log.close()
     if tcfg.run_test and world.main:
@@ -235,9 +235,7 @@ def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> d
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    tmp.replace(path)
+    checkpoint.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
 
 
 def _progress(tcfg: TrainConfig, world, total: int, epoch: int):
@@ -309,7 +307,7 @@ def _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir: Path) -
         _write_weights("checkpoint_best_ema.pth", state["ema_state"]["params"], cfg, tcfg, epoch, class_names, out_dir)
 
 
-def epoch_of(loop: dict) -> int:
+def _last_epoch(loop: dict) -> int:
     return max(0, loop["epoch"] - 1)
 
 

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rfdetr_fn.checkpoint import atomic_write
+
 
 class RunLog:
     """Appends rows to metrics.csv; a resumed run keeps the earlier rows (the header grows as keys appear)."""
@@ -25,12 +27,14 @@ class RunLog:
         row = {k: _plain(v) for k, v in row.items()}
         self.rows.append(row)
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
         if self.writer is not None:
             step = int(row.get("step", 0))
             for key, value in row.items():

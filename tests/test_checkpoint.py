@@ -418,7 +418,7 @@ template = {"params": {"w": torch.zeros(2, 3)}, "step": torch.tensor(0), "epoch"
 back = ckpt.load_state(out + "/checkpoint_0003", template)
 assert torch.equal(back["params"]["w"], state["params"]["w"])
 assert int(back["step"]) == 11 and back["epoch"] == 3
-print("rank", dist.get_rank(), "ok")
+open(f"{out}/rank{dist.get_rank()}.ok", "w").close()  # a file per rank: stdout lines interleave
 dist.destroy_process_group()
 """
 
@@ -430,8 +430,9 @@ def test_state_with_two_gloo_ranks(tmp_path):
 
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), str(tmp_path)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, str(script), str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint_0003", "last"]
