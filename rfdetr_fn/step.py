@@ -76,7 +76,7 @@ def make_train_step(
     """Bind the static configuration and return the pure step (compile it with `compile_step`)."""
     names = list(detector.param_shapes(cfg))
     groups = optim.param_groups(names, cfg, tcfg)
-    total_steps, warmup_steps = schedules.schedule_lengths(tcfg.epochs, steps_per_epoch, tcfg.warmup_epochs)
+    schedule = schedules.lr_kwargs(tcfg, steps_per_epoch)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
@@ -105,15 +105,7 @@ def make_train_step(
             grads = all_reduce_mean(grads)
         grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
-        lr_factor = schedules.lr_factor(
-            step,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-            warmup_steps=warmup_steps,
-            kind=tcfg.lr_scheduler,
-            lr_drop_epochs=tcfg.lr_drop,
-            min_factor=tcfg.lr_min_factor,
-        )
+        lr_factor = schedules.lr_factor(step, **schedule)
         new_params, new_opt = optim.adamw_update(
             params, grads, state["opt_state"], groups, lr_factor, betas=tcfg.betas, eps=tcfg.eps
         )

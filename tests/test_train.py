@@ -85,6 +85,18 @@ def test_same_seed_same_losses():
     assert a != c
 
 
+def test_step_schedule_is_capped_by_max_steps():
+    """Like Lightning's estimated_stepping_batches: max_steps shortens the cosine, so it ends at min_factor."""
+    cfg, tcfg, batch = _tiny_setup(epochs=2, max_steps=4, lr_scheduler="cosine", lr_min_factor=0.25)
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10)  # 20 steps uncapped, 4 capped
+    state, factors = init_state(rf.init(cfg, 0), tcfg), []
+    for _ in range(4):
+        state, metrics = step(state, [batch])
+        factors.append(float(metrics["lr_factor"]))
+    # total 4, no warm-up: 0.25 + 0.75 * 0.5 * (1 + cos(pi * s / 4))
+    assert factors == pytest.approx([1.0, 0.890165, 0.625, 0.359835], abs=1e-6)
+
+
 def test_compiled_step_matches_eager_without_recompiles():
     """aot_eager traces the same single graph inductor compiles, at a fraction of the CPU compile time."""
     import torch._dynamo.utils as dutils
