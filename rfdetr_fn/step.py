@@ -103,6 +103,7 @@ def make_train_step(
         grads = tree.map_(lambda g: g / (len(batches) * scale), grads_sum)
         if world_size > 1:
             grads = all_reduce_mean(grads)
+            loss_sums = all_reduce_mean(loss_sums)  # logged losses are the global batch's, not rank 0's shard
         grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
         lr_factor = schedules.lr_factor(step, **schedule)
@@ -147,7 +148,7 @@ def compile_step(step_fn: Callable, *, enabled: bool = True) -> Callable:
 
 
 def all_reduce_mean(grads: tree.Params) -> tree.Params:
-    """Average gradients across ranks with ONE traceable collective over a flat buffer."""
+    """Average a tree of tensors (gradients, loss terms) across ranks with ONE traceable collective."""
     import torch.distributed as dist
     from torch.distributed import _functional_collectives as fc
 

@@ -93,7 +93,10 @@ def main(out: Path, mode: str) -> None:
         torch.save({"state": flat_state(state), "metrics": history}, out / f"compiled_rank{world.rank}.pt")
     else:
         state, history = train(step, fresh_state(), batch, STEPS, world.rank)
-        torch.save({"state": flat_state(state), "metrics": history}, out / f"trained_rank{world.rank}.pt")
+        torch.save(
+            {"state": flat_state(state), "metrics": history, "labels": batch["labels"]},
+            out / f"trained_rank{world.rank}.pt",
+        )
         save_state(out / "state2", state)
         loaded = load_state(out / "state1", fresh_state())
         torch.save({"state": flat_state(loaded)}, out / f"loaded_rank{world.rank}.pt")
