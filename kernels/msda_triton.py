@@ -26,6 +26,49 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
+def _row_tile(R, Q, S, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows, their mask, channel offsets/mask and each row's base offset into value."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    head = rows % HEADS
+    batch = rows // (Q * HEADS)
+    chans = tl.arange(0, BLOCK_D)
+    if BLOCK_D == D:  # no channel mask: a constant mask lets the gathers vectorise
+        chan_ok = tl.full((BLOCK_D,), 1, tl.int1)
+    else:
+        chan_ok = chans < D
+    # value is (N, S, H, D): (n, s, h, c) sits at ((n * S + s) * H + h) * D + c
+    vbase = (batch.to(tl.int64) * S * HEADS + head) * D
+    return rows.to(tl.int64), row_ok, chans, chan_ok[None, :], vbase
+
+
+@triton.jit
+def _corners(lx, ly, hl, wl, start, vbase, token_stride, row_ok):
+    """grid_sample's bilinear corners of one sampling point per row: the fractions, the value offset of the
+    top-left corner and which of the four corners lie inside the level (outside ones read zero).
+
+    Unnormalises grid = 2 * loc - 1 with align_corners=False. Everything is per row (1-D); callers
+    broadcast over channels, which keeps the address arithmetic out of the (rows, channels) tile.
+    """
+    x = ((2.0 * lx.to(tl.float32) - 1.0 + 1.0) * wl - 1.0) * 0.5
+    y = ((2.0 * ly.to(tl.float32) - 1.0 + 1.0) * hl - 1.0) * 0.5
+    xf = tl.floor(x)
+    yf = tl.floor(y)
+    x0 = xf.to(tl.int32)
+    y0 = yf.to(tl.int32)
+    x_in0 = (x0 >= 0) & (x0 < wl)
+    x_in1 = (x0 + 1 >= 0) & (x0 + 1 < wl)
+    y_in0 = (y0 >= 0) & (y0 < hl)
+    y_in1 = (y0 + 1 >= 0) & (y0 + 1 < hl)
+    base00 = vbase + (start + y0 * wl + x0).to(tl.int64) * token_stride
+    in00 = row_ok & y_in0 & x_in0
+    in01 = row_ok & y_in0 & x_in1
+    in10 = row_ok & y_in1 & x_in0
+    in11 = row_ok & y_in1 & x_in1
+    return x - xf, y - yf, base00, in00, in01, in10, in11
+
+
+@triton.jit
 def _msda_fwd(
     value_ptr,
     shapes_ptr,
@@ -42,18 +85,7 @@ def _msda_fwd(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    rows64 = rows.to(tl.int64)
-    head = rows % HEADS
-    batch = rows // (Q * HEADS)
-    chans = tl.arange(0, BLOCK_D)
-    if BLOCK_D == D:  # no channel mask: a constant mask lets the gathers vectorise
-        chan_ok = tl.full((BLOCK_D,), 1, tl.int1)
-    else:
-        chan_ok = chans < D
-    # value is (N, S, H, D): (n, s, h, c) sits at ((n * S + s) * H + h) * D + c
-    vbase = (batch.to(tl.int64) * S * HEADS + head) * D
+    rows64, row_ok, chans, cmask, vbase = _row_tile(R, Q, S, HEADS, D, BLOCK_R, BLOCK_D)
     token_stride = HEADS * D
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     start = 0
@@ -62,50 +94,31 @@ def _msda_fwd(
         wl = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         for pt in tl.static_range(POINTS):
             k = lvl * POINTS + pt
-            lx = tl.load(loc_ptr + rows64 * (LEVELS * POINTS * 2) + 2 * k, mask=row_ok, other=0.0)
-            ly = tl.load(loc_ptr + rows64 * (LEVELS * POINTS * 2) + 2 * k + 1, mask=row_ok, other=0.0)
+            loc_off = rows64 * (LEVELS * POINTS * 2) + 2 * k
+            lx = tl.load(loc_ptr + loc_off, mask=row_ok, other=0.0)
+            ly = tl.load(loc_ptr + loc_off + 1, mask=row_ok, other=0.0)
             w = tl.load(attw_ptr + rows64 * (LEVELS * POINTS) + k, mask=row_ok, other=0.0).to(tl.float32)
-            # grid_sample's unnormalisation of grid = 2 * loc - 1 (align_corners=False)
-            x = ((2.0 * lx.to(tl.float32) - 1.0 + 1.0) * wl - 1.0) * 0.5
-            y = ((2.0 * ly.to(tl.float32) - 1.0 + 1.0) * hl - 1.0) * 0.5
-            xf = tl.floor(x)
-            yf = tl.floor(y)
-            fx = x - xf
-            fy = y - yf
-            x0 = xf.to(tl.int32)
-            y0 = yf.to(tl.int32)
-            x_in0 = (x0 >= 0) & (x0 < wl)
-            x_in1 = (x0 + 1 >= 0) & (x0 + 1 < wl)
-            y_in0 = (y0 >= 0) & (y0 < hl)
-            y_in1 = (y0 + 1 >= 0) & (y0 + 1 < hl)
-            tok00 = start + y0 * wl + x0
-            p00 = value_ptr + vbase + tok00.to(tl.int64) * token_stride
-            cmask = chan_ok[None, :]
-            v00 = tl.load(p00[:, None] + chans[None, :], mask=(row_ok & y_in0 & x_in0)[:, None] & cmask, other=0.0)
-            v01 = tl.load(
-                p00[:, None] + token_stride + chans[None, :],
-                mask=(row_ok & y_in0 & x_in1)[:, None] & cmask,
-                other=0.0,
+            fx, fy, base00, in00, in01, in10, in11 = _corners(lx, ly, hl, wl, start, vbase, token_stride, row_ok)
+            p00 = value_ptr + base00
+            v00 = tl.load(p00[:, None] + chans[None, :], mask=in00[:, None] & cmask, other=0.0).to(tl.float32)
+            v01 = tl.load(p00[:, None] + token_stride + chans[None, :], mask=in01[:, None] & cmask, other=0.0).to(
+                tl.float32
             )
-            v10 = tl.load(
-                p00[:, None] + wl * token_stride + chans[None, :],
-                mask=(row_ok & y_in1 & x_in0)[:, None] & cmask,
-                other=0.0,
+            v10 = tl.load(p00[:, None] + wl * token_stride + chans[None, :], mask=in10[:, None] & cmask, other=0.0).to(
+                tl.float32
             )
             v11 = tl.load(
-                p00[:, None] + (wl + 1) * token_stride + chans[None, :],
-                mask=(row_ok & y_in1 & x_in1)[:, None] & cmask,
-                other=0.0,
-            )
+                p00[:, None] + (wl + 1) * token_stride + chans[None, :], mask=in11[:, None] & cmask, other=0.0
+            ).to(tl.float32)
             w00 = w * (1.0 - fx) * (1.0 - fy)
             w01 = w * fx * (1.0 - fy)
             w10 = w * (1.0 - fx) * fy
             w11 = w * fx * fy
-            acc += w00[:, None] * v00.to(tl.float32) + w01[:, None] * v01.to(tl.float32)
-            acc += w10[:, None] * v10.to(tl.float32) + w11[:, None] * v11.to(tl.float32)
+            acc += w00[:, None] * v00 + w01[:, None] * v01
+            acc += w10[:, None] * v10 + w11[:, None] * v11
         start += hl * wl
     out_ptrs = out_ptr + rows64[:, None] * D + chans[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & chan_ok[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & cmask)
 
 
 @triton.jit
@@ -128,18 +141,7 @@ def _msda_bwd(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    rows64 = rows.to(tl.int64)
-    head = rows % HEADS
-    batch = rows // (Q * HEADS)
-    chans = tl.arange(0, BLOCK_D)
-    if BLOCK_D == D:  # no channel mask: a constant mask lets the gathers vectorise
-        chan_ok = tl.full((BLOCK_D,), 1, tl.int1)
-    else:
-        chan_ok = chans < D
-    cmask = chan_ok[None, :]
-    vbase = (batch.to(tl.int64) * S * HEADS + head) * D
+    rows64, row_ok, chans, cmask, vbase = _row_tile(R, Q, S, HEADS, D, BLOCK_R, BLOCK_D)
     token_stride = HEADS * D
     gout = tl.load(gout_ptr + rows64[:, None] * D + chans[None, :], mask=row_ok[:, None] & cmask, other=0.0).to(
         tl.float32
@@ -154,25 +156,12 @@ def _msda_bwd(
             lx = tl.load(loc_ptr + loc_off, mask=row_ok, other=0.0)
             ly = tl.load(loc_ptr + loc_off + 1, mask=row_ok, other=0.0)
             w = tl.load(attw_ptr + rows64 * (LEVELS * POINTS) + k, mask=row_ok, other=0.0).to(tl.float32)
-            x = ((2.0 * lx.to(tl.float32) - 1.0 + 1.0) * wl - 1.0) * 0.5
-            y = ((2.0 * ly.to(tl.float32) - 1.0 + 1.0) * hl - 1.0) * 0.5
-            xf = tl.floor(x)
-            yf = tl.floor(y)
-            fx = x - xf
-            fy = y - yf
-            x0 = xf.to(tl.int32)
-            y0 = yf.to(tl.int32)
-            x_in0 = (x0 >= 0) & (x0 < wl)
-            x_in1 = (x0 + 1 >= 0) & (x0 + 1 < wl)
-            y_in0 = (y0 >= 0) & (y0 < hl)
-            y_in1 = (y0 + 1 >= 0) & (y0 + 1 < hl)
-            m00 = (row_ok & y_in0 & x_in0)[:, None] & cmask
-            m01 = (row_ok & y_in0 & x_in1)[:, None] & cmask
-            m10 = (row_ok & y_in1 & x_in0)[:, None] & cmask
-            m11 = (row_ok & y_in1 & x_in1)[:, None] & cmask
-            tok00 = start + y0 * wl + x0
-            o00 = vbase + tok00.to(tl.int64) * token_stride
-            o00 = o00[:, None] + chans[None, :]
+            fx, fy, base00, in00, in01, in10, in11 = _corners(lx, ly, hl, wl, start, vbase, token_stride, row_ok)
+            m00 = in00[:, None] & cmask
+            m01 = in01[:, None] & cmask
+            m10 = in10[:, None] & cmask
+            m11 = in11[:, None] & cmask
+            o00 = base00[:, None] + chans[None, :]
             o01 = o00 + token_stride
             o10 = o00 + wl * token_stride
             o11 = o10 + token_stride

@@ -238,3 +238,36 @@ def test_cuda_training_shape_matches_reference(dtype):
     # the other side of it than grid_sample does, so allow a handful of such elements and no more.
     bad = ((grads[1].float() - ref_grads[1]).abs() > tol * ref_grads[1].abs().max()).sum().item()
     assert bad <= 4
+
+
+def _ptx_counts(arch: int, dtype: str) -> dict[str, dict[str, int]]:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("triton_ptx_worker.py")
+    done = subprocess.run(
+        [sys.executable, str(worker), str(arch), dtype], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [(90, "fp32"), (90, "bf16"), (80, "fp16")])
+def test_kernels_compile_for_cuda_without_a_gpu(arch, dtype):
+    """CPU CI runs the kernels only under the interpreter; this compiles them for sm_80/sm_90 as a GPU would."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no CUDA backend")
+    counts = _ptx_counts(arch, dtype)
+    fwd, bwd = counts["_msda_fwd"], counts["_msda_bwd"]
+    atomics = lambda ops: sum(n for op, n in ops.items() if op.startswith(("atom.", "red.")))  # noqa: E731
+    assert atomics(fwd) == 0  # the forward owns its output rows: plain stores
+    assert atomics(bwd) > 0 and all(".add.f32" in op for op in bwd if op.startswith(("atom.", "red.")))
+    widen = f"cvt.f32.{'bf16' if dtype == 'bf16' else 'f16'}"
+    if dtype == "fp32":
+        assert not any(op.startswith("cvt.f32.") and "16" in op for op in {**fwd, **bwd})
+    else:  # half inputs are widened: every sum runs in fp32
+        assert fwd.get(widen, 0) > 0 and bwd.get(widen, 0) > 0
