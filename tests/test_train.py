@@ -13,7 +13,7 @@ from rfdetr_fn import tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, seed_for_step
+from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step, seed_for_step
 from tests.golden import golden_config, golden_params, golden_targets
 
 
@@ -73,6 +73,26 @@ def _run(step_fn, state, batch, steps: int, seed: int = 0):
         state, metrics = step_fn(state, [batch])
         losses.append(float(metrics["loss"]))
     return state, losses
+
+
+def test_eager_gradients_equal_torch_func():
+    """The eager step's plain-autograd gradients are torch.func's, up to fp32 summation order."""
+    cfg, tcfg, batch = _tiny_setup()
+    params = rf.init(cfg, 0)
+
+    def loss_fn(p):
+        out = detector.apply(p, batch["images"], batch["mask"], cfg, train=True)
+        return criterion(out, {k: batch[k] for k in ("labels", "boxes")}, cfg, tcfg, train=True)
+
+    grads, (value, losses) = grad_and_value(loss_fn)(params)
+    want, (want_value, want_losses) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+    assert value.item() == want_value.item() and not value.requires_grad
+    assert all(torch.equal(losses[k], want_losses[k]) and not losses[k].requires_grad for k in want_losses)
+    got, want = tree.flatten(grads), tree.flatten(want)
+    assert got.keys() == want.keys() and not any(g.requires_grad for g in got.values())
+    for key, ref in want.items():
+        bound = 1e-5 * ref.abs().max().item() + 1e-10  # key.bias gradients are zero up to ~1e-12 rounding
+        assert (got[key] - ref).abs().max().item() <= bound, key
 
 
 def test_same_seed_same_losses():
