@@ -185,6 +185,27 @@ def _validate(value: Tensor, spatial_shapes, sampling_locations: Tensor, attenti
             raise ValueError(f"{name}: expected a floating tensor, got {t.dtype}")
 
 
+_SHAPES_ON_DEVICE: dict[tuple[tuple[tuple[int, int], ...], torch.device], Tensor] = {}
+
+
+def shapes_tensor(spatial_shapes: Tensor | list[tuple[int, int]], device: torch.device) -> Tensor:
+    """(L, 2) int64 level shapes for the kernels, on `device` when given as a list.
+
+    Copying a list to the GPU is a host-to-device copy from pageable memory, i.e. a sync point: twice per
+    decoder layer per step if done per call. So eagerly each distinct list is copied once and kept (the
+    kernels only read it); while torch.compile traces, the tensor is created inside the graph instead.
+    A tensor argument is used where it lives.
+    """
+    if isinstance(spatial_shapes, Tensor):
+        return spatial_shapes.to(torch.int64)
+    key = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return torch.tensor(key, dtype=torch.int64, device=device).reshape(-1, 2)
+    if (key, device) not in _SHAPES_ON_DEVICE:
+        _SHAPES_ON_DEVICE[(key, device)] = torch.tensor(key, dtype=torch.int64, device=device).reshape(-1, 2)
+    return _SHAPES_ON_DEVICE[(key, device)]
+
+
 def ms_deform_attn_triton(
     value: Tensor,
     spatial_shapes: Tensor | list[tuple[int, int]],
@@ -194,11 +215,9 @@ def ms_deform_attn_triton(
     """Deformable attention core through the Triton custom op, on any device (CPU runs Triton's interpreter:
     correct but slow, meant for tests). Same arguments and result as `ms_deform_attn_reference`."""
     _validate(value, spatial_shapes, sampling_locations, attention_weights)
-    if not isinstance(spatial_shapes, Tensor):
-        spatial_shapes = torch.tensor([[int(h), int(w)] for h, w in spatial_shapes], dtype=torch.int64)
     return MSDeformAttnFunction.apply(
         value.contiguous(),
-        spatial_shapes.to(torch.int64),
+        shapes_tensor(spatial_shapes, value.device),
         sampling_locations.contiguous(),
         attention_weights.contiguous(),
     )

@@ -271,3 +271,19 @@ def test_kernels_compile_for_cuda_without_a_gpu(arch, dtype):
         assert not any(op.startswith("cvt.f32.") and "16" in op for op in {**fwd, **bwd})
     else:  # half inputs are widened: every sum runs in fp32
         assert fwd.get(widen, 0) > 0 and bwd.get(widen, 0) > 0
+
+
+def test_level_shapes_reach_the_gpu_once():
+    """A list of level shapes is copied to an accelerator once per distinct list (a pageable host-to-device
+    copy syncs), fresh on the CPU, and a tensor argument is used as given. "meta" stands in for CUDA."""
+    from rfdetr_fn.kernels.msda_op import shapes_tensor
+
+    meta = torch.device("meta")
+    first = shapes_tensor([(24, 24), (12, 12)], meta)
+    assert first.shape == (2, 2) and first.dtype == torch.int64 and first.device.type == "meta"
+    assert shapes_tensor([(24, 24), (12, 12)], meta) is first
+    assert shapes_tensor([(20, 20), (10, 10)], meta) is not first
+    on_cpu = shapes_tensor([(6, 7)], torch.device("cpu"))
+    assert on_cpu.tolist() == [[6, 7]] and shapes_tensor([(6, 7)], torch.device("cpu")) is not on_cpu
+    given = torch.tensor([[3, 4]], dtype=torch.int32)
+    assert shapes_tensor(given, meta).dtype == torch.int64 and shapes_tensor(given, meta).tolist() == [[3, 4]]

@@ -95,6 +95,28 @@ def test_eager_gradients_equal_torch_func():
         assert (got[key] - ref).abs().max().item() <= bound, key
 
 
+def test_eager_step_has_no_hidden_host_round_trips():
+    """On CUDA every tensor built from Python data is a host-to-device copy and every value read on the host
+    a device-to-host one: each a sync that stalls the step. The only one allowed is the Hungarian op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "nonzero", "masked_select", "item"}
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    cfg, tcfg, batch = _tiny_setup(drop_path=0.1)
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10)
+    state = init_state(rf.init(cfg, 0), tcfg)
+    with Watch():
+        step(state, [batch])
+    assert seen.count("hungarian") == 3  # final layer, aux layer, encoder proposals
+    assert sorted(set(seen) & syncing) == []
+
+
 def test_same_seed_same_losses():
     cfg, tcfg, batch = _tiny_setup(drop_path=0.1)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)

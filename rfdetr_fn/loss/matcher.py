@@ -20,8 +20,8 @@ from torch import Tensor
 from rfdetr_fn import boxes as box_ops
 
 FOCAL_GAMMA = 2.0
-# Stands in for padding target boxes so no cost or loss ever divides by a zero area.
-_DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
+# Padding target boxes become (cx, cy, w, h) = (0.5, 0.5, 1, 1), so no cost or loss divides by a zero area.
+_DUMMY_CENTRE, _DUMMY_SIZE = 0.5, 1.0
 
 
 def sanitize_cost(cost: np.ndarray) -> np.ndarray:
@@ -40,18 +40,23 @@ def hungarian(cost: Tensor, n_valid: Tensor) -> Tensor:
 
     Returns (N, T) int64: the query matched to each target column, -1 for padding (or for targets
     left over when a problem has more targets than queries). Runs on the host: CUDA costs are
-    copied over, which is a sync point, as in any scipy-based matcher.
+    copied over, which is a sync point, as in any scipy-based matcher. It is the only one: costs and
+    counts travel in one copy, and the answer goes back from pinned memory without waiting.
     """
-    cost_np = cost.detach().to("cpu", torch.float64).numpy()
-    counts = n_valid.detach().cpu().tolist()
+    packed = torch.cat([cost.detach().reshape(-1).to(torch.float64), n_valid.detach().to(torch.float64)])
+    host = packed.cpu().numpy()
+    cost_np = host[: cost.numel()].reshape(cost.shape)
     out = np.full((cost.shape[0], cost.shape[2]), -1, dtype=np.int64)
-    for i, count in enumerate(counts):
+    for i, count in enumerate(host[cost.numel() :].tolist()):
         count = min(int(count), cost.shape[2])
         if count <= 0:
             continue
         rows, cols = linear_sum_assignment(sanitize_cost(cost_np[i, :, :count]))
         out[i, cols] = rows
-    return torch.from_numpy(out).to(cost.device)
+    answer = torch.from_numpy(out)
+    if cost.device.type != "cuda":
+        return answer.to(cost.device)
+    return answer.pin_memory().to(cost.device, non_blocking=True)
 
 
 @hungarian.register_fake
@@ -80,7 +85,8 @@ def nearest_index(coords: Tensor, height: int, width: int) -> Tensor:
 
 def safe_target_boxes(boxes: Tensor, valid: Tensor) -> Tensor:
     """Padding slots get a unit box so IoU/GIoU stay finite (their values are masked out later)."""
-    dummy = boxes.new_tensor(_DUMMY_BOX)
+    # filled on the device: `new_tensor([...])` would be a host-to-device copy, a sync on CUDA
+    dummy = torch.cat([boxes.new_full((2,), _DUMMY_CENTRE), boxes.new_full((2,), _DUMMY_SIZE)])
     return torch.where(valid[..., None], boxes, dummy)
 
 
