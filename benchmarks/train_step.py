@@ -55,7 +55,9 @@ def run_mode(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict:
     )
     params = tree.map_(lambda t: t.to(device), rf.init(cfg, seed=0))
     state = init_state(params, tcfg)
-    step = compile_step(make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision), enabled=compiled)
+    step = compile_step(
+        make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision), enabled=compiled, max_shapes=32
+    )
     batch = synthetic_batch(cfg, batch_size, cfg.resolution, device)
 
     def one(state):

@@ -20,7 +20,14 @@ import torch
 
 from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from rfdetr_fn.data import build_dataset, multi_scale_scales, per_batch_scale, resize_batch, train_loader
+from rfdetr_fn.data import (
+    build_dataset,
+    multi_scale_scales,
+    per_batch_scale,
+    resize_batch,
+    target_slots,
+    train_loader,
+)
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
@@ -57,7 +64,11 @@ def fit(args: FitArgs) -> dict[str, Any]:
     cfg = _align_classes(args.model, train_ds.num_classes)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     class_names = list(dcfg.class_names or train_ds.class_names)
-    loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed)
+    compiled = use_compile(tcfg.compile, world.device)
+    # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
+    # (one per multi-scale entry) as the only shapes that vary.
+    slots = target_slots(train_ds) if compiled else None
+    loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
 
     # ---- weights and state ----
@@ -77,11 +88,17 @@ def fit(args: FitArgs) -> dict[str, Any]:
         _write_json(out_dir / "training_config.json", _config_record(args, cfg, class_names))
 
     precision = resolve_precision(tcfg.precision, world.device)
+    scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
     step_fn = compile_step(
         make_train_step(cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size),
-        enabled=use_compile(tcfg.compile, world.device),
+        enabled=compiled,
+        max_shapes=len(scales) + 1,
     )
-    scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
+    if compiled and world.main and tcfg.multi_scale != "off":
+        print(
+            f"compiling the train step: the first step at each of the {len(scales)} multi-scale sizes compiles "
+            "(minutes each; inductor caches them for later runs); --train.compile off skips it"
+        )
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
     record: dict[str, Any] = {}
 

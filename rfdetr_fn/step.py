@@ -167,9 +167,22 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def compile_step(step_fn: Callable, *, enabled: bool = True) -> Callable:
-    """torch.compile the whole step into one graph (fullgraph: a graph break is a bug, not a slowdown)."""
-    return torch.compile(step_fn, fullgraph=True, dynamic=False) if enabled else step_fn
+def compile_step(
+    step_fn: Callable, *, enabled: bool = True, max_shapes: int = 8, backend: str = "inductor"
+) -> Callable:
+    """torch.compile the whole step into one graph (fullgraph: a graph break is a bug, not a slowdown).
+
+    Every new input shape (a multi-scale size, a target-slot count) compiles one more graph, and past
+    Dynamo's recompile limit (8 by default) a fullgraph function fails outright; so the process-wide
+    limit is raised to `max_shapes` (never lowered). Nano's multi-scale menu alone has 11 sizes.
+    """
+    if not enabled:
+        return step_fn
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), max_shapes))
+    return torch.compile(step_fn, fullgraph=True, dynamic=False, backend=backend)
 
 
 def all_reduce_mean(grads: tree.Params) -> tree.Params:

@@ -19,6 +19,7 @@ from rfdetr_fn.data import (
     num_train_batches,
     per_batch_scale,
     resize_batch,
+    target_slots,
     train_loader,
 )
 from rfdetr_fn.data import transforms as T
@@ -209,6 +210,24 @@ def test_distributed_shards_disjoint_and_covering():
     assert epoch_length(100, 4, 3) == 108 and len(epoch_indices(100, 4, world_size=3, rank=2)) == 36
     with pytest.raises(ValueError, match="rank"):
         epoch_indices(10, 2, world_size=2, rank=2)
+
+
+def test_fixed_target_slots_for_compiled_steps():
+    """A compiled step recompiles per shape, so fit fixes T for the run: every batch has the same target
+    axis, sized for the image with the most annotations; a sample that does not fit is named."""
+    fixed = collate([_sample(32, 32, 3, False, 7)], block_size=32, slots=24)
+    assert fixed["labels"].shape == (1, 24) and fixed["boxes"].shape == (1, 24, 4)
+    with pytest.raises(ValueError, match="image_id 9 has 25 targets but the batch has 24"):
+        collate([_sample(32, 32, 3, False, 7), _sample(32, 32, 25, False, 9)], block_size=32, slots=24)
+    data = DataConfig(synthetic_images=12, synthetic_size=48, num_workers=0)
+    model = presets.nano(resolution=48, patch_size=12, num_windows=2)
+    tc = TrainConfig(batch_size=2, multi_scale="off", seed=3)
+    ds = build_dataset(data, "train", model, tc, train=True)
+    most = max(len(r.labels) for r in ds.records)
+    assert target_slots(ds) == max(8, -(-most // 8) * 8) and target_slots(ds, pad=1) == most
+    assert target_slots([1, 2, 3]) is None  # a dataset that does not list its annotations
+    shapes = {tuple(b["labels"].shape) for b in train_loader(ds, tc, data, seed=3, slots=40)}
+    assert shapes == {(2, 40)}
 
 
 def test_train_and_eval_loaders_end_to_end():

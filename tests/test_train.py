@@ -157,6 +157,21 @@ def test_compiled_step_matches_eager_without_recompiles():
         assert c == pytest.approx(e, rel=1e-5)
 
 
+def test_compiled_step_survives_a_multi_scale_menu(monkeypatch):
+    """Past Dynamo's recompile limit a fullgraph function fails; compile_step makes room for every size."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 8)  # Dynamo's default, restored after the test
+    torch._dynamo.reset()
+    fn = compile_step(lambda x: (x * 2.0).sum(), max_shapes=12, backend="eager")
+    assert [float(fn(torch.ones(n))) for n in range(1, 12)] == [2.0 * n for n in range(1, 12)]  # 11 shapes
+    assert getattr(dynamo_config, name) == 12
+    compile_step(lambda x: x, max_shapes=4, backend="eager")
+    assert getattr(dynamo_config, name) == 12  # never lowered
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_step_matches_eager():
     cfg, tcfg, batch = _tiny_setup()

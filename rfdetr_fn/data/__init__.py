@@ -30,6 +30,7 @@ from rfdetr_fn.data.loader import (
     epoch_length,
     eval_loader,
     num_train_batches,
+    target_slots,
     train_loader,
 )
 from rfdetr_fn.data.synthetic import synthetic_source
@@ -52,8 +53,9 @@ __all__ = [
     "num_train_batches",
     "per_batch_scale",
     "resize_batch",
-    "train_scales",
+    "target_slots",
     "train_loader",
+    "train_scales",
 ]
 
 SPLITS = ("train", "valid", "val", "test")

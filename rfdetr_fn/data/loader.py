@@ -25,20 +25,29 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def collate(samples: Sequence[tuple[Tensor, dict]], block_size: int, target_pad: int = 8) -> dict[str, Tensor]:
+def collate(
+    samples: Sequence[tuple[Tensor, dict]], block_size: int, target_pad: int = 8, slots: int | None = None
+) -> dict[str, Tensor]:
     """Stack samples into fixed-layout tensors.
 
     images (B,3,H,W) zero-padded bottom/right to the batch max rounded up to block_size; mask (B,H,W)
     True on padding; labels (B,T) with -1 in empty slots; boxes (B,T,4) zeros there; masks (B,T,H,W)
-    when the targets have masks; image_id (B,), orig_size (B,2), size (B,2). T = the largest target count
-    rounded up to a multiple of target_pad (at least target_pad), so compiled steps see few shapes.
+    when the targets have masks; image_id (B,), orig_size (B,2), size (B,2). T = `slots` when given (one
+    shape for a whole run, for compiled steps), else the largest target count rounded up to a multiple of
+    target_pad (at least target_pad).
     """
     if not samples:
         raise ValueError("collate: empty batch")
     B = len(samples)
     H = _round_up(max(img.shape[-2] for img, _ in samples), block_size)
     W = _round_up(max(img.shape[-1] for img, _ in samples), block_size)
-    T = max(target_pad, _round_up(max(len(t["labels"]) for _, t in samples), target_pad))
+    most = max(len(t["labels"]) for _, t in samples)
+    T = max(target_pad, _round_up(most, target_pad)) if slots is None else slots
+    if most > T:
+        crowded = next(t for _, t in samples if len(t["labels"]) == most)
+        raise ValueError(
+            f"collate: image_id {int(crowded['image_id'])} has {most} targets but the batch has {T} target slots"
+        )
     with_masks = "masks" in samples[0][1]
     images = torch.zeros((B, samples[0][0].shape[0], H, W), dtype=torch.float32)
     mask = torch.ones((B, H, W), dtype=torch.bool)
@@ -162,6 +171,16 @@ def _loader_kwargs(dataset: Dataset, workers: int) -> dict:
     )
 
 
+def target_slots(dataset: Dataset, pad: int = 8) -> int | None:
+    """Target slots that fit every training sample of `dataset`: its most annotations on one image (the
+    augmentations only ever drop boxes), rounded up to `pad`. None when the dataset does not say."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        return None
+    most = max((len(r.labels) for r in records), default=0)
+    return max(pad, _round_up(most, pad))
+
+
 def train_loader(
     dataset: Dataset,
     train_cfg: TrainConfig,
@@ -171,20 +190,18 @@ def train_loader(
     rank: int = 0,
     seed: int,
     epoch: int = 0,
+    slots: int | None = None,
 ) -> DataLoader:
     """Training batches of `train_cfg.batch_size` (drop_last) over this rank's shard of each epoch.
 
     Advance epochs with `loader.sampler.set_epoch(e)`; the batch order and augmentation then depend
-    only on (seed, epoch), not on the number of workers."""
+    only on (seed, epoch), not on the number of workers. `slots` fixes the target axis (see `collate`)."""
     effective = train_cfg.batch_size * train_cfg.grad_accum_steps
     sampler = EpochSampler(len(dataset), effective, world_size=world_size, rank=rank, seed=seed, epoch=epoch)
-    return DataLoader(
-        dataset,
-        batch_size=train_cfg.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        **_loader_kwargs(dataset, data_cfg.num_workers),
-    )
+    kwargs = _loader_kwargs(dataset, data_cfg.num_workers)
+    if slots is not None:
+        kwargs["collate_fn"] = functools.partial(kwargs["collate_fn"], slots=slots)
+    return DataLoader(dataset, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True, **kwargs)
 
 
 def eval_loader(
