@@ -6,8 +6,8 @@ same structure:
     {"step": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {}, "loss_scale": float 0-dim}
 
 Inside one compiled graph the step runs, per micro-batch, the forward pass, the Hungarian matching (an
-opaque custom op, so it does not split the graph; on CUDA it copies the cost matrix to the host, the one
-sync per step), the criterion and `torch.func.grad_and_value` (plain autograd when eager: see
+opaque custom op, so it does not split the graph; on CUDA it copies the cost matrix to the host, the
+step's only syncs), the criterion and `torch.func.grad_and_value` (plain autograd when eager: see
 `grad_and_value`); then the cross-rank gradient average (one functional all-reduce over a flat buffer),
 global-norm clipping, the scheduled AdamW update and the EMA update. Gradient-accumulation micro-batches
 are unrolled, so the graph depends on grad_accum_steps and on the batch shapes only; the step number,
@@ -142,8 +142,8 @@ def grad_and_value(loss_fn: Callable[..., tuple[Tensor, Any]]) -> Callable[..., 
 
     Under torch.compile it is torch.func, which Dynamo traces into the step's one graph. Run eagerly,
     torch.func wraps every op of the forward and backward; plain `torch.autograd.grad` on detached leaf
-    views gives the same gradients with a Nano step on CPU about 13 % faster and 0.6 GiB lighter
-    (benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
+    views gives the same gradients, for Nano on CPU with a 13 % faster forward+backward and a 0.7 GiB
+    lower step peak (benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
     """
     functional = torch.func.grad_and_value(loss_fn, has_aux=True)
 
