@@ -202,7 +202,8 @@ def shapes_tensor(spatial_shapes: Tensor | list[tuple[int, int]], device: torch.
     if device.type == "cpu" or torch.compiler.is_compiling():
         return torch.tensor(key, dtype=torch.int64, device=device).reshape(-1, 2)
     if (key, device) not in _SHAPES_ON_DEVICE:
-        _SHAPES_ON_DEVICE[(key, device)] = torch.tensor(key, dtype=torch.int64, device=device).reshape(-1, 2)
+        with torch.inference_mode(False):  # a first call under inference_mode must not poison training
+            _SHAPES_ON_DEVICE[(key, device)] = torch.tensor(key, dtype=torch.int64, device=device).reshape(-1, 2)
     return _SHAPES_ON_DEVICE[(key, device)]
 
 

@@ -285,5 +285,7 @@ def test_level_shapes_reach_the_gpu_once():
     assert shapes_tensor([(20, 20), (10, 10)], meta) is not first
     on_cpu = shapes_tensor([(6, 7)], torch.device("cpu"))
     assert on_cpu.tolist() == [[6, 7]] and shapes_tensor([(6, 7)], torch.device("cpu")) is not on_cpu
+    with torch.inference_mode():  # a cached tensor made here must still be usable by training later
+        assert not shapes_tensor([(5, 5)], meta).is_inference()
     given = torch.tensor([[3, 4]], dtype=torch.int32)
     assert shapes_tensor(given, meta).dtype == torch.int64 and shapes_tensor(given, meta).tolist() == [[3, 4]]
