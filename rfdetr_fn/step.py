@@ -100,7 +100,9 @@ def make_train_step(
             grads_sum = grads if grads_sum is None else tree.map_(torch.add, grads_sum, grads)
             for key, value in {"loss": total, **losses}.items():
                 loss_sums[key] = loss_sums.get(key, 0.0) + value.detach() / len(batches)
-        grads = tree.map_(lambda g: g / (len(batches) * scale), grads_sum)
+        grads = grads_sum
+        if len(batches) > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
+            grads = tree.map_(lambda g: g / (len(batches) * scale), grads)
         if world_size > 1:
             grads = all_reduce_mean(grads)
             loss_sums = all_reduce_mean(loss_sums)  # logged losses are the global batch's, not rank 0's shard
