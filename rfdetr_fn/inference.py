@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from rfdetr_fn.config import ModelConfig
@@ -24,18 +24,23 @@ from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
 from rfdetr_fn.tree import Params, leaves
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+
+def read_image(path: str | Path, where: str) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB; a missing or undecodable file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image file {path} not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e}") from e
 
 
 def _to_array(image: Any, where: str) -> np.ndarray:
     """Path / PIL image / uint8 (H, W, 3) array -> uint8 (H, W, 3) RGB array."""
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{where}: image file {path} not found")
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return read_image(image, where)
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -47,6 +52,8 @@ def _to_array(image: Any, where: str) -> np.ndarray:
 
 def preprocess(images: Sequence[Any], cfg: ModelConfig) -> tuple[Tensor, Tensor]:
     """Images -> normalised float32 batch (B, 3, res, res) and original sizes (B, 2) as (h, w)."""
+    from rfdetr_fn.data.transforms import MEAN, STD  # here, not at import: the data package is 0.2 s
+
     batch, sizes = [], []
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)

@@ -17,11 +17,11 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from rfdetr_fn import checkpoint, tree
-from rfdetr_fn.inference import predict
+from rfdetr_fn.inference import predict, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
@@ -64,15 +64,6 @@ def collect_images(items: Sequence[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"--images: image file {p} not found")
     return paths
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An image file as uint8 (H, W, 3) RGB; a file Pillow cannot decode is an error naming it."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--images: cannot read image {path}: {e}") from e
 
 
 def detections_to_json(det: dict[str, Tensor], names: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -167,7 +158,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        arrays = [read_image(p) for p in chunk]
+        arrays = [read_image(p, "--images") for p in chunk]
         for j, (path, arr, det) in enumerate(
             zip(chunk, arrays, predict(params, cfg, arrays, threshold=args.threshold))
         ):

@@ -26,7 +26,7 @@ class RunLog:
             return
         row = {k: _plain(v) for k, v in row.items()}
         self.rows.append(row)
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        fields = _keys(self.rows)
 
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as f:

@@ -103,9 +103,9 @@ def make_train_step(
         grads = grads_sum
         if len(batches) > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
             grads = tree.map_(lambda g: g / (len(batches) * scale), grads)
-        if world_size > 1:
-            grads = all_reduce_mean(grads)
-            loss_sums = all_reduce_mean(loss_sums)  # logged losses are the global batch's, not rank 0's shard
+        if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
+            averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
+            grads, loss_sums = averaged["grads"], averaged["losses"]
         grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
         lr_factor = schedules.lr_factor(step, **schedule)

@@ -60,18 +60,17 @@ def test_overfits_a_few_synthetic_images():
     assert total == 8 and len(missed) <= 1, f"missed {missed}"
 
 
+# the built-in synthetic split every command of these tests reads
+DATA_ARGS = ["--data.synthetic-images", "8", "--data.synthetic-size", "64", "--data.num-workers", "0"]
+
+
 def _fit_args(out, *extra: str) -> list[str]:
     return [
         "--preset",
         "tiny",
         "--model.resolution",
         "64",
-        "--data.synthetic-images",
-        "8",
-        "--data.synthetic-size",
-        "64",
-        "--data.num-workers",
-        "0",
+        *DATA_ARGS,
         "--train.batch-size",
         "2",
         "--train.multi-scale",
@@ -104,16 +103,7 @@ def test_cli_fit_validate_test_predict(tmp_path):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert "val/mAP_50_95" in rows[0] and "val/ema_loss" in rows[0] and len(rows) >= 3
 
-    common = [
-        "--checkpoint",
-        str(out),
-        "--data.synthetic-images",
-        "8",
-        "--data.synthetic-size",
-        "64",
-        "--data.num-workers",
-        "0",
-    ]
+    common = ["--checkpoint", str(out), *DATA_ARGS]
     val = cli.main(["validate", *common, "--output", str(tmp_path / "val.json")])
     assert 0.0 <= val["val/mAP_50_95"] <= 1.0
     assert json.loads((tmp_path / "val.json").read_text()) == pytest.approx(val)

@@ -25,6 +25,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _slots_for(count: int, pad: int) -> int:
+    """Target slots for `count` targets: a multiple of `pad`, at least one multiple."""
+    return max(pad, _round_up(count, pad))
+
+
 def collate(
     samples: Sequence[tuple[Tensor, dict]], block_size: int, target_pad: int = 8, slots: int | None = None
 ) -> dict[str, Tensor]:
@@ -42,7 +47,7 @@ def collate(
     H = _round_up(max(img.shape[-2] for img, _ in samples), block_size)
     W = _round_up(max(img.shape[-1] for img, _ in samples), block_size)
     most = max(len(t["labels"]) for _, t in samples)
-    T = max(target_pad, _round_up(most, target_pad)) if slots is None else slots
+    T = _slots_for(most, target_pad) if slots is None else slots
     if most > T:
         crowded = next(t for _, t in samples if len(t["labels"]) == most)
         raise ValueError(
@@ -160,14 +165,14 @@ class ShardSampler(Sampler):
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def _loader_kwargs(dataset: Dataset, workers: int) -> dict:
+def _loader_kwargs(dataset: Dataset, workers: int, slots: int | None = None) -> dict:
     block = getattr(dataset, "block_size", 32)
     return dict(
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=functools.partial(collate, block_size=block),
+        collate_fn=functools.partial(collate, block_size=block, slots=slots),
     )
 
 
@@ -177,8 +182,7 @@ def target_slots(dataset: Dataset, pad: int = 8) -> int | None:
     records = getattr(dataset, "records", None)
     if records is None:
         return None
-    most = max((len(r.labels) for r in records), default=0)
-    return max(pad, _round_up(most, pad))
+    return _slots_for(max((len(r.labels) for r in records), default=0), pad)
 
 
 def train_loader(
@@ -198,10 +202,13 @@ def train_loader(
     only on (seed, epoch), not on the number of workers. `slots` fixes the target axis (see `collate`)."""
     effective = train_cfg.batch_size * train_cfg.grad_accum_steps
     sampler = EpochSampler(len(dataset), effective, world_size=world_size, rank=rank, seed=seed, epoch=epoch)
-    kwargs = _loader_kwargs(dataset, data_cfg.num_workers)
-    if slots is not None:
-        kwargs["collate_fn"] = functools.partial(kwargs["collate_fn"], slots=slots)
-    return DataLoader(dataset, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=train_cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        **_loader_kwargs(dataset, data_cfg.num_workers, slots),
+    )
 
 
 def eval_loader(
