@@ -19,6 +19,7 @@ import attrs
 import torch
 
 from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
+from rfdetr_fn import compile as compile_lib
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     build_dataset,
@@ -29,7 +30,7 @@ from rfdetr_fn.data import (
     train_loader,
 )
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
+from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step
 from rfdetr_fn.validate import evaluate
 
 
@@ -64,7 +65,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
     cfg = _align_classes(args.model, train_ds.num_classes)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     class_names = list(dcfg.class_names or train_ds.class_names)
-    compiled = use_compile(tcfg.compile, world.device)
+    compiled = compile_lib.use_compile(tcfg.compile, world.device)
     # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
     # (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled else None
@@ -94,11 +95,24 @@ def fit(args: FitArgs) -> dict[str, Any]:
         enabled=compiled,
         max_shapes=len(scales) + 1,
     )
-    if compiled and world.main and tcfg.multi_scale != "off":
-        print(
-            f"compiling the train step: the first step at each of the {len(scales)} multi-scale sizes compiles "
-            "(minutes each; inductor caches them for later runs); --train.compile off skips it"
+    cache = None
+    if compiled:  # every rank loads the artifacts of this exact graph-shaping configuration
+        cache = compile_lib.CompileCache(
+            Path(tcfg.compile_cache) if tcfg.compile_cache else compile_lib.default_cache_dir(),
+            compile_lib.cache_key(
+                cfg,
+                tcfg,
+                device=world.device,
+                precision=precision,
+                steps=steps_per_epoch,
+                world=world.size,
+                slots=slots,
+            ),
         )
+        loaded = cache.load()
+        if world.main:
+            sizes = len(scales) if tcfg.multi_scale != "off" else 1
+            compile_lib.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
     record: dict[str, Any] = {}
 
@@ -118,6 +132,8 @@ def fit(args: FitArgs) -> dict[str, Any]:
                 micro = [resize_batch(b, size) for b in micro]
             torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
             state, metrics = step_fn(state, micro)
+            if cache is not None:
+                cache.save_if_new()  # a counter check; writes only after a step that compiled
             seen += sum(len(b["images"]) for b in micro)
             micro = []
             step, loop["batch"] = step + 1, index + 1
@@ -140,7 +156,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
         if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
-            record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
+            record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, compiled))
             regular, ema = _monitored(record, tcfg)
             loop["best"], decisions = trackers.update_best(
                 loop["best"],
@@ -274,8 +290,11 @@ def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
     return row
 
 
-def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, float]:
-    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA."""
+def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: bool) -> dict[str, float]:
+    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA.
+
+    The forward is compiled when --eval.compile is on, or auto and the train step is compiled."""
+    compile = ecfg.compile == "on" or (ecfg.compile == "auto" and step_compiled)
 
     def score(params) -> dict[str, float]:
         batch_size = tcfg.eval_batch_size or tcfg.batch_size
@@ -289,6 +308,8 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, fl
             num_workers=dcfg.num_workers,
             world=world,
             loss_cfg=loss_cfg,
+            compile=compile,
+            cache_dir=tcfg.compile_cache,
         )
 
     record: dict[str, float] = {}

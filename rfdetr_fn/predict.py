@@ -12,7 +12,7 @@ import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from rfdetr_fn import checkpoint, tree
+from rfdetr_fn.compile import use_compile
 from rfdetr_fn.inference import predict, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -45,6 +46,8 @@ class PredictArgs:
     """cpu, cuda or cuda:N; None picks CUDA when available."""
     batch_size: int = 4
     """Images per forward pass."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the forward pass (regional, cached on disk); auto follows rfdetr_fn.compile.use_compile."""
 
 
 def collect_images(items: Sequence[str]) -> list[Path]:
@@ -152,6 +155,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     names = checkpoint.class_names(weights)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
+    compiled = use_compile(args.compile, device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawings = _drawing_names(paths)
@@ -160,7 +164,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
         chunk = paths[start : start + args.batch_size]
         arrays = [read_image(p, "--images") for p in chunk]
         for j, (path, arr, det) in enumerate(
-            zip(chunk, arrays, predict(params, cfg, arrays, threshold=args.threshold))
+            zip(chunk, arrays, predict(params, cfg, arrays, threshold=args.threshold, compile=compiled))
         ):
             h, w = arr.shape[:2]
             records.append(

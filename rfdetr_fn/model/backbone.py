@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import nn
+from rfdetr_fn.compile import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.tree import Params
 
@@ -135,6 +136,7 @@ def _drop_path(x: Tensor, rate: Tensor | None) -> Tensor:
     return x / keep * mask
 
 
+@region
 def _block(p: Params, x: Tensor, cfg: ModelConfig, full: bool, rate: Tensor | None) -> Tensor:
     """Pre-norm ViT block. Full-attention blocks let all windows of an image attend jointly."""
     n, t, d = x.shape
