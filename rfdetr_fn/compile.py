@@ -208,7 +208,9 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def announce(what: str, device: torch.device, cache: CompileCache | None, loaded: int) -> None:
+def announce(
+    what: str, device: torch.device, cache: CompileCache | None, loaded: int, switch: str = "--train.compile off"
+) -> None:
     """Say once what the first compiled call costs, so nobody waits minutes silently."""
     expected = FIRST_COMPILE_S.get(device.type)
     if loaded:
@@ -216,7 +218,7 @@ def announce(what: str, device: torch.device, cache: CompileCache | None, loaded
         return
     guess = f"about {expected / 60:.0f} min" if expected else "minutes on CPU"
     where = f"; later runs reuse {cache.path}" if cache is not None else ""
-    print(f"compiling {what}: the first call at each input size takes {guess}{where} (--train.compile off skips it)")
+    print(f"compiling {what}: the first call at each input size takes {guess}{where} ({switch} skips it)")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
