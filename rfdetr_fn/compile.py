@@ -7,6 +7,11 @@ markers do not compose with `torch.func.grad_and_value` under compile (torch 2.1
 FakeTensor"), which is why the compiled train step differentiates with autograd around a compiled loss
 (see `rfdetr_fn.step.compile_step`) instead of tracing torch.func inside one graph.
 
+Two torch 2.13 workarounds live in the marked blocks: linears use `w.t()` (Dynamo lifts a region input's
+`.T` out of the region and fails to map it back), and attention heads are made contiguous before SDPA
+(inside a region's backward, inductor's SDPA gradient comes back in another layout than traced and the
+head-merging `view` fails: "Cannot view a tensor with shape [B, T, heads, hd]").
+
 The cache: inductor's FX-graph cache and AOTAutograd's cache are switched on, and
 `torch.compiler.save_cache_artifacts` bundles what a run compiled into a file under
 `<cache dir>/<key>/`, where the key hashes everything that shapes the graph (model config, the train

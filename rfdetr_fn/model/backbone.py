@@ -118,8 +118,8 @@ def _embed(p: Params, images: Tensor, cfg: ModelConfig) -> Tensor:
 def _attention(p: Params, x: Tensor, num_heads: int) -> Tensor:
     n, t, d = x.shape
 
-    def heads(y: Tensor) -> Tensor:
-        return y.reshape(n, t, num_heads, d // num_heads).transpose(1, 2)
+    def heads(y: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+        return y.reshape(n, t, num_heads, d // num_heads).transpose(1, 2).contiguous()
 
     a = p["attention"]
     q, k, v = (heads(nn.linear(a[name], x)) for name in ("query", "key", "value"))

@@ -126,8 +126,8 @@ def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -
     w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
     b_q, b_k, b_v = p["in_proj_bias"].chunk(3)
 
-    def heads_view(t: Tensor) -> Tensor:
-        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2)
+    def heads_view(t: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2).contiguous()
 
     q = heads_view(qk @ w_q.t() + b_q)
     k = heads_view(qk @ w_k.t() + b_k)
