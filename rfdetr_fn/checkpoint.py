@@ -25,7 +25,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from rfdetr_fn import presets, tree
+from rfdetr_fn import lora, presets, tree
 from rfdetr_fn.config import UPSTREAM_NAMES, ModelConfig
 from rfdetr_fn.tree import Params
 
@@ -507,8 +507,13 @@ def load_weights(
     strict=False only warns about missing/unexpected keys (missing ones are taken from a fresh init).
     """
     raw = read_checkpoint(path)
+    dense, adapters = lora.from_peft(raw.state_dict)  # a backbone_lora run's file (upstream's or ours)
+    raw = attrs.evolve(raw, state_dict=dense)
     if cfg is None:
         cfg = infer_config(raw)
+    if adapters and not cfg.backbone_lora:  # as upstream: merge the adapters into a plain encoder
+        raw = attrs.evolve(raw, state_dict=tree.flatten(lora.merge(tree.unflatten({**dense, **adapters}))))
+        adapters = {}
     src = raw.config or raw.fields
     src_q = _get(src, "num_queries"), _get(src, "group_detr")
     flat = adapt(raw.state_dict, cfg, src_queries=src_q, where=raw.path)
@@ -522,7 +527,7 @@ def load_weights(
             fresh = tree.flatten(detector.init(cfg, 0))
             flat.update({k: fresh[k] for k in missing})
         flat = {k: flat[k] for k in expected}  # model order; unexpected keys dropped
-    return cfg, tree.unflatten(flat)
+    return cfg, tree.unflatten({**flat, **adapters})
 
 
 def _get(src: ModelConfig | Mapping[str, Any], name: str) -> Any:
@@ -540,7 +545,7 @@ def save_weights(
 ) -> None:  # fmt: skip
     """Write weights atomically: `.safetensors` (ours) or `.pth` (upstream legacy layout, loads upstream)."""
     path = Path(path)
-    flat = {k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()}
+    flat = lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
     names = list(class_names) if class_names is not None else None
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -571,7 +576,7 @@ def write_upstream_best(
     `args` is the train config plus class names; values a weights-only load cannot read become repr().
     `source` ("ema"/"regular") marks checkpoint_best_total.pth.
     """
-    flat = {k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()}
+    flat = lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
     model = _with_kp_mask(flat)
     names = list(class_names) if class_names is not None else None
     payload: dict[str, Any] = {

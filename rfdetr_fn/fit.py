@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
+from rfdetr_fn import checkpoint, distributed, lora, presets, runlog, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     build_dataset,
@@ -76,8 +76,10 @@ def fit(args: FitArgs) -> dict[str, Any]:
         _, params = checkpoint.load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
+    if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
+        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
     params = tree.to(params, world.device)
-    state = init_state(params, tcfg)
+    state = init_state(params, tcfg, cfg)
     loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     resume_dir = _resume_dir(tcfg, out_dir)
     if resume_dir is not None:
