@@ -4,6 +4,7 @@
     rfdetr_fn validate --checkpoint FILE_OR_DIR [--data.* --eval.*]
     rfdetr_fn test     --checkpoint FILE_OR_DIR
     rfdetr_fn predict  --checkpoint FILE_OR_DIR --images a.jpg b.jpg | folder/
+    rfdetr_fn average  a.pth b.pth c.pth --out soup.pth [--weights ...] [--greedy --data.*]
 
 Each is also `python -m rfdetr_fn.<command>`. `--preset` and `--config` are read first: they pick the
 defaults that the other flags then override, so `--preset small --model.resolution 640` is Small at 640.
@@ -23,7 +24,7 @@ import tyro
 from rfdetr_fn import presets
 
 T = TypeVar("T")
-COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = ("fit", "validate", "test", "predict", "average")
 
 
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> Any:
         from rfdetr_fn.validate import main as run
     elif command == "test":
         from rfdetr_fn.test import main as run
+    elif command == "average":
+        from rfdetr_fn.average import main as run
     else:
         from rfdetr_fn.predict import main as run
     return run(rest)
