@@ -12,7 +12,8 @@ from typing import Annotated
 import attrs
 import tyro
 
-from rfdetr_fn import checkpoint, transforms
+from rfdetr_fn import transforms, weights
+from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import DataConfig, EvalConfig
 
 
@@ -38,9 +39,9 @@ def run(args: AverageArgs) -> list[int]:
     """Write the soup; returns the indices of the checkpoints it contains."""
     if len(args.checkpoints) < 2:
         raise ValueError(f"average: give at least two checkpoints, got {list(args.checkpoints)}")
-    cfg, first = checkpoint.load_weights(args.checkpoints[0])
-    trees = [first] + [checkpoint.load_weights(p, cfg)[1] for p in args.checkpoints[1:]]
-    names = checkpoint.class_names(args.checkpoints[0])
+    cfg, first = load_weights(args.checkpoints[0])
+    trees = [first] + [load_weights(p, cfg)[1] for p in args.checkpoints[1:]]
+    names = weights.class_names(args.checkpoints[0])
     if args.greedy:
         from rfdetr_fn.validate import run_split
 
@@ -51,13 +52,13 @@ def run(args: AverageArgs) -> list[int]:
         soup, used = transforms.greedy_soup(trees, score)
     else:
         soup, used = transforms.average(trees, args.weights), list(range(len(trees)))
-    checkpoint.save_weights(args.out, soup, cfg, class_names=names)
+    weights.save_weights(args.out, soup, cfg, class_names=names)
     print(f"wrote {args.out}: average of {[args.checkpoints[i] for i in used]}")
     return used
 
 
 def main(argv: list[str] | None = None) -> list[int]:
-    from rfdetr_fn.cli import parse
+    from rfdetr_fn.flags import parse
 
     return run(parse(AverageArgs, argv))
 

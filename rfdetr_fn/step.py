@@ -30,13 +30,12 @@ from rfdetr_fn import ema as ema_lib
 from rfdetr_fn import gradient_transforms as gt
 from rfdetr_fn import lora, optim, schedules, transforms, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.model import detector
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
-
-TARGET_KEYS = ("labels", "boxes", "masks")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -28,7 +28,7 @@ def test_average_command_writes_the_mean(tmp_path):
     runs = [tree.flatten(rf.load_weights(p, cfg)[1]) for p in paths]
     for k, v in tree.flatten(soup).items():
         torch.testing.assert_close(v, (runs[0][k] + runs[1][k] + runs[2][k]) / 3, rtol=1e-6, atol=1e-7)
-    assert rf.checkpoint.class_names(out) == ["a", "b"]
+    assert rf.weights.class_names(out) == ["a", "b"]
 
     cli.main(["average", *paths[:2], "--out", str(out), "--weights", "3", "1"])
     key = "class_embed.weight"
