@@ -55,6 +55,7 @@ def init_state(
     cfg: ModelConfig | None = None,
     *,
     optimizer: gt.GradientTransformation | None = None,
+    trainable: transforms.Where | None = None,
 ) -> TrainState:
     """A fresh train state; optimizer and EMA state are copies, never aliases, of the params.
 
@@ -62,9 +63,11 @@ def init_state(
     model config when those are on, and the same `optimizer` as `make_train_step` when it is custom.
     """
     device = next(tree.leaves(params)).device
-    trainable, _ = _split(params, cfg, tcfg)
+    cfg = cfg or ModelConfig()
+    where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
+    trainable, _ = _split(params, where)
     if optimizer is None:
-        optimizer = optim.make_optimizer(cfg or ModelConfig(), tcfg, tree.flatten(trainable))
+        optimizer = optim.make_optimizer(cfg, tcfg, tree.flatten(trainable))
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "params": params,
@@ -74,9 +77,8 @@ def init_state(
     }
 
 
-def _split(params: tree.Params, cfg: ModelConfig | None, tcfg: TrainConfig) -> tuple[tree.Params, tree.Params]:
-    """(trainable, frozen) by `optim.trainable`; everything trains when nothing is frozen."""
-    where = optim.trainable(cfg or ModelConfig(), tcfg)
+def _split(params: tree.Params, where: transforms.Where | None) -> tuple[tree.Params, tree.Params]:
+    """(trainable, frozen); everything trains when `where` is None."""
     return (params, {}) if where is None else transforms.partition(params, where)
 
 
@@ -84,11 +86,6 @@ def param_names(cfg: ModelConfig) -> list[str]:
     """Every leaf of the model's params tree: upstream's keys, plus the DoRA adapters with backbone_lora."""
     shapes = detector.param_shapes(cfg)
     return list(shapes) + (list(lora.adapter_shapes(shapes)) if cfg.backbone_lora else [])
-
-
-def _is_trainable(name: str, cfg: ModelConfig, tcfg: TrainConfig) -> bool:
-    where = optim.trainable(cfg, tcfg)
-    return where is None or transforms.matcher(where)(name, None)
 
 
 def seed_for_step(seed: int, step: int, rank: int = 0) -> int:
@@ -104,16 +101,19 @@ def make_train_step(
     precision: str = "fp32",
     world_size: int = 1,
     optimizer: gt.GradientTransformation | None = None,
+    trainable: transforms.Where | None = None,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
     """Bind the static configuration and return the pure step (compile it with `compile_step`).
 
     `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it
-    gets `step=` for its schedules). Only the leaves `optim.trainable` selects get gradients.
+    gets `step=` for its schedules). Only the leaves `trainable` selects (default `optim.trainable`:
+    freezing, LoRA) get gradients; pass the same `trainable` and `optimizer` to `init_state`.
     """
     schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
     if optimizer is None:
-        names = [n for n in param_names(cfg) if _is_trainable(n, cfg, tcfg)]
+        names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
         optimizer = optim.make_optimizer(cfg, tcfg, names, schedule)
 
     def loss_fn(trainable: tree.Params, frozen: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
@@ -129,7 +129,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
         params, step = state["params"], state["step"]
-        trainable, frozen = _split(params, cfg, tcfg)
+        trainable, frozen = _split(params, where)
         scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
         grads_sum: tree.Params | None = None
         loss_sums: dict[str, Tensor] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import attrs
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -142,6 +143,7 @@ def test_backbone_lora_step_trains_adapters_and_heads_only():
     assert not torch.equal(before[f"{QUERY}.lora_B.default.weight"], after[f"{QUERY}.lora_B.default.weight"])
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_same_gradients():
     cfg = presets.tiny(num_classes=2)
     params = detector.init(cfg, 0)
