@@ -26,7 +26,7 @@ def main(out: Path) -> None:
     rf.save_weights(start, rf.init(cfg, seed=0), cfg)  # a shared start, as soups assume
     paths = []
     for seed in range(3):
-        tcfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, lr_encoder=1e-3, multi_scale="off", compile="off",
+        tcfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, lr_encoder=1e-3, multi_scale="off", compile="off",
                            seed=seed, pretrain_weights=str(start), output_dir=str(out / f"run{seed}"),
                            progress_bar=False, tensorboard=False)  # fmt: skip
         fit(FitArgs(preset="tiny", model=cfg, train=tcfg, data=DATA))
@@ -37,11 +37,12 @@ def main(out: Path) -> None:
     def score(params) -> float:
         return run_split(params, cfg, DATA, EvalConfig(), None, "valid", batch_size=4)["val/mAP_50_95"]
 
+    alone = [score(params) for params in runs]
     uniform = transforms.average(runs)
-    greedy, used = transforms.greedy_soup(runs, score)
+    greedy, used = transforms.greedy_soup(runs, score, scores=alone)
     print("\n   weights        mAP 50:95")
-    for i, params in enumerate(runs):
-        print(f"   run {i}          {score(params):.4f}")
+    for i, value in enumerate(alone):
+        print(f"   run {i}          {value:.4f}")
     print(f"   uniform soup   {score(uniform):.4f}")
     print(f"   greedy soup    {score(greedy):.4f}   (runs {used})")
     rf.save_weights(out / "soup.pth", greedy, cfg)

@@ -137,16 +137,22 @@ def lerp(a: Mapping[str, Any], b: Mapping[str, Any], t: float) -> tree.Params:
 
 
 def greedy_soup(
-    candidates: Sequence[Mapping[str, Any]], evaluate: Callable[[tree.Params], float]
+    candidates: Sequence[Mapping[str, Any]],
+    evaluate: Callable[[tree.Params], float],
+    scores: Sequence[float] | None = None,
 ) -> tuple[tree.Params, list[int]]:
     """Wortsman et al.'s greedy soup: rank candidates by their own score, then add each one to the
     uniform soup only if the soup's score does not drop. Returns (soup, indices of the ingredients).
 
-    `evaluate(params) -> float` is higher-is-better (e.g. validation mAP).
+    `evaluate(params) -> float` is higher-is-better (e.g. validation mAP); `scores` are the candidates'
+    own scores when already known (evaluation is the expensive part).
     """
     if not candidates:
         raise ValueError("greedy_soup: no candidates")
-    scores = [evaluate(tree.unflatten(tree.flatten(c))) for c in candidates]
+    if scores is None:
+        scores = [evaluate(tree.unflatten(tree.flatten(c))) for c in candidates]
+    elif len(scores) != len(candidates):
+        raise ValueError(f"greedy_soup: {len(scores)} scores for {len(candidates)} candidates")
     order = sorted(range(len(candidates)), key=lambda i: -scores[i])
     chosen = [order[0]]
     best, soup = scores[order[0]], tree.unflatten(tree.flatten(candidates[order[0]]))
