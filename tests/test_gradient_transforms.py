@@ -126,7 +126,7 @@ def test_recipe_equals_previous_optim_over_steps():
     params = detector.init(cfg, 0)
     gen = torch.Generator().manual_seed(3)
     old, new = (params, optim.adamw_init(params)), (params, optim.adamw_init(params))
-    for k, factor in enumerate((0.3, 1.0, 0.7, 0.1, 0.5), start=1):
+    for k, factor in enumerate((0.3, 1.0, 0.5), start=1):
         grads = tree.map_(lambda t: 0.1 * torch.randn(t.shape, generator=gen), params)
         f = torch.tensor(factor, dtype=torch.float64)
         old = _previous_adamw(*old[:1], grads, old[1], groups, f, tcfg.betas, tcfg.eps)
