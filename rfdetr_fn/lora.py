@@ -152,9 +152,3 @@ def from_peft(flat: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
             key = ENCODER + key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
         (adapters if is_adapter(key) else dense)[key] = value
     return dense, adapters
-
-
-def trainable_fraction(params: tree.Params) -> float:
-    """Adapter elements / all elements of a combined tree (the share of the model LoRA trains in the ViT)."""
-    flat = tree.flatten(params)
-    return sum(v.numel() for k, v in flat.items() if is_adapter(k)) / max(1, sum(v.numel() for v in flat.values()))
