@@ -135,8 +135,9 @@ def child(args) -> dict:
     state, out["step_s"] = _median_step(step, state, batch, args.steps)
     out["peak_rss_gib"] = _rss_gib("VmHWM")
     scale = torch.ones((), device=device)
-    got_g, (_, (_, got_l)) = grad_and_value(step.pieces.loss)(params, batch, scale)
-    want_g, (_, (_, want_l)) = grad_and_value(eager_step.pieces.loss)(params, batch, scale)
+    trainable, frozen = eager_step.pieces.split(params)
+    got_g, (_, (_, got_l)) = grad_and_value(step.pieces.loss)(trainable, frozen, batch, scale)
+    want_g, (_, (_, want_l)) = grad_and_value(eager_step.pieces.loss)(trainable, frozen, batch, scale)
     out["max_loss_rel"] = max(abs(float(got_l[k] - want_l[k])) / max(abs(float(want_l[k])), 1e-12) for k in want_l)
     flat = tree.flatten(got_g)
     out["max_grad_rel"] = max(
