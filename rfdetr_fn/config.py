@@ -7,6 +7,7 @@ so a bad value fails early with the field's name.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import attrs
@@ -35,6 +36,15 @@ UPSTREAM_NAMES = {
     "seg_xlarge": "RFDETRSegXLarge",
     "seg_2xlarge": "RFDETRSeg2XLarge",
 }
+
+
+def _finite_floats(inst) -> None:
+    """NaN or infinity in a float field (`--train.lr nan`) would only surface as a diverged run."""
+    for att in attrs.fields(type(inst)):
+        value = getattr(inst, att.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{att.name}={value} must be finite")
 
 
 def _positive(inst, att, value) -> None:
@@ -116,6 +126,7 @@ class ModelConfig:
     """Mask logits are predicted at 1/ratio of the input size."""
 
     def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
         block = self.patch_size * self.num_windows
         if self.resolution % block:
             raise ValueError(
@@ -306,6 +317,7 @@ class TrainConfig:
     """Write a metrics.csv row every this many optimizer steps."""
 
     def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
 
@@ -342,3 +354,6 @@ class EvalConfig:
     """Report AP per class."""
     threshold: float = attrs.field(default=0.5, validator=_unit_interval)
     """predict: keep detections scoring above this."""
+
+    def __attrs_post_init__(self) -> None:
+        _finite_floats(self)

@@ -33,6 +33,10 @@ from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_pr
 from rfdetr_fn.validate import evaluate
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops, keeping the last good train state."""
+
+
 @attrs.frozen(kw_only=True)
 class FitArgs:
     """Train an RF-DETR detector. Defaults: RF-DETR Nano on the built-in synthetic shapes, 5 epochs (a smoke run)."""
@@ -117,7 +121,11 @@ def fit(args: FitArgs) -> dict[str, Any]:
                 size = per_batch_scale(step, scales)
                 micro = [resize_batch(b, size) for b in micro]
             torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
-            state, metrics = step_fn(state, micro)
+            new_state, metrics = step_fn(state, micro)
+            if not _finite_step(metrics, precision):  # the pure step left `state` intact: keep it
+                _save_state(out_dir / "last", state, loop)
+                raise TrainingDiverged(_divergence_message(metrics, step, tcfg, out_dir))
+            state = new_state
             seen += sum(len(b["images"]) for b in micro)
             micro = []
             step, loop["batch"] = step + 1, index + 1
@@ -309,8 +317,28 @@ def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | N
     return regular, ema
 
 
+def _finite_step(metrics: dict, precision: str) -> bool:
+    """Loss and gradient norm finite (one host sync); fp16 overflow is skipped by the step, not an error."""
+    ok = torch.isfinite(metrics["loss"])
+    if precision != "fp16":
+        ok = ok & metrics["finite"]
+    return bool(ok)
+
+
+def _divergence_message(metrics: dict, step: int, tcfg: TrainConfig, out_dir: Path) -> str:
+    return (
+        f"training diverged: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+        f"({float(metrics['grad_norm'])}) at step {step + 1}; the last good train state (step {step}) is in "
+        f"{out_dir / 'last'}. Lower --train.lr ({tcfg.lr:g}) / --train.lr-encoder ({tcfg.lr_encoder:g}) or "
+        "tighten --train.clip-max-norm, then resume with --train.resume auto --train.resume-allow-changes"
+    )
+
+
 def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
-    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth)."""
+    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth); never non-finite weights."""
+    bad = [k for k, v in tree.flatten(params).items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingDiverged(f"{out_dir / name}: not written: non-finite weights in {bad[:5]}")
     args = {**attrs.asdict(tcfg), "class_names": class_names}
     checkpoint.write_upstream_best(
         out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
