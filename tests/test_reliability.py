@@ -83,7 +83,8 @@ def test_2_divergence_stops_with_last_good_state_and_no_nan_weights(tmp_path, ch
 
 
 def test_2_non_finite_config_values_are_rejected():
-    for field, value in [("lr", math.nan), ("weight_decay", math.inf), ("clip_max_norm", math.nan), ("betas", (0.9, math.nan))]:
+    bad = {"lr": math.nan, "weight_decay": math.inf, "clip_max_norm": math.nan, "betas": (0.9, math.nan)}
+    for field, value in bad.items():
         with pytest.raises(ValueError, match=f"{field}=.*finite"):
             TrainConfig(**{field: value})
     with pytest.raises(SystemExit):
