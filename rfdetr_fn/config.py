@@ -307,6 +307,9 @@ class TrainConfig:
     """Where checkpoints, metrics and plots are written."""
     resume: str | None = None
     """Train-state checkpoint directory to resume from ('auto' = output_dir/last)."""
+    overwrite: bool = False
+    """Start a fresh run in an output_dir that holds an earlier run's files, deleting them first (without it,
+    such a run is refused: resume it or pick another output_dir)."""
     pretrain_weights: str | None = None
     """Weights file to fine-tune from (upstream .pth/.ckpt or safetensors); None trains from scratch."""
     tensorboard: bool = True

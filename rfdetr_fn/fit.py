@@ -9,6 +9,7 @@ continues exactly where the saved one stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -31,6 +32,10 @@ from rfdetr_fn.data import (
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used for this run (another run's files, another run's lock)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,8 +64,9 @@ def fit(args: FitArgs) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
     out_dir = Path(tcfg.output_dir)
-    if world.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = _resume_dir(tcfg, out_dir)
+    if resume_dir is None and not tcfg.overwrite:
+        _refuse_used_dir(out_dir)
     torch.manual_seed(tcfg.seed)
 
     # ---- data: the train split fixes the label space for every split ----
@@ -74,6 +80,10 @@ def fit(args: FitArgs) -> dict[str, Any]:
     slots = target_slots(train_ds) if compiled else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
+    if world.main:  # only now that the data is known to load
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_dir is None and tcfg.overwrite:
+            _clear_run(out_dir)
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
@@ -83,7 +93,6 @@ def fit(args: FitArgs) -> dict[str, Any]:
     params = tree.to(params, world.device)
     state = init_state(params, tcfg)
     loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
-    resume_dir = _resume_dir(tcfg, out_dir)
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
@@ -179,9 +188,8 @@ def fit(args: FitArgs) -> dict[str, Any]:
                     print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
 
         # ---- train-state checkpoints (all ranks take part in DCP) ----
-        _save_state(out_dir / "last", state, loop)
-        if trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs):
-            _save_state(out_dir / f"checkpoint_{epoch:04d}", state, loop)
+        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
         if last_epoch:
             break
 
@@ -224,6 +232,36 @@ def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:
     return path
 
 
+# What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
+RUN_FILES = (
+    "training_config.json", "metrics.csv", "tensorboard", "losses.png", "lr.png", "map.png", "last", "last.*",
+    "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*", ".training_config.json.*", ".metrics.csv.*",
+)  # fmt: skip
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+
+
+def _refuse_used_dir(out_dir: Path) -> None:
+    """A fresh run must not mix with an earlier one (its best weights would be taken for the new run's)."""
+    found = _run_files(out_dir) if out_dir.is_dir() else []
+    if found:
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise OutputDirError(
+            f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
+            "--train.overwrite (deletes those files), or pick another --train.output-dir"
+        )
+
+
+def _clear_run(out_dir: Path) -> None:
+    for path in _run_files(out_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def _state_tree(state: dict, loop: dict) -> dict:
     return {
         "state": state,
@@ -233,8 +271,8 @@ def _state_tree(state: dict, loop: dict) -> dict:
     }
 
 
-def _save_state(path: Path, state: dict, loop: dict) -> None:
-    checkpoint.save_state(path, _state_tree(state, loop))
+def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
+    checkpoint.save_state(path, _state_tree(state, loop), keep=keep)
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:

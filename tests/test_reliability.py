@@ -89,3 +89,25 @@ def test_2_non_finite_config_values_are_rejected():
             TrainConfig(**{field: value})
     with pytest.raises(SystemExit):
         cli.parse(FitArgs, ["--train.lr", "nan"])
+
+
+# ---------------------------------------------------------------- 1. a fresh run into a used output dir
+
+
+def test_1_fresh_run_refuses_a_used_output_dir_and_overwrite_starts_clean(tmp_path, cheap_fit):
+    from rfdetr_fn import fit
+
+    out = tmp_path / "run"
+    cheap_fit.setattr(fit, "_evaluate_epoch", lambda *a: {"val/mAP_50_95": 0.5, "val/ema_mAP_50_95": 0.5})
+    cli.main(fit_argv(out, "--train.epochs", "1"))  # the old run: its EMA scored 0.5
+    old_rows = len((out / "metrics.csv").read_text().splitlines())
+    cheap_fit.setattr(fit, "_evaluate_epoch", lambda *a: {"val/mAP_50_95": 0.0, "val/ema_mAP_50_95": 0.0})
+    with pytest.raises(ValueError, match=r"run\b.*already.*--train.resume auto.*--train.overwrite"):
+        cli.main(fit_argv(out, "--train.epochs", "1", "--train.seed", "5"))
+    assert len((out / "metrics.csv").read_text().splitlines()) == old_rows  # nothing touched
+
+    cli.main(fit_argv(out, "--train.epochs", "1", "--train.seed", "5", "--train.overwrite"))
+    assert len((out / "metrics.csv").read_text().splitlines()) == old_rows  # the new run's rows only
+    _, best = checkpoint.load_weights(out / "checkpoint_best_total.pth")
+    _, last = checkpoint.load_weights(out / "last_ema.pth")  # the new run never beat 0: best = its final EMA
+    assert all(torch.equal(v, tree.flatten(last)[k]) for k, v in tree.flatten(best).items())
