@@ -337,6 +337,9 @@ class DataConfig:
     """Explicit class names (checked against the dataset)."""
     num_workers: int = attrs.field(default=2, validator=_non_negative)
     """DataLoader worker processes."""
+    check_images: bool = True
+    """Read the header of every image of every split before training and report all bad files at once
+    (threads, seconds for thousands of files); --data.no-check-images skips it for huge trusted datasets."""
     synthetic_images: int = attrs.field(default=32, validator=_positive)
     """Built-in dataset: training images (valid and test get a quarter each)."""
     synthetic_classes: int = attrs.field(default=3, validator=_positive)

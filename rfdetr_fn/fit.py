@@ -19,9 +19,10 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
+from rfdetr_fn import checkpoint, distributed, imageio, presets, runlog, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
+    DatasetError,
     build_dataset,
     multi_scale_scales,
     per_batch_scale,
@@ -73,6 +74,9 @@ def fit(args: FitArgs) -> dict[str, Any]:
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
+    test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
+    if dcfg.check_images:
+        _check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
     compiled = use_compile(tcfg.compile, world.device)
     # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
@@ -92,7 +96,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
         params = detector.init(cfg, tcfg.seed)
     params = tree.to(params, world.device)
     state = init_state(params, tcfg)
-    loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
+    loop = {"epoch": 0, "batch": 0, "eval_pending": -1, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
@@ -113,10 +117,14 @@ def fit(args: FitArgs) -> dict[str, Any]:
             "(minutes each; inductor caches them for later runs); --train.compile off skips it"
         )
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+    run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names)
     record: dict[str, Any] = {}
 
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
-    for epoch in range(loop["epoch"], tcfg.epochs):
+    stopped = False
+    if loop["eval_pending"] >= 0:  # the saved run stopped before (or while) evaluating that epoch
+        record, stopped = _evaluate_and_track(run, state, loop, step)
+    for epoch in range(loop["epoch"], 0 if stopped else tcfg.epochs):
         # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
         loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
         bar = _progress(tcfg, world, steps_per_epoch, epoch)
@@ -153,44 +161,20 @@ def fit(args: FitArgs) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
+        evaluating = trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs)
+
+        # ---- save first (all ranks take part in DCP): a failing evaluation must not cost the epoch ----
+        loop["eval_pending"] = epoch if evaluating or last_epoch else -1
+        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
 
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
-        if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
-            record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
-            regular, ema = _monitored(record, tcfg)
-            loop["best"], decisions = trackers.update_best(
-                loop["best"],
-                epoch=epoch,
-                regular=regular,
-                ema=ema,
-                skip_best_epochs=tcfg.skip_best_epochs,
-                smooth_alpha=tcfg.smooth_alpha,
-            )
-            loop["stop"], stop = trackers.update_early_stop(
-                loop["stop"],
-                epoch=epoch,
-                regular=regular,
-                ema=ema,
-                use_ema=tcfg.early_stopping_use_ema,
-                patience=tcfg.early_stopping_patience,
-                min_delta=tcfg.early_stopping_min_delta,
-                skip_best_epochs=tcfg.skip_best_epochs,
-            )
-            if world.main:
-                _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir)
-                log.log(record)
-                print(_summary(record))
-            if tcfg.early_stopping and distributed.broadcast_object(stop, world):
-                last_epoch = True
-                if world.main:
-                    patience = tcfg.early_stopping_patience
-                    print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
-
-        # ---- train-state checkpoints (all ranks take part in DCP) ----
-        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
-        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
+        if loop["eval_pending"] >= 0:
+            record, stop = _evaluate_and_track(run, state, loop, step)
+            last_epoch = last_epoch or stop
         if last_epoch:
+            _save_state(out_dir / "last", state, loop)  # with this evaluation's records
             break
 
     if world.main:
@@ -232,6 +216,34 @@ def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:
     return path
 
 
+def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
+    """--train.run-test scores the test split after training: make sure there is one before training."""
+    try:
+        return build_dataset(dcfg, "test", cfg, tcfg, train=False)
+    except DatasetError as err:
+        raise DatasetError(f"--train.run-test needs a test split: {err}") from err
+
+
+def _check_images(datasets: list) -> None:
+    """Every image header of every split, all problems in one error (an epoch must not end on a bad file)."""
+    items: dict[Path, tuple[Path, int, int]] = {}
+    for ds in datasets:
+        if ds is not None and ds.render is None and ds.image_dir is not None:
+            for i, entry in enumerate(ds.images):
+                path = ds.image_path(i)
+                items.setdefault(path, (path, entry["width"], entry["height"]))
+    bad, odd = imageio.check_headers(list(items.values()))
+    if odd:
+        shown = "\n  ".join(odd[:10]) + (f"\n  ... and {len(odd) - 10} more" if len(odd) > 10 else "")
+        warnings.warn(
+            f"{len(odd)} image(s) differ in size from their annotation (boxes may be in another frame):\n  {shown}",
+            stacklevel=3,
+        )
+    if bad:
+        shown = "\n  ".join(bad[:200]) + (f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else "")
+        raise DatasetError(f"{len(bad)} unusable image(s) found before training (all splits checked):\n  {shown}")
+
+
 # What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
 RUN_FILES = (
     "training_config.json", "metrics.csv", "tensorboard", "losses.png", "lr.png", "map.png", "last", "last.*",
@@ -265,7 +277,7 @@ def _clear_run(out_dir: Path) -> None:
 def _state_tree(state: dict, loop: dict) -> dict:
     return {
         "state": state,
-        "loop": {"epoch": loop["epoch"], "batch": loop["batch"]},
+        "loop": {"epoch": loop["epoch"], "batch": loop["batch"], "eval_pending": loop["eval_pending"]},
         "best": trackers.to_dict(loop["best"]),
         "stop": trackers.to_dict(loop["stop"]),
     }
@@ -280,6 +292,7 @@ def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
         "batch": int(restored["loop"]["batch"]),
+        "eval_pending": int(restored["loop"]["eval_pending"]),
         "best": trackers.from_dict(trackers.BestState, restored["best"]),
         "stop": trackers.from_dict(trackers.EarlyStopState, restored["stop"]),
     }
@@ -353,6 +366,57 @@ def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | N
     regular = record.get(f"val/{key}") if base_evaluated else None
     ema = record.get(f"val/ema_{key}") if tcfg.use_ema else None
     return regular, ema
+
+
+@attrs.frozen
+class _Run:
+    """What the evaluation and best-model bookkeeping of a run read."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    dcfg: DataConfig
+    ecfg: EvalConfig
+    val_ds: Any
+    world: Any
+    log: runlog.RunLog
+    out_dir: Path
+    class_names: list[str]
+
+
+def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int) -> tuple[dict, bool]:
+    """Evaluate the epoch `loop["eval_pending"]`, update the best-model and early-stopping records, write
+    the best weights and the metrics row; returns (record, stop)."""
+    tcfg, epoch = run.tcfg, loop["eval_pending"]
+    record = {"step": step, "epoch": epoch}
+    record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world))
+    regular, ema = _monitored(record, tcfg)
+    loop["best"], decisions = trackers.update_best(
+        loop["best"],
+        epoch=epoch,
+        regular=regular,
+        ema=ema,
+        skip_best_epochs=tcfg.skip_best_epochs,
+        smooth_alpha=tcfg.smooth_alpha,
+    )
+    loop["stop"], stop = trackers.update_early_stop(
+        loop["stop"],
+        epoch=epoch,
+        regular=regular,
+        ema=ema,
+        use_ema=tcfg.early_stopping_use_ema,
+        patience=tcfg.early_stopping_patience,
+        min_delta=tcfg.early_stopping_min_delta,
+        skip_best_epochs=tcfg.skip_best_epochs,
+    )
+    loop["eval_pending"] = -1
+    if run.world.main:
+        _save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
+        run.log.log(record)
+        print(_summary(record))
+    stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, run.world))
+    if stop and run.world.main:
+        print(f"early stopping at epoch {epoch}: no improvement in {tcfg.early_stopping_patience} evaluations")
+    return record, stop
 
 
 def _finite_step(metrics: dict, precision: str) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import pytest
 import torch
+from PIL import Image
 
 from rfdetr_fn import checkpoint, cli, tree
 from rfdetr_fn.config import TrainConfig
@@ -29,6 +32,29 @@ def _no_plots(monkeypatch):
     from rfdetr_fn import runlog
 
     monkeypatch.setattr(runlog, "plot", lambda rows, out: [])
+
+
+def make_roboflow(root, counts=(("train", 4), ("valid", 2)), size=64):
+    """A Roboflow-layout dataset of plain PNGs, one box each; returns the root."""
+    cats = [{"id": 0, "name": "shapes", "supercategory": "none"}, {"id": 1, "name": "sq", "supercategory": "shapes"}]
+    for split, n in counts:
+        folder = root / split
+        folder.mkdir(parents=True)
+        images, anns = [], []
+        for i in range(n):
+            name = f"{split}{i}.png"
+            Image.new("RGB", (size, size), (40 * i % 256, 80, 160)).save(folder / name)
+            images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+            box = [8, 8, 24, 24]
+            anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": box, "area": 576, "iscrowd": 0})
+        coco = {"images": images, "annotations": anns, "categories": cats}
+        (folder / "_annotations.coco.json").write_text(json.dumps(coco))
+    return root
+
+
+def rows(out) -> list[dict]:
+    with (out / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
 
 
 def fake_step(nan_at: int | None = None):
@@ -111,3 +137,38 @@ def test_1_fresh_run_refuses_a_used_output_dir_and_overwrite_starts_clean(tmp_pa
     _, best = checkpoint.load_weights(out / "checkpoint_best_total.pth")
     _, last = checkpoint.load_weights(out / "last_ema.pth")  # the new run never beat 0: best = its final EMA
     assert all(torch.equal(v, tree.flatten(last)[k]) for k, v in tree.flatten(best).items())
+
+
+# ---------------------------------------------------------------- 3. bad images found before training
+
+
+def test_3_every_bad_image_of_every_split_is_reported_before_training(tmp_path, cheap_fit):
+    data = make_roboflow(tmp_path / "data")
+    (data / "valid" / "valid1.png").write_bytes(b"")  # zero bytes
+    (data / "train" / "train2.png").write_text("not an image")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"2 unusable image") as err:
+        cli.main(fit_argv(out, "--data.dataset-dir", str(data)))
+    assert "valid1.png: empty file" in str(err.value) and "train2.png: unreadable" in str(err.value)
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_3_state_is_saved_before_evaluating_and_a_resume_evaluates_first(tmp_path, cheap_fit):
+    from rfdetr_fn import fit
+
+    def broken(*a):
+        raise OSError("disk hiccup while evaluating")
+
+    out = tmp_path / "run"
+    cheap_fit.setattr(fit, "_evaluate_epoch", broken)
+    with pytest.raises(OSError, match="hiccup"):
+        cli.main(fit_argv(out, "--train.epochs", "1"))
+    template = {"state": {"step": torch.zeros((), dtype=torch.int64)}, "loop": {"epoch": 0, "eval_pending": 0}}
+    saved = checkpoint.load_state(out / "last", template)
+    assert int(saved["state"]["step"]) > 0 and saved["loop"] == {"epoch": 1, "eval_pending": 0}  # epoch kept
+
+    cheap_fit.setattr(fit, "_evaluate_epoch", lambda *a: {"val/mAP_50_95": 0.25, "val/ema_mAP_50_95": 0.25})
+    cli.main(fit_argv(out, "--train.epochs", "1", "--train.resume", "auto"))
+    evaluated = [r for r in rows(out) if r.get("val/mAP_50_95")]
+    assert [(r["epoch"], r["val/mAP_50_95"]) for r in evaluated] == [("0", "0.25")]
+    assert (out / "checkpoint_best_ema.pth").exists()
