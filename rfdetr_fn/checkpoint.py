@@ -764,17 +764,23 @@ def _complete(directory: Path) -> bool:
     return (directory / STATE_MARKER).is_file() and (directory / ".metadata").is_file()
 
 
+def newest_state_dir(directory: str | os.PathLike) -> Path | None:
+    """The newest complete copy of a train state: `directory` itself, or the temp or set-aside copy that a
+    save killed between its two renames left beside it (newest marker wins); None when there is none."""
+    directory = Path(directory)
+    copies = [directory, *directory.parent.glob(f"{directory.name}.tmp-*")]
+    copies += directory.parent.glob(f"{directory.name}.old-*")
+    complete = [p for p in copies if _complete(p)]
+    return max(complete, key=lambda p: (p / STATE_MARKER).stat().st_mtime_ns, default=None)
+
+
 def _resolve_state_dir(directory: Path) -> Path:
-    """`directory` if complete; else a complete copy left by a save interrupted mid-swap."""
-    if _complete(directory):
-        return directory
-    siblings = sorted(directory.parent.glob(f"{directory.name}.tmp-*")) + sorted(
-        directory.parent.glob(f"{directory.name}.old-*")
-    )
-    for candidate in siblings:
-        if _complete(candidate):
-            warnings.warn(f"{directory}: incomplete; restoring from {candidate.name}", stacklevel=3)
-            return candidate
+    """`directory`, or the newest complete copy left by a save interrupted mid-swap."""
+    found = newest_state_dir(directory)
+    if found is not None:
+        if found != directory:
+            warnings.warn(f"{directory}: incomplete; restoring from {found.name}", stacklevel=3)
+        return found
     if directory.exists():
         raise CheckpointError(f"{directory}: not a complete train-state checkpoint (no {STATE_MARKER})")
     raise CheckpointError(f"{directory}: no such train-state checkpoint directory")

@@ -117,6 +117,8 @@ def fit(args: FitArgs) -> dict[str, Any]:
             "(minutes each; inductor caches them for later runs); --train.compile off skips it"
         )
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+    if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
+        log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
     run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names)
     record: dict[str, Any] = {}
 
@@ -208,11 +210,9 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
 def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:
     if tcfg.resume is None:
         return None
-    path = out_dir / "last" if tcfg.resume == "auto" else Path(tcfg.resume)
-    if not path.exists():
-        if tcfg.resume == "auto":
-            return None
-        raise FileNotFoundError(f"train.resume={tcfg.resume}: no checkpoint directory there")
+    path = checkpoint.newest_state_dir(out_dir / "last" if tcfg.resume == "auto" else tcfg.resume)
+    if path is None and tcfg.resume != "auto":
+        raise FileNotFoundError(f"train.resume={tcfg.resume}: no complete train-state checkpoint there")
     return path
 
 

@@ -172,3 +172,28 @@ def test_3_state_is_saved_before_evaluating_and_a_resume_evaluates_first(tmp_pat
     evaluated = [r for r in rows(out) if r.get("val/mAP_50_95")]
     assert [(r["epoch"], r["val/mAP_50_95"]) for r in evaluated] == [("0", "0.25")]
     assert (out / "checkpoint_best_ema.pth").exists()
+
+
+# ---------------------------------------------------------------- 8. a kill between the two renames of a save
+
+
+def test_8_resume_takes_the_newest_complete_copy_and_keeps_one_row_per_step(tmp_path, cheap_fit, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    every = ("--train.epochs", "2", "--train.log-every-n-steps", "1")
+    cli.main(fit_argv(out, *every, "--train.max-steps", "2"))
+    shutil.copytree(out / "last", tmp_path / "at_step_2")
+    cli.main(fit_argv(out, *every, "--train.max-steps", "4", "--train.resume", "auto"))
+    # killed mid-swap of the step-4 save: the old copy moved aside, the new one complete under its temp name
+    (out / "last").rename(out / "last.tmp-999")
+    (tmp_path / "at_step_2").rename(out / "last.old-999")
+    logged = rows(out)
+    with (out / "metrics.csv").open("a", newline="") as f:  # a row the killed run logged after its last save
+        csv.DictWriter(f, fieldnames=list(logged[0])).writerow({**logged[-2], "step": "5"})
+    capsys.readouterr()
+    cli.main(fit_argv(out, *every, "--train.resume", "auto"))
+    assert "last.tmp-999 at epoch 0, step 4" in capsys.readouterr().out
+    steps = [int(r["step"]) for r in rows(out) if r.get("train/loss")]
+    assert steps == list(range(1, 11))  # every step once, none replayed twice
+    assert sorted(p.name for p in out.glob("last*")) == ["last", "last_ema.pth"]
