@@ -38,6 +38,10 @@ UPSTREAM_NAMES = {
 }
 
 
+class ConfigError(ValueError):
+    """An impossible or refused configuration; the message names the file, section and key."""
+
+
 def _finite_floats(inst) -> None:
     """NaN or infinity in a float field (`--train.lr nan`) would only surface as a diverged run."""
     for att in attrs.fields(type(inst)):
@@ -307,6 +311,9 @@ class TrainConfig:
     """Where checkpoints, metrics and plots are written."""
     resume: str | None = None
     """Train-state checkpoint directory to resume from ('auto' = output_dir/last)."""
+    resume_allow_changes: bool = False
+    """Resume even though fields that change the training trajectory (lr, batch size, seed, data, model, ...)
+    differ from the saved run's; each change is printed and recorded in config_history.jsonl."""
     overwrite: bool = False
     """Start a fresh run in an output_dir that holds an earlier run's files, deleting them first (without it,
     such a run is refused: resume it or pick another output_dir)."""

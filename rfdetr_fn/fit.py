@@ -20,7 +20,7 @@ import attrs
 import torch
 
 from rfdetr_fn import checkpoint, distributed, imageio, presets, runlog, trackers, tree
-from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
     build_dataset,
@@ -102,7 +102,10 @@ def fit(args: FitArgs) -> dict[str, Any]:
         if world.main:
             print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
     if world.main:
-        _write_json(out_dir / "training_config.json", _config_record(args, cfg, class_names))
+        record = _config_record(args, cfg, class_names)
+        if resume_dir is not None:
+            _check_resume_changes(out_dir, record, tcfg, int(state["step"]))
+        _write_json(out_dir / "training_config.json", record)
 
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
@@ -246,8 +249,9 @@ def _check_images(datasets: list) -> None:
 
 # What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
 RUN_FILES = (
-    "training_config.json", "metrics.csv", "tensorboard", "losses.png", "lr.png", "map.png", "last", "last.*",
-    "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*", ".training_config.json.*", ".metrics.csv.*",
+    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "losses.png", "lr.png",
+    "map.png", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
+    ".training_config.json.*", ".metrics.csv.*",
 )  # fmt: skip
 
 
@@ -308,6 +312,57 @@ def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> d
         "class_names": class_names,
         "command": sys.argv,
     }
+
+
+# Fields a resumed run may change freely: stopping, evaluation, logging and I/O, not the optimisation path.
+RESUME_SAFE = {
+    "train": {
+        "epochs", "max_steps", "eval_interval", "checkpoint_interval", "eval_base_model", "compute_val_loss",
+        "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
+        "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
+        "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
+        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
+    },
+    "data": {"num_workers", "check_images"},
+    "eval": {"backend", "max_dets", "per_class", "threshold"},
+}  # fmt: skip
+
+
+def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
+    """{"section.field": [old, new]} for the trajectory-changing fields that differ between two config
+    records (a cosine schedule's length depends on epochs and max_steps, so then those count too)."""
+    new = json.loads(json.dumps(new, default=str))
+    changes = {}
+    for section in ("model", "train", "data", "eval"):
+        safe = RESUME_SAFE.get(section, set()) - ({"epochs", "max_steps"} if cosine else set())
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if key not in safe and before.get(key) != after.get(key):
+                changes[f"{section}.{key}"] = [before.get(key), after.get(key)]
+    if old.get("class_names") != new.get("class_names"):
+        changes["class_names"] = [old.get("class_names"), new.get("class_names")]
+    return changes
+
+
+def _check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
+    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
+    path = out_dir / "training_config.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")
+    if not changes:
+        return
+    lines = "\n  ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+    if not tcfg.resume_allow_changes:
+        raise ConfigError(
+            f"{path}: resuming with settings that change the training trajectory:\n  {lines}\n"
+            "Resume with the saved values, or pass --train.resume-allow-changes to continue with the new ones"
+        )
+    print(f"resuming at step {step} with changed settings (recorded in config_history.jsonl):\n  {lines}")
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes, "previous": previous}
+    with open(out_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
 
 
 def _write_json(path: Path, value: Any) -> None:

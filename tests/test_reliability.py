@@ -197,3 +197,25 @@ def test_8_resume_takes_the_newest_complete_copy_and_keeps_one_row_per_step(tmp_
     steps = [int(r["step"]) for r in rows(out) if r.get("train/loss")]
     assert steps == list(range(1, 11))  # every step once, none replayed twice
     assert sorted(p.name for p in out.glob("last*")) == ["last", "last_ema.pth"]
+
+
+# ---------------------------------------------------------------- 7. resume with a changed config
+
+
+def test_7_resume_refuses_trajectory_changes_unless_allowed_and_keeps_the_history(tmp_path, cheap_fit, capsys):
+    out = tmp_path / "run"
+    cli.main(fit_argv(out, "--train.epochs", "2", "--train.max-steps", "2"))
+    saved = (out / "training_config.json").read_text()
+    changed = ("--train.epochs", "3", "--train.lr", "0.001", "--train.batch-size", "1", "--train.resume", "auto")
+    with pytest.raises(ValueError, match=r"(?s)train.batch_size: 2 -> 1.*train.lr: 0.0001 -> 0.001.*allow-changes") as e:
+        cli.main(fit_argv(out, *changed))
+    assert "epochs" not in str(e.value)  # training longer is not a different trajectory
+    assert (out / "training_config.json").read_text() == saved
+
+    capsys.readouterr()
+    cli.main(fit_argv(out, *changed, "--train.max-steps", "3", "--train.resume-allow-changes"))
+    assert "train.lr: 0.0001 -> 0.001" in capsys.readouterr().out
+    assert json.loads((out / "training_config.json").read_text())["train"]["lr"] == 0.001
+    (history,) = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
+    assert history["step"] == 2 and history["changes"]["train.lr"] == [0.0001, 0.001]
+    assert history["previous"]["train"]["lr"] == 0.0001
