@@ -207,7 +207,8 @@ def test_7_resume_refuses_trajectory_changes_unless_allowed_and_keeps_the_histor
     cli.main(fit_argv(out, "--train.epochs", "2", "--train.max-steps", "2"))
     saved = (out / "training_config.json").read_text()
     changed = ("--train.epochs", "3", "--train.lr", "0.001", "--train.batch-size", "1", "--train.resume", "auto")
-    with pytest.raises(ValueError, match=r"(?s)train.batch_size: 2 -> 1.*train.lr: 0.0001 -> 0.001.*allow-changes") as e:
+    refused = r"(?s)train.batch_size: 2 -> 1.*train.lr: 0.0001 -> 0.001.*allow-changes"
+    with pytest.raises(ValueError, match=refused) as e:
         cli.main(fit_argv(out, *changed))
     assert "epochs" not in str(e.value)  # training longer is not a different trajectory
     assert (out / "training_config.json").read_text() == saved
