@@ -21,6 +21,7 @@ import attrs
 import tyro
 
 from rfdetr_fn import presets
+from rfdetr_fn.config import ConfigError, coerce_fields
 
 T = TypeVar("T")
 COMMANDS = ("fit", "validate", "test", "predict")
@@ -38,26 +39,39 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
 
 
 def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None) -> T:
-    """`cls()` with the experiment file's values and the preset's model fields applied."""
+    """`cls()` with the experiment file's values and the preset's model fields applied.
+
+    File values go through the same types as flags (`config.coerce_fields`); every error names the file
+    and the key."""
     values: dict[str, Any] = load_config_file(config) if config else {}
-    preset = preset or values.pop("preset", None)
+    where = str(config)
     fields = attrs.fields_dict(cls)
-    kwargs: dict[str, Any] = {}
+    unknown = sorted(set(values) - set(fields) - {"preset"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; expected one of {', '.join(fields)}")
+    base = cls()
+    top = {k: v for k, v in values.items() if k in fields and not attrs.has(type(getattr(base, k)))}
+    kwargs: dict[str, Any] = coerce_fields(cls, top, f"{where}: ") if top else {}
+    preset = preset or values.get("preset")
+    for name, section in values.items():
+        current = getattr(base, name, None)
+        if name in top or name == "preset" or not attrs.has(type(current)):
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: [{name}] must be a mapping of fields, got {section!r}")
+        typed = coerce_fields(type(current), section, f"{where}: {name}.")
+        try:
+            if name == "model" and preset is not None:
+                kwargs[name] = presets.get(preset, **typed)
+            else:
+                kwargs[name] = attrs.evolve(current, **typed)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: [{name}] {err}") from err
     if preset is not None and "model" in fields:
         kwargs["preset"] = preset
-        kwargs["model"] = presets.get(preset, **_tuples(values.pop("model", {})))
+        kwargs.setdefault("model", presets.get(preset))
     if config is not None and "config" in fields:
         kwargs["config"] = config
-    base = cls()
-    for name, value in values.items():
-        if name not in fields:
-            raise ValueError(f"{config}: unknown section {name!r}; expected one of {', '.join(fields)}")
-        current = kwargs.get(name, getattr(base, name))
-        if attrs.has(type(current)) and isinstance(value, dict):
-            _check_keys(config, name, value, type(current))
-            kwargs[name] = attrs.evolve(current, **_tuples(value))
-        else:
-            kwargs[name] = value
     return attrs.evolve(base, **kwargs)
 
 
@@ -76,17 +90,6 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of sections, got {type(values).__name__}")
     return values
-
-
-def _check_keys(path: str | None, section: str, values: dict, cls: type) -> None:
-    unknown = set(values) - set(attrs.fields_dict(cls))
-    if unknown:
-        raise ValueError(f"{path}: unknown field(s) in [{section}]: {', '.join(sorted(unknown))}")
-
-
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML/JSON lists become tuples, the type the frozen configs use."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -220,3 +220,34 @@ def test_7_resume_refuses_trajectory_changes_unless_allowed_and_keeps_the_histor
     (history,) = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
     assert history["step"] == 2 and history["changes"]["train.lr"] == [0.0001, 0.001]
     assert history["previous"]["train"]["lr"] == 0.0001
+
+
+# ---------------------------------------------------------------- 9. config-file values typed like flags
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  use_ema: 'no'\n", "train.use_ema: expected true or false, got 'no'"),
+        ("train:\n  batch_size: 2.5\n", "train.batch_size: expected an integer, got 2.5"),
+        ("model:\n  resolutoin: 256\n", r"model.resolutoin: unknown field \(did you mean resolution\?\)"),
+        ("preset: tiny\nmodel:\n  resolutoin: 256\n", r"model.resolutoin: unknown field"),
+        ("train:\n  multi_scale: sometimes\n", r"train.multi_scale: expected one of 'off', 'per-batch', 'per-sample'"),
+        ("model:\n  resolution: 500\n", r"\[model\] resolution=500 must be divisible"),
+        ("train:\n  lr: .nan\n", r"\[train\] lr=nan must be finite"),
+    ],
+)
+def test_9_config_file_values_are_validated_like_flags_naming_file_and_key(tmp_path, text, message):
+    from rfdetr_fn.config import ConfigError
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"exp.yaml: {message}"):
+        cli.parse(FitArgs, ["--config", str(path)])
+
+
+def test_9_config_file_values_convert_like_flags(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  multi_scale: off\n  compile: on\n  epochs: '3'\n  lr: 1e-4\n  betas: [0.8, 0.9]\n")
+    train = cli.parse(FitArgs, ["--config", str(path)]).train
+    assert (train.multi_scale, train.compile, train.epochs, train.lr, train.betas) == ("off", "on", 3, 1e-4, (0.8, 0.9))
