@@ -251,3 +251,49 @@ def test_9_config_file_values_convert_like_flags(tmp_path):
     path.write_text("train:\n  multi_scale: off\n  compile: on\n  epochs: '3'\n  lr: 1e-4\n  betas: [0.8, 0.9]\n")
     train = cli.parse(FitArgs, ["--config", str(path)]).train
     assert (train.multi_scale, train.compile, train.epochs, train.lr, train.betas) == ("off", "on", 3, 1e-4, (0.8, 0.9))
+
+
+# ---------------------------------------------------------------- 4, 5. decoding: EXIF orientation, 16-bit
+
+
+def _train_split(data):
+    from rfdetr_fn import presets
+    from rfdetr_fn.config import DataConfig
+    from rfdetr_fn.data import build_dataset
+
+    return build_dataset(DataConfig(dataset_dir=str(data)), "train", presets.tiny(), TrainConfig(), train=False)
+
+
+def test_4_exif_orientation_is_applied_by_every_reader_and_sizes_are_checked(tmp_path):
+    from rfdetr_fn import imageio
+    from rfdetr_fn.inference import read_image
+
+    data = make_roboflow(tmp_path / "data", counts=(("train", 1),), size=48)
+    stored = Image.new("RGB", (32, 48), (200, 30, 30))  # a phone photo stored sideways, 32 wide
+    stored.paste((30, 30, 200), (0, 0, 32, 8))  # blue along the stored top edge
+    exif = Image.Exif()
+    exif[imageio.EXIF_ORIENTATION] = 6  # "rotate 90° clockwise to view": upright it is 48 wide, 32 tall
+    path = data / "train" / "train0.png"
+    stored.save(path, format="JPEG", exif=exif, quality=95)
+
+    upright = read_image(path, "test")
+    assert upright.shape == (32, 48, 3) and upright[16, -3, 2] > 150  # the blue edge is on the right now
+    assert _train_split(data).load_image(0).size == (48, 32)
+    assert imageio.header_size(path) == (48, 32)
+    bad, odd = imageio.check_headers([(path, 32, 48)])  # annotated in the stored frame
+    assert bad == [] and odd == [f"{path}: decodes as 48x32 (upright), annotated 32x48"]
+
+
+def test_5_sixteen_bit_png_decodes_to_scaled_8_bit(tmp_path):
+    import numpy as np
+
+    from rfdetr_fn.inference import read_image
+
+    data = make_roboflow(tmp_path / "data", counts=(("train", 1),), size=64)
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = data / "train" / "train0.png"
+    Image.fromarray(ramp).save(path)
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    got = read_image(path, "test")
+    assert np.array_equal(got[..., 0], expected) and np.array_equal(got[..., 2], expected)
+    assert np.array_equal(np.asarray(_train_split(data).load_image(0))[..., 1], expected)

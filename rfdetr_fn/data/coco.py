@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from rfdetr_fn import imageio
 from rfdetr_fn.data import transforms as T
 
 SPLIT_DIRS = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
@@ -333,21 +334,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         path = self.image_path(index)
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DatasetError(f"{path}: unreadable image ({exc})") from exc
+                return imageio.to_rgb(im)
+        except imageio.READ_ERRORS as exc:
+            raise DatasetError(imageio.read_error(path, exc)) from exc
 
     def verify_images(self) -> None:
-        """Decode every image header once; report all unreadable files together."""
-        bad = []
-        for i in range(len(self)):
-            if self.render is not None:
-                continue
-            try:
-                with Image.open(self.image_path(i)) as im:
-                    im.verify()
-            except Exception as exc:  # PIL raises many types for corrupt files
-                bad.append(f"{self.image_path(i)}: {exc}")
+        """Read every image header once (threads); report all unreadable files together."""
+        if self.render is not None:
+            return
+        bad, _ = imageio.check_headers([(self.image_path(i), None, None) for i in range(len(self))])
         if bad:
             raise DatasetError(f"{self.source_name}: {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
 
