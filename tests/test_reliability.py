@@ -297,3 +297,38 @@ def test_5_sixteen_bit_png_decodes_to_scaled_8_bit(tmp_path):
     got = read_image(path, "test")
     assert np.array_equal(got[..., 0], expected) and np.array_equal(got[..., 2], expected)
     assert np.array_equal(np.asarray(_train_split(data).load_image(0))[..., 1], expected)
+
+
+# ---------------------------------------------------------------- 10. predict: bad files skipped and reported
+
+
+def test_10_predict_skips_and_reports_bad_files_and_writes_every_result(tmp_path, monkeypatch, capsys):
+    import rfdetr_fn as rf
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64)
+    weights = tmp_path / "w.pth"
+    checkpoint.save_weights(weights, rf.init(cfg, 0), cfg, class_names=["a", "b"])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "a.png")
+    Image.new("RGB", (80, 80), (40, 40, 200)).save(photos / "big.png")
+    (photos / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource-fork junk
+    (photos / "fake.jpg").write_text("<html>not a photo</html>")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1600)  # 80x80 is a "decompression bomb" now (> 2x)
+    pred = tmp_path / "pred"
+    argv = ["predict", "--checkpoint", str(weights), "--images", str(photos), "--output-dir", str(pred), "--no-draw"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 1
+    records = json.loads((pred / "predictions.json").read_text())
+    assert [r["image"].rsplit("/", 1)[1] for r in records] == ["._a.jpg", "a.png", "big.png", "fake.jpg"]
+    assert [("error" in r) for r in records] == [True, False, True, True] and records[1]["width"] == 64
+    assert "--allow-large-images" in records[2]["error"]
+    err = capsys.readouterr().err
+    assert "fake.jpg" in err and "._a.jpg" in err and "3 of 4 image(s) could not be read" in err
+    assert len((pred / "predictions.jsonl").read_text().splitlines()) == 4  # written as it went
+
+    records = cli.main([*argv, "--allow-large-images", "--images", str(photos / "big.png")])
+    assert records[0]["width"] == 80 and "error" not in records[0]
+    with pytest.raises(ValueError, match="https://x.org/a.jpg: URLs are not supported"):
+        cli.main([*argv, "--images", "https://x.org/a.jpg"])
