@@ -8,6 +8,7 @@ continues exactly where the saved one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, imageio, presets, runlog, trackers, tree
+from rfdetr_fn import checkpoint, dirlock, distributed, imageio, presets, runlog, trackers, tree
 from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
@@ -33,10 +34,6 @@ from rfdetr_fn.data import (
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
-
-
-class OutputDirError(ValueError):
-    """The output directory cannot be used for this run (another run's files, another run's lock)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,6 +59,11 @@ class FitArgs:
 
 def fit(args: FitArgs) -> dict[str, Any]:
     """Run training; returns the final metrics record (rank 0's view)."""
+    with contextlib.ExitStack() as held:  # the output-dir lock, from when the directory is made until the end
+        return _fit(args, held)
+
+
+def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
     out_dir = Path(tcfg.output_dir)
@@ -86,6 +88,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
     if world.main:  # only now that the data is known to load
         out_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(dirlock.exclusive(out_dir))
         if resume_dir is None and tcfg.overwrite:
             _clear_run(out_dir)
 
@@ -264,7 +267,7 @@ def _refuse_used_dir(out_dir: Path) -> None:
     found = _run_files(out_dir) if out_dir.is_dir() else []
     if found:
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-        raise OutputDirError(
+        raise dirlock.OutputDirError(
             f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
             "--train.overwrite (deletes those files), or pick another --train.output-dir"
         )

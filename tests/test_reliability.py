@@ -332,3 +332,29 @@ def test_10_predict_skips_and_reports_bad_files_and_writes_every_result(tmp_path
     assert records[0]["width"] == 80 and "error" not in records[0]
     with pytest.raises(ValueError, match="https://x.org/a.jpg: URLs are not supported"):
         cli.main([*argv, "--images", "https://x.org/a.jpg"])
+
+
+# ---------------------------------------------------------------- 6. one run per output dir
+
+
+def test_6_output_dir_lock_refuses_a_second_run_and_replaces_a_stale_one(tmp_path, cheap_fit, capsys):
+    import socket
+    import subprocess
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".rfdetr_fn.lock"
+    other = subprocess.Popen(["sleep", "60"])  # a live run A
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": "earlier"}))
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {other.pid} on {socket.gethostname()}"):
+            cli.main(fit_argv(out, "--train.epochs", "1"))
+        assert sorted(p.name for p in out.iterdir()) == [lock.name]  # run A's files untouched
+    finally:
+        other.kill()
+        other.wait()
+    # run A died without releasing: its lock is stale and is taken over
+    capsys.readouterr()
+    cli.main(fit_argv(out, "--train.epochs", "1"))
+    assert f"stale lock of pid {other.pid}" in capsys.readouterr().out
+    assert not lock.exists() and (out / "last_ema.pth").exists()  # released at exit
