@@ -289,6 +289,9 @@ class TrainConfig:
     """Evaluate every this many epochs (the last epoch is always evaluated)."""
     checkpoint_interval: int = attrs.field(default=10, validator=_positive)
     """Keep a numbered train-state checkpoint every this many epochs (the last one is always kept)."""
+    save_every_n_steps: int | None = attrs.field(default=None, validator=_positive)
+    """Also save the train state (last/) every this many optimizer steps mid-epoch, so a kill loses minutes,
+    not an epoch (None: at epoch ends only)."""
     eval_base_model: bool = False
     """Also evaluate the non-EMA weights."""
     compute_val_loss: bool = False

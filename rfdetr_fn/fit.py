@@ -164,6 +164,8 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{rate:.1f}")
             if tcfg.max_steps and step >= tcfg.max_steps:
                 break
+            if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(loader):
+                _save_state(out_dir / "last", state, loop)  # mid-epoch: the epoch end saves anyway
         else:  # the epoch ran to its end: the next run starts the next epoch
             loop["epoch"], loop["batch"] = epoch + 1, 0
         if bar is not None:

@@ -358,3 +358,27 @@ def test_6_output_dir_lock_refuses_a_second_run_and_replaces_a_stale_one(tmp_pat
     cli.main(fit_argv(out, "--train.epochs", "1"))
     assert f"stale lock of pid {other.pid}" in capsys.readouterr().out
     assert not lock.exists() and (out / "last_ema.pth").exists()  # released at exit
+
+
+# ---------------------------------------------------------------- also: early checks, mid-epoch saves
+
+
+def test_also_run_test_and_dataset_dir_are_checked_before_anything_is_written(tmp_path, cheap_fit):
+    from rfdetr_fn.data import DatasetError
+
+    data = make_roboflow(tmp_path / "data")  # train and valid, no test split
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"--train.run-test needs a test split: .*test: split directory not found"):
+        cli.main(fit_argv(out, "--data.dataset-dir", str(data), "--train.run-test"))
+    with pytest.raises(DatasetError, match="nowhere: dataset_dir not found"):
+        cli.main(fit_argv(out, "--data.dataset-dir", str(tmp_path / "nowhere")))
+    assert not out.exists()
+
+
+def test_also_train_state_is_saved_every_n_steps(tmp_path, cheap_fit):
+    from rfdetr_fn import fit
+
+    saved = []
+    cheap_fit.setattr(fit, "_save_state", lambda path, state, loop, keep=None: saved.append(int(state["step"])))
+    cli.main(fit_argv(tmp_path / "run", "--train.epochs", "2", "--train.save-every-n-steps", "2"))
+    assert saved == [2, 4, 5, 6, 8, 10, 10]  # mid-epoch every 2 steps, each epoch end, after the last evaluation
