@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +92,41 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of sections, got {type(values).__name__}")
     return values
+
+
+def run_or_exit(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """Run a command for a person at a terminal: a known error (bad config, data, checkpoint or output dir)
+    prints its message alone and exits 2, a diverged run exits 1; `--debug` or RFDETR_FN_DEBUG=1 keeps
+    the traceback. Anything else is a bug and raises as usual."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("RFDETR_FN_DEBUG", "") not in ("", "0")
+    try:
+        return command([a for a in argv if a != "--debug"])
+    except Exception as err:
+        code = _exit_code(err)
+        if debug or code is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print("(--debug or RFDETR_FN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def _exit_code(err: Exception) -> int | None:
+    """2 for bad input, 1 for a diverged run, None for anything else (imported here: only on failure)."""
+    from rfdetr_fn.checkpoint import CheckpointError
+    from rfdetr_fn.config import ConfigError
+    from rfdetr_fn.data.coco import DatasetError
+    from rfdetr_fn.dirlock import OutputDirError
+    from rfdetr_fn.fit import TrainingDiverged
+
+    if isinstance(err, ConfigError | DatasetError | CheckpointError | OutputDirError | FileNotFoundError):
+        return 2
+    return 1 if isinstance(err, TrainingDiverged) else None
+
+
+def console() -> Any:
+    """The `rfdetr_fn` script."""
+    return run_or_exit(main)
 
 
 def main(argv: list[str] | None = None) -> Any:

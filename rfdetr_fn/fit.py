@@ -546,4 +546,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from rfdetr_fn.cli import run_or_exit
+
+    run_or_exit(main)

@@ -236,4 +236,6 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":
-    main()
+    from rfdetr_fn.cli import run_or_exit
+
+    run_or_exit(main)

@@ -157,4 +157,6 @@ def main(argv: list[str] | None = None, *, split: str = "valid") -> dict[str, fl
 
 
 if __name__ == "__main__":
-    main()
+    from rfdetr_fn.cli import run_or_exit
+
+    run_or_exit(main)

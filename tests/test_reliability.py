@@ -382,3 +382,22 @@ def test_also_train_state_is_saved_every_n_steps(tmp_path, cheap_fit):
     cheap_fit.setattr(fit, "_save_state", lambda path, state, loop, keep=None: saved.append(int(state["step"])))
     cli.main(fit_argv(tmp_path / "run", "--train.epochs", "2", "--train.save-every-n-steps", "2"))
     assert saved == [2, 4, 5, 6, 8, 10, 10]  # mid-epoch every 2 steps, each epoch end, after the last evaluation
+
+
+# ---------------------------------------------------------------- also: the CLI prints known errors alone
+
+
+def test_also_cli_prints_the_message_alone_with_exit_2_and_the_traceback_on_request(tmp_path, capsys, monkeypatch):
+    from rfdetr_fn.data import DatasetError
+
+    argv = fit_argv(tmp_path / "run", "--data.dataset-dir", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_or_exit(cli.main, argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[0] == f"error: {tmp_path / 'nowhere'}: dataset_dir not found"
+    with pytest.raises(DatasetError):
+        cli.run_or_exit(cli.main, [*argv, "--debug"])
+    monkeypatch.setenv("RFDETR_FN_DEBUG", "1")
+    with pytest.raises(DatasetError):
+        cli.run_or_exit(cli.main, argv)
