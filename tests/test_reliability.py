@@ -401,3 +401,23 @@ def test_also_cli_prints_the_message_alone_with_exit_2_and_the_traceback_on_requ
     monkeypatch.setenv("RFDETR_FN_DEBUG", "1")
     with pytest.raises(DatasetError):
         cli.run_or_exit(cli.main, argv)
+
+
+# ---------------------------------------------------------------- also: dropped annotations are counted
+
+
+def test_also_dropped_annotations_are_counted_per_reason_once_per_split(tmp_path):
+    data = make_roboflow(tmp_path / "data", counts=(("train", 2),))
+    path = data / "train" / "_annotations.coco.json"
+    coco = json.loads(path.read_text())
+    extra = [[float("nan"), 1, 5, 5], [4, 4, 0, 6], [4, 4, 6, -2], [100, 100, 5, 5], [60, 60, 10, 10]]
+    for k, box in enumerate(extra):
+        coco["annotations"].append({"id": 10 + k, "image_id": 1, "category_id": 1, "bbox": box, "iscrowd": 0})
+    path.write_text(json.dumps(coco))  # NaN is written as the bare NaN Python's json reads back
+    with pytest.warns(UserWarning) as caught:
+        ds = _train_split(data)
+    (message,) = [str(w.message) for w in caught if "annotation" in str(w.message)]
+    assert "dropped 4 annotation(s): 1 non-finite bbox, 2 zero or negative width/height, 1 entirely outside" in message
+    assert "clipped 1 box(es) partly outside their image" in message and "id 14" in message
+    assert [len(r.labels) for r in ds.records] == [2, 1]  # image 1 keeps its own box and the clipped one
+    assert all(bool(torch.isfinite(torch.tensor(a["bbox"])).all()) for a in ds.coco_gt()["annotations"])
