@@ -421,3 +421,17 @@ def test_also_dropped_annotations_are_counted_per_reason_once_per_split(tmp_path
     assert "clipped 1 box(es) partly outside their image" in message and "id 14" in message
     assert [len(r.labels) for r in ds.records] == [2, 1]  # image 1 keeps its own box and the clipped one
     assert all(bool(torch.isfinite(torch.tensor(a["bbox"])).all()) for a in ds.coco_gt()["annotations"])
+
+
+# ---------------------------------------------------------------- also: validate warns about other classes
+
+
+def test_also_validate_warns_when_the_checkpoint_was_trained_on_other_classes(tmp_path):
+    import rfdetr_fn as rf
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64)
+    weights = tmp_path / "w.pth"
+    checkpoint.save_weights(weights, rf.init(cfg, 0), cfg, class_names=["cat", "dog"])
+    data = ["--data.synthetic-images", "4", "--data.synthetic-classes", "2", "--data.synthetic-size", "64"]
+    with pytest.warns(UserWarning, match=r"\['cat', 'dog'\].*\['red rectangle', 'red ellipse'\]"):
+        cli.main(["validate", "--checkpoint", str(weights), *data, "--data.num-workers", "0"])
