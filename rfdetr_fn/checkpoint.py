@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import errno
 import json
 import math
 import os
@@ -630,10 +632,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(err, path)
         raise
     _fsync_dir(path.parent)
+
+
+def _raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """Say "no space left" plainly (torch's own message is an opaque inline_container.cc failure)."""
+    text = str(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text
+    if not full and "write failed" in text:  # torch.save / DCP do not keep the errno
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    if full:
+        raise CheckpointError(
+            f"no space left in {path.parent} while writing {path.name}: the partial file was removed and the "
+            "previous one is intact; free some space and run again (with --train.resume auto for training)"
+        ) from err
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -711,9 +728,15 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(on)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=not on)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=not on)
+    except Exception as err:  # a kill (KeyboardInterrupt) leaves the debris for the next save to clean
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(err, directory)
+        raise
     _barrier(on)
     if rank == 0:
         marker = {"format": 1, "tensors": sorted(tensors), "values": values}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +436,46 @@ def test_also_validate_warns_when_the_checkpoint_was_trained_on_other_classes(tm
     data = ["--data.synthetic-images", "4", "--data.synthetic-classes", "2", "--data.synthetic-size", "64"]
     with pytest.warns(UserWarning, match=r"\['cat', 'dog'\].*\['red rectangle', 'red ellipse'\]"):
         cli.main(["validate", "--checkpoint", str(weights), *data, "--data.num-workers", "0"])
+
+
+# ---------------------------------------------------------------- also: disk full
+
+
+def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import torch.distributed.checkpoint as dcp
+
+    weights = tmp_path / "w.pth"
+    checkpoint.atomic_write(weights, lambda tmp: torch.save({"v": 1}, tmp))
+    state = {"a": torch.ones(3)}
+    checkpoint.save_state(tmp_path / "last", state)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def full_torch_save(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"\0" * 4096)  # a partial file eats the last bytes
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        )
+
+    def full_dcp_save(tensors, *, checkpoint_id, **k):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))
+    monkeypatch.setattr(torch, "save", full_torch_save)
+    with pytest.raises(checkpoint.CheckpointError, match=f"no space left in {tmp_path}"):
+        checkpoint.atomic_write(weights, lambda tmp: torch.save({"v": 2}, tmp))
+    monkeypatch.setattr(dcp, "save", full_dcp_save)
+    with pytest.raises(checkpoint.CheckpointError, match=f"no space left in {tmp_path}"):
+        checkpoint.save_state(tmp_path / "last", {"a": torch.zeros(3)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp files or directories left
+    assert torch.load(weights)["v"] == 1 and torch.equal(
+        checkpoint.load_state(tmp_path / "last", state)["a"], state["a"]
+    )
