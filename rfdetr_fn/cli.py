@@ -1,131 +1,27 @@
-"""Command line: tyro turns the frozen attrs configs into flags.
+"""Command line: `rfdetr_fn <command>` (or `python -m rfdetr_fn <command>`) dispatches to the command modules.
 
     rfdetr_fn fit      [--preset NAME] [--config FILE] [--model.* --train.* --data.* --eval.*]
     rfdetr_fn validate --checkpoint FILE_OR_DIR [--data.* --eval.*]
     rfdetr_fn test     --checkpoint FILE_OR_DIR
     rfdetr_fn predict  --checkpoint FILE_OR_DIR --images a.jpg b.jpg | folder/
 
-Each is also `python -m rfdetr_fn.<command>`. `--preset` and `--config` are read first: they pick the
-defaults that the other flags then override, so `--preset small --model.resolution 640` is Small at 640.
+fit, validate and test are also `python -m rfdetr_fn.<command>`. `--preset` and `--config` are read first:
+they pick the defaults that the other flags then override, so `--preset small --model.resolution 640` is
+Small at 640. Flags are parsed by `rfdetr_fn.flags`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import attrs
-import tyro
-
-from rfdetr_fn import presets
-from rfdetr_fn.config import ConfigError, coerce_fields
-
-T = TypeVar("T")
 COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def parse(cls: type[T], argv: list[str] | None = None) -> T:
-    """Parse `argv` into `cls`, with defaults from --preset and --config applied first."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=None)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    default = defaults(cls, preset=known.preset, config=known.config)
-    return tyro.cli(cls, args=argv, default=default, description=cls.__doc__)
-
-
-def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None) -> T:
-    """`cls()` with the experiment file's values and the preset's model fields applied.
-
-    File values go through the same types as flags (`config.coerce_fields`); every error names the file
-    and the key."""
-    values: dict[str, Any] = load_config_file(config) if config else {}
-    where = str(config)
-    fields = attrs.fields_dict(cls)
-    unknown = sorted(set(values) - set(fields) - {"preset"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; expected one of {', '.join(fields)}")
-    base = cls()
-    top = {k: v for k, v in values.items() if k in fields and not attrs.has(type(getattr(base, k)))}
-    kwargs: dict[str, Any] = coerce_fields(cls, top, f"{where}: ") if top else {}
-    preset = preset or values.get("preset")
-    for name, section in values.items():
-        current = getattr(base, name, None)
-        if name in top or name == "preset" or not attrs.has(type(current)):
-            continue
-        if not isinstance(section, dict):
-            raise ConfigError(f"{where}: [{name}] must be a mapping of fields, got {section!r}")
-        typed = coerce_fields(type(current), section, f"{where}: {name}.")
-        try:
-            if name == "model" and preset is not None:
-                kwargs[name] = presets.get(preset, **typed)
-            else:
-                kwargs[name] = attrs.evolve(current, **typed)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: [{name}] {err}") from err
-    if preset is not None and "model" in fields:
-        kwargs["preset"] = preset
-        kwargs.setdefault("model", presets.get(preset))
-    if config is not None and "config" in fields:
-        kwargs["config"] = config
-    return attrs.evolve(base, **kwargs)
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML or JSON experiment file: {preset: ..., model: {...}, train: {...}, data: {...}, eval: {...}}."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--config {path}: file not found")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of sections, got {type(values).__name__}")
-    return values
-
-
-def run_or_exit(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
-    """Run a command for a person at a terminal: a known error (bad config, data, checkpoint or output dir)
-    prints its message alone and exits 2, a diverged run exits 1; `--debug` or RFDETR_FN_DEBUG=1 keeps
-    the traceback. Anything else is a bug and raises as usual."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("RFDETR_FN_DEBUG", "") not in ("", "0")
-    try:
-        return command([a for a in argv if a != "--debug"])
-    except Exception as err:
-        code = _exit_code(err)
-        if debug or code is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        print("(--debug or RFDETR_FN_DEBUG=1 shows the traceback)", file=sys.stderr)
-        raise SystemExit(code) from None
-
-
-def _exit_code(err: Exception) -> int | None:
-    """2 for bad input, 1 for a diverged run, None for anything else (imported here: only on failure)."""
-    from rfdetr_fn.checkpoint import CheckpointError
-    from rfdetr_fn.config import ConfigError
-    from rfdetr_fn.data.coco import DatasetError
-    from rfdetr_fn.dirlock import OutputDirError
-    from rfdetr_fn.fit import TrainingDiverged
-
-    if isinstance(err, ConfigError | DatasetError | CheckpointError | OutputDirError | FileNotFoundError):
-        return 2
-    return 1 if isinstance(err, TrainingDiverged) else None
-
-
 def console() -> Any:
-    """The `rfdetr_fn` script."""
+    """The `rfdetr_fn` script: known errors print their message alone (see `flags.run_or_exit`)."""
+    from rfdetr_fn.flags import run_or_exit
+
     return run_or_exit(main)
 
 
@@ -145,5 +41,5 @@ def main(argv: list[str] | None = None) -> Any:
     elif command == "test":
         from rfdetr_fn.test import main as run
     else:
-        from rfdetr_fn.predict import main as run
+        from rfdetr_fn.predict_cli import main as run
     return run(rest)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import attrs
 
+from rfdetr_fn.errors import UserError
+
 Encoder = Literal[
     "dinov2_windowed_small",
     "dinov2_windowed_base",
@@ -42,7 +44,7 @@ UPSTREAM_NAMES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An impossible or refused configuration; the message names the file, section and key."""
 
 

@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from rfdetr_fn.errors import UserError
+
 LOCK_NAME = ".rfdetr_fn.lock"
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     """The output directory cannot be used for this run (another run's files, another run's lock)."""
 
 

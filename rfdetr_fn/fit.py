@@ -20,7 +20,9 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, dirlock, distributed, imageio, presets, runlog, trackers, tree
+from rfdetr_fn import dirlock, distributed, imageio, presets, runlog, trackers, train_state, tree, weights
+from rfdetr_fn.adapt import load_weights
+from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
@@ -31,13 +33,11 @@ from rfdetr_fn.data import (
     target_slots,
     train_loader,
 )
+from rfdetr_fn.errors import TrainingDiverged
+from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient norm: the run stops, keeping the last good train state."""
 
 
 @attrs.frozen(kw_only=True)
@@ -67,7 +67,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
     out_dir = Path(tcfg.output_dir)
-    resume_dir = _resume_dir(tcfg, out_dir)
+    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
     if resume_dir is None and not tcfg.overwrite:
         _refuse_used_dir(out_dir)
     torch.manual_seed(tcfg.seed)
@@ -94,7 +94,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
-        _, params = checkpoint.load_weights(tcfg.pretrain_weights, cfg)
+        _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
     params = tree.to(params, world.device)
@@ -194,7 +194,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     if tcfg.run_test and world.main:
         from rfdetr_fn.validate import run_split
 
-        _, best = checkpoint.load_weights(out_dir / "checkpoint_best_total.pth", cfg)
+        _, best = load_weights(out_dir / "checkpoint_best_total.pth", cfg)
         record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
         print(_summary(record))
     distributed.teardown(world)
@@ -213,15 +213,6 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
             num_select=min(cfg.num_select, cfg.num_queries * (dataset_classes + 1)),
         )
     return cfg
-
-
-def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:
-    if tcfg.resume is None:
-        return None
-    path = checkpoint.newest_state_dir(out_dir / "last" if tcfg.resume == "auto" else tcfg.resume)
-    if path is None and tcfg.resume != "auto":
-        raise FileNotFoundError(f"train.resume={tcfg.resume}: no complete train-state checkpoint there")
-    return path
 
 
 def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
@@ -293,11 +284,11 @@ def _state_tree(state: dict, loop: dict) -> dict:
 
 
 def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
-    checkpoint.save_state(path, _state_tree(state, loop), keep=keep)
+    train_state.save_state(path, _state_tree(state, loop), keep=keep)
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
-    restored = checkpoint.load_state(path, _state_tree(state, loop))
+    restored = train_state.load_state(path, _state_tree(state, loop))
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
         "batch": int(restored["loop"]["batch"]),
@@ -371,7 +362,7 @@ def _check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: 
 
 
 def _write_json(path: Path, value: Any) -> None:
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
 
 
 def _progress(tcfg: TrainConfig, world, total: int, epoch: int):
@@ -502,7 +493,7 @@ def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_di
     if bad:
         raise TrainingDiverged(f"{out_dir / name}: not written: non-finite weights in {bad[:5]}")
     args = {**attrs.asdict(tcfg), "class_names": class_names}
-    checkpoint.write_upstream_best(
+    weights.write_upstream_best(
         out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
     )
 
@@ -526,7 +517,7 @@ def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
     source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
     winner = out_dir / f"checkpoint_best_{source}.pth"
     if winner.exists():
-        _, params = checkpoint.load_weights(winner, cfg)
+        _, params = load_weights(winner, cfg)
         _write_weights("checkpoint_best_total.pth", params, cfg, tcfg, epoch, class_names, out_dir, source=source)
     _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
 
@@ -539,13 +530,9 @@ def _summary(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from rfdetr_fn.cli import parse
-
     with warnings.catch_warnings():
         return fit(parse(FitArgs, argv))
 
 
 if __name__ == "__main__":
-    from rfdetr_fn.cli import run_or_exit
-
     run_or_exit(main)

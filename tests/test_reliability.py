@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rfdetr_fn import checkpoint, cli, tree
+from rfdetr_fn import atomic, cli, train_state, tree, weights
+from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.fit import FitArgs
+from rfdetr_fn.flags import parse, run_or_exit
 
 DATA = ["--data.synthetic-images", "4", "--data.synthetic-size", "64", "--data.num-workers", "0"]
 
@@ -87,7 +89,7 @@ def cheap_fit(monkeypatch):
 
 
 def _all_finite(path) -> bool:
-    _, params = checkpoint.load_weights(path)
+    _, params = load_weights(path)
     return all(bool(torch.isfinite(v).all()) for v in tree.flatten(params).values())
 
 
@@ -102,11 +104,11 @@ def test_2_divergence_stops_with_last_good_state_and_no_nan_weights(tmp_path, ch
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"non-finite .* at step 2.*lr"):
         cli.main(fit_argv(out, "--train.epochs", "3"))
-    restored = checkpoint.load_state(out / "last", {"state": {"step": torch.zeros((), dtype=torch.int64)}})
+    restored = train_state.load_state(out / "last", {"state": {"step": torch.zeros((), dtype=torch.int64)}})
     assert int(restored["state"]["step"]) == 1  # the last good state
     assert not (out / "checkpoint_best_total.pth").exists() and not (out / "last_ema.pth").exists()
-    for weights in out.glob("*.pth"):
-        assert _all_finite(weights), weights
+    for wfile in out.glob("*.pth"):
+        assert _all_finite(wfile), wfile
 
 
 def test_2_non_finite_config_values_are_rejected():
@@ -115,7 +117,7 @@ def test_2_non_finite_config_values_are_rejected():
         with pytest.raises(ValueError, match=f"{field}=.*finite"):
             TrainConfig(**{field: value})
     with pytest.raises(SystemExit):
-        cli.parse(FitArgs, ["--train.lr", "nan"])
+        parse(FitArgs, ["--train.lr", "nan"])
 
 
 # ---------------------------------------------------------------- 1. a fresh run into a used output dir
@@ -135,8 +137,8 @@ def test_1_fresh_run_refuses_a_used_output_dir_and_overwrite_starts_clean(tmp_pa
 
     cli.main(fit_argv(out, "--train.epochs", "1", "--train.seed", "5", "--train.overwrite"))
     assert len((out / "metrics.csv").read_text().splitlines()) == old_rows  # the new run's rows only
-    _, best = checkpoint.load_weights(out / "checkpoint_best_total.pth")
-    _, last = checkpoint.load_weights(out / "last_ema.pth")  # the new run never beat 0: best = its final EMA
+    _, best = load_weights(out / "checkpoint_best_total.pth")
+    _, last = load_weights(out / "last_ema.pth")  # the new run never beat 0: best = its final EMA
     assert all(torch.equal(v, tree.flatten(last)[k]) for k, v in tree.flatten(best).items())
 
 
@@ -165,7 +167,7 @@ def test_3_state_is_saved_before_evaluating_and_a_resume_evaluates_first(tmp_pat
     with pytest.raises(OSError, match="hiccup"):
         cli.main(fit_argv(out, "--train.epochs", "1"))
     template = {"state": {"step": torch.zeros((), dtype=torch.int64)}, "loop": {"epoch": 0, "eval_pending": 0}}
-    saved = checkpoint.load_state(out / "last", template)
+    saved = train_state.load_state(out / "last", template)
     assert int(saved["state"]["step"]) > 0 and saved["loop"] == {"epoch": 1, "eval_pending": 0}  # epoch kept
 
     cheap_fit.setattr(fit, "_evaluate_epoch", lambda *a: {"val/mAP_50_95": 0.25, "val/ema_mAP_50_95": 0.25})
@@ -244,13 +246,13 @@ def test_9_config_file_values_are_validated_like_flags_naming_file_and_key(tmp_p
     path = tmp_path / "exp.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"exp.yaml: {message}"):
-        cli.parse(FitArgs, ["--config", str(path)])
+        parse(FitArgs, ["--config", str(path)])
 
 
 def test_9_config_file_values_convert_like_flags(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("train:\n  multi_scale: off\n  compile: on\n  epochs: '3'\n  lr: 1e-4\n  betas: [0.8, 0.9]\n")
-    train = cli.parse(FitArgs, ["--config", str(path)]).train
+    train = parse(FitArgs, ["--config", str(path)]).train
     assert (train.multi_scale, train.compile, train.epochs, train.lr, train.betas) == ("off", "on", 3, 1e-4, (0.8, 0.9))
 
 
@@ -307,8 +309,8 @@ def test_10_predict_skips_and_reports_bad_files_and_writes_every_result(tmp_path
     import rfdetr_fn as rf
 
     cfg = rf.presets.tiny(num_classes=2, resolution=64)
-    weights = tmp_path / "w.pth"
-    checkpoint.save_weights(weights, rf.init(cfg, 0), cfg, class_names=["a", "b"])
+    wfile = tmp_path / "w.pth"
+    weights.save_weights(wfile, rf.init(cfg, 0), cfg, class_names=["a", "b"])
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "a.png")
@@ -317,7 +319,7 @@ def test_10_predict_skips_and_reports_bad_files_and_writes_every_result(tmp_path
     (photos / "fake.jpg").write_text("<html>not a photo</html>")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1600)  # 80x80 is a "decompression bomb" now (> 2x)
     pred = tmp_path / "pred"
-    argv = ["predict", "--checkpoint", str(weights), "--images", str(photos), "--output-dir", str(pred), "--no-draw"]
+    argv = ["predict", "--checkpoint", str(wfile), "--images", str(photos), "--output-dir", str(pred), "--no-draw"]
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 1
@@ -393,15 +395,15 @@ def test_also_cli_prints_the_message_alone_with_exit_2_and_the_traceback_on_requ
 
     argv = fit_argv(tmp_path / "run", "--data.dataset-dir", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit) as exit_:
-        cli.run_or_exit(cli.main, argv)
+        run_or_exit(cli.main, argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[0] == f"error: {tmp_path / 'nowhere'}: dataset_dir not found"
     with pytest.raises(DatasetError):
-        cli.run_or_exit(cli.main, [*argv, "--debug"])
+        run_or_exit(cli.main, [*argv, "--debug"])
     monkeypatch.setenv("RFDETR_FN_DEBUG", "1")
     with pytest.raises(DatasetError):
-        cli.run_or_exit(cli.main, argv)
+        run_or_exit(cli.main, argv)
 
 
 # ---------------------------------------------------------------- also: dropped annotations are counted
@@ -431,11 +433,11 @@ def test_also_validate_warns_when_the_checkpoint_was_trained_on_other_classes(tm
     import rfdetr_fn as rf
 
     cfg = rf.presets.tiny(num_classes=2, resolution=64)
-    weights = tmp_path / "w.pth"
-    checkpoint.save_weights(weights, rf.init(cfg, 0), cfg, class_names=["cat", "dog"])
+    wfile = tmp_path / "w.pth"
+    weights.save_weights(wfile, rf.init(cfg, 0), cfg, class_names=["cat", "dog"])
     data = ["--data.synthetic-images", "4", "--data.synthetic-classes", "2", "--data.synthetic-size", "64"]
     with pytest.warns(UserWarning, match=r"\['cat', 'dog'\].*\['red rectangle', 'red ellipse'\]"):
-        cli.main(["validate", "--checkpoint", str(weights), *data, "--data.num-workers", "0"])
+        cli.main(["validate", "--checkpoint", str(wfile), *data, "--data.num-workers", "0"])
 
 
 # ---------------------------------------------------------------- also: disk full
@@ -448,10 +450,10 @@ def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
 
     import torch.distributed.checkpoint as dcp
 
-    weights = tmp_path / "w.pth"
-    checkpoint.atomic_write(weights, lambda tmp: torch.save({"v": 1}, tmp))
+    wfile = tmp_path / "w.pth"
+    atomic.atomic_write(wfile, lambda tmp: torch.save({"v": 1}, tmp))
     state = {"a": torch.ones(3)}
-    checkpoint.save_state(tmp_path / "last", state)
+    train_state.save_state(tmp_path / "last", state)
     before = sorted(p.name for p in tmp_path.iterdir())
 
     def full_torch_save(obj, f, *a, **k):
@@ -469,13 +471,13 @@ def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))
     monkeypatch.setattr(torch, "save", full_torch_save)
-    with pytest.raises(checkpoint.CheckpointError, match=f"no space left in {tmp_path}"):
-        checkpoint.atomic_write(weights, lambda tmp: torch.save({"v": 2}, tmp))
+    with pytest.raises(atomic.DiskFullError, match=f"no space left in {tmp_path}"):
+        atomic.atomic_write(wfile, lambda tmp: torch.save({"v": 2}, tmp))
     monkeypatch.setattr(dcp, "save", full_dcp_save)
-    with pytest.raises(checkpoint.CheckpointError, match=f"no space left in {tmp_path}"):
-        checkpoint.save_state(tmp_path / "last", {"a": torch.zeros(3)})
+    with pytest.raises(atomic.DiskFullError, match=f"no space left in {tmp_path}"):
+        train_state.save_state(tmp_path / "last", {"a": torch.zeros(3)})
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp files or directories left
-    assert torch.load(weights)["v"] == 1 and torch.equal(
-        checkpoint.load_state(tmp_path / "last", state)["a"], state["a"]
+    assert torch.load(wfile)["v"] == 1 and torch.equal(
+        train_state.load_state(tmp_path / "last", state)["a"], state["a"]
     )
