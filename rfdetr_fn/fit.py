@@ -131,7 +131,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
     stopped = False
     if loop["eval_pending"] >= 0:  # the saved run stopped before (or while) evaluating that epoch
-        record, stopped = _evaluate_and_track(run, state, loop, step)
+        record, stopped = _evaluate_and_track(run, state, loop, step, saved=None)
     for epoch in range(loop["epoch"], 0 if stopped else tcfg.epochs):
         # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
         loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
@@ -181,10 +181,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
         if loop["eval_pending"] >= 0:
-            record, stop = _evaluate_and_track(run, state, loop, step)
+            record, stop = _evaluate_and_track(run, state, loop, step, saved=out_dir / "last")
             last_epoch = last_epoch or stop
         if last_epoch:
-            _save_state(out_dir / "last", state, loop)  # with this evaluation's records
             break
 
     if world.main:
@@ -434,9 +433,9 @@ class _Run:
     class_names: list[str]
 
 
-def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int) -> tuple[dict, bool]:
-    """Evaluate the epoch `loop["eval_pending"]`, update the best-model and early-stopping records, write
-    the best weights and the metrics row; returns (record, stop)."""
+def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Path | None) -> tuple[dict, bool]:
+    """Evaluate the epoch `loop["eval_pending"]`, update the best-model and early-stopping records (also in
+    the state directory `saved`, when given), write the best weights and the metrics row; -> (record, stop)."""
     tcfg, epoch = run.tcfg, loop["eval_pending"]
     record = {"step": step, "epoch": epoch}
     record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world))
@@ -464,6 +463,9 @@ def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int) -> tuple[
         _save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
         run.log.log(record)
         print(_summary(record))
+        if saved is not None:  # saved before this evaluation: give it the new records (a small JSON rewrite)
+            records = _state_tree(state, loop)
+            train_state.update_values(saved, {k: v for k, v in records.items() if k != "state"})
     stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, run.world))
     if stop and run.world.main:
         print(f"early stopping at epoch {epoch}: no improvement in {tcfg.early_stopping_patience} evaluations")

@@ -107,6 +107,22 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
     return directory
 
 
+def update_values(directory: str | os.PathLike, values: dict) -> None:
+    """Replace non-tensor leaves (loop position, tracker records) of a saved state in place, atomically: a
+    small JSON rewrite instead of a full save. Only rank 0 writes; hard-linked copies keep their own."""
+    on, rank = _dist()
+    if rank != 0:
+        return
+    path = Path(directory) / STATE_MARKER
+    marker = json.loads(path.read_text())
+    flat = _flat_state(values)
+    unknown = sorted(set(flat) - set(marker["values"]))
+    if unknown:
+        raise KeyError(f"{directory}: not saved as values, so they cannot be updated: {unknown[:5]}")
+    marker["values"].update({k: _json_leaf(k, v) for k, v in flat.items()})
+    atomic_write(path, lambda p: p.write_text(json.dumps(marker)))
+
+
 def _json_leaf(key: str, value: Any) -> Any:
     try:
         json.dumps(value, allow_nan=True)
