@@ -287,7 +287,15 @@ def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) ->
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
-    restored = train_state.load_state(path, _state_tree(state, loop))
+    template = _state_tree(state, loop)
+    try:
+        restored = train_state.load_state(path, template)
+    except weights.CheckpointError as err:  # saved before evaluations were tracked: none was pending
+        if "missing loop/eval_pending" not in str(err):
+            raise
+        del template["loop"]["eval_pending"]
+        restored = train_state.load_state(path, template)
+        restored["loop"]["eval_pending"] = -1
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
         "batch": int(restored["loop"]["batch"]),
