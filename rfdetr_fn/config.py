@@ -57,6 +57,12 @@ def _finite_floats(inst) -> None:
             raise ValueError(f"{att.name}={value} must be finite")
 
 
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
 def _positive(inst, att, value) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"{att.name}={value} must be positive")
@@ -134,6 +140,10 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    backbone_lora: bool = False
+    """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
+    gradient_checkpointing: bool = False
+    """Recompute ViT block activations in the backward pass: less memory, same numbers, slower."""
 
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)
@@ -224,6 +234,13 @@ class TrainConfig:
     """LR factor of the decoder (and squared, of the ViT)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    optimizer: str = "adamw"
+    """adamw (upstream's recipe), adam, sgd, or 'module:function' returning a GradientTransformation
+    (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.make_optimizer)."""
+    optimizer_kwargs: str = attrs.field(default="{}", converter=lambda v: v if isinstance(v, str) else _json(v))
+    """JSON object of extra optimizer arguments, e.g. '{"momentum": 0.9}' for sgd."""
+    freeze_encoder: bool = False
+    """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """AdamW epsilon."""
     batch_size: int = attrs.field(default=4, validator=_positive)
@@ -339,6 +356,14 @@ class TrainConfig:
         _finite_floats(self)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
+        import json
+
+        try:
+            kwargs = json.loads(self.optimizer_kwargs)
+        except ValueError as err:
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} is not JSON: {err}") from err
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} must be a JSON object")
 
 
 @attrs.frozen(kw_only=True)
@@ -400,7 +425,8 @@ def coerce_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, An
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{where}{key}: unknown field{hint}")
-        out[key] = coerce(value, hints[key], f"{where}{key}")
+        converts = fields[key].converter is not None  # the field takes several forms itself (a dict as JSON)
+        out[key] = value if converts else coerce(value, hints[key], f"{where}{key}")
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import dirlock, distributed, imageio, presets, runlog, trackers, train_state, tree, weights
+from rfdetr_fn import dirlock, distributed, imageio, lora, presets, runlog, trackers, train_state, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -97,8 +97,10 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
+    if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
+        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
     params = tree.to(params, world.device)
-    state = init_state(params, tcfg)
+    state = init_state(params, tcfg, cfg)
     loop = {"epoch": 0, "batch": 0, "eval_pending": -1, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
@@ -326,6 +328,7 @@ RESUME_SAFE = {
         "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
         "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
     },
+    "model": {"gradient_checkpointing"},  # the same numbers, less memory
     "data": {"num_workers", "check_images"},
     "eval": {"backend", "max_dets", "per_class", "threshold"},
 }  # fmt: skip
