@@ -19,6 +19,13 @@ from typing import Any
 COMMANDS = ("fit", "validate", "test", "predict", "average")
 
 
+def console() -> Any:
+    """The `rfdetr_fn` script: known errors print their message alone (see `flags.run_or_exit`)."""
+    from rfdetr_fn.flags import run_or_exit
+
+    return run_or_exit(main)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """`rfdetr_fn <command> ...`: dispatch to fit, validate, test or predict."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -25,6 +25,7 @@ from torch import Tensor
 from rfdetr_fn import lora, tree
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.errors import UserError
 from rfdetr_fn.tree import Params
 
 KP_MASK = "_kp_active_mask"  # upstream's non-learned keypoint buffer: dropped on load, empty on save
@@ -45,7 +46,7 @@ _UPSTREAM_FIELDS = (
 _SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that cannot be used as weights or train state; the message names the file and the reason."""
 
 
