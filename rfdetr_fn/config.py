@@ -282,8 +282,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the whole train step; auto = on for CUDA, off on CPU (there a compile takes minutes per
-    input size and gains little for matmul-bound models; see benchmarks/RESULTS.md)."""
+    """torch.compile the train step (regional: each block kind compiles once); auto = on for the device
+    types where benchmarks/compile.py measured a win (rfdetr_fn.compile.FIRST_COMPILE_S)."""
+    compile_cache: str | None = None
+    """Directory of compiled artifacts reused by later runs of the same config; None = $RFDETR_FN_CACHE or
+    ~/.cache/rfdetr_fn/compile."""
     cls_loss_coef: float = 1.0
     """Weight of the IA-BCE classification loss."""
     bbox_loss_coef: float = 5.0
@@ -401,6 +404,9 @@ class EvalConfig:
     """Report AP per class."""
     threshold: float = attrs.field(default=0.5, validator=_unit_interval)
     """predict: keep detections scoring above this."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the forward pass (regional, cached like the train step); auto = on inside fit when the
+    train step is compiled, else where rfdetr_fn.compile.use_compile says so for the device."""
 
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import torch
 
+from rfdetr_fn import compile as compile_lib
 from rfdetr_fn import dirlock, distributed, imageio, lora, presets, runlog, trackers, train_state, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
@@ -36,7 +37,7 @@ from rfdetr_fn.data import (
 from rfdetr_fn.errors import TrainingDiverged
 from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
+from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step
 from rfdetr_fn.validate import evaluate
 
 
@@ -80,7 +81,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     if dcfg.check_images:
         _check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
-    compiled = use_compile(tcfg.compile, world.device)
+    compiled = compile_lib.use_compile(tcfg.compile, world.device)
     # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
     # (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled else None
@@ -119,15 +120,28 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         enabled=compiled,
         max_shapes=len(scales) + 1,
     )
-    if compiled and world.main and tcfg.multi_scale != "off":
-        print(
-            f"compiling the train step: the first step at each of the {len(scales)} multi-scale sizes compiles "
-            "(minutes each; inductor caches them for later runs); --train.compile off skips it"
+    cache = None
+    if compiled:  # every rank loads the artifacts of this exact graph-shaping configuration
+        cache = compile_lib.CompileCache(
+            Path(tcfg.compile_cache) if tcfg.compile_cache else compile_lib.default_cache_dir(),
+            compile_lib.cache_key(
+                cfg,
+                tcfg,
+                device=world.device,
+                precision=precision,
+                steps=steps_per_epoch,
+                world=world.size,
+                slots=slots,
+            ),
         )
+        loaded = cache.load()
+        if world.main:
+            sizes = len(scales) if tcfg.multi_scale != "off" else 1
+            compile_lib.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
     if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
         log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
-    run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names)
+    run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names, compiled)
     record: dict[str, Any] = {}
 
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
@@ -153,6 +167,8 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
                 _save_state(out_dir / "last", state, loop)
                 raise TrainingDiverged(_divergence_message(metrics, step, tcfg, out_dir))
             state = new_state
+            if cache is not None:
+                cache.save_if_new()  # a counter check; writes only after a step that compiled
             seen += sum(len(b["images"]) for b in micro)
             micro = []
             step, loop["batch"] = step + 1, index + 1
@@ -394,8 +410,11 @@ def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
     return row
 
 
-def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, float]:
-    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA."""
+def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: bool) -> dict[str, float]:
+    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA.
+
+    The forward is compiled when --eval.compile is on, or auto and the train step is compiled."""
+    compile = ecfg.compile == "on" or (ecfg.compile == "auto" and step_compiled)
 
     def score(params) -> dict[str, float]:
         batch_size = tcfg.eval_batch_size or tcfg.batch_size
@@ -409,6 +428,8 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, fl
             num_workers=dcfg.num_workers,
             world=world,
             loss_cfg=loss_cfg,
+            compile=compile,
+            cache_dir=tcfg.compile_cache,
         )
 
     record: dict[str, float] = {}
@@ -442,6 +463,7 @@ class _Run:
     log: runlog.RunLog
     out_dir: Path
     class_names: list[str]
+    step_compiled: bool = False
 
 
 def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Path | None) -> tuple[dict, bool]:
@@ -449,7 +471,7 @@ def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Pa
     the state directory `saved`, when given), write the best weights and the metrics row; -> (record, stop)."""
     tcfg, epoch = run.tcfg, loop["eval_pending"]
     record = {"step": step, "epoch": epoch}
-    record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world))
+    record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world, run.step_compiled))
     regular, ema = _monitored(record, tcfg)
     loop["best"], decisions = trackers.update_best(
         loop["best"],

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -23,6 +23,7 @@ from torch import Tensor
 from rfdetr_fn import imageio, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
+from rfdetr_fn.compile import use_compile
 from rfdetr_fn.flags import parse
 from rfdetr_fn.inference import predict
 
@@ -48,6 +49,8 @@ class PredictArgs:
     """cpu, cuda or cuda:N; None picks CUDA when available."""
     batch_size: int = 4
     """Images per forward pass."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the forward pass (regional, cached on disk); auto follows rfdetr_fn.compile.use_compile."""
     allow_large_images: bool = False
     """Read images above Pillow's decompression-bomb limit (about 179 megapixels)."""
 
@@ -162,6 +165,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     names = weights.class_names(ckpt)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
+    compiled = use_compile(args.compile, device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawings = dict(zip(paths, _drawing_names(paths)))
@@ -174,7 +178,11 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
             for start in range(0, len(paths), args.batch_size):
                 chunk = [(p, _read(p)) for p in paths[start : start + args.batch_size]]
                 good = [(p, arr) for p, arr in chunk if not isinstance(arr, str)]
-                found = iter(predict(params, cfg, [arr for _, arr in good], threshold=args.threshold) if good else [])
+                found = iter(
+                    predict(params, cfg, [arr for _, arr in good], threshold=args.threshold, compile=compiled)
+                    if good
+                    else []
+                )
                 for path, arr in chunk:
                     if isinstance(arr, str):
                         record = {"image": str(path), "error": arr}

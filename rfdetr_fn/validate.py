@@ -16,12 +16,13 @@ import torch
 
 from rfdetr_fn import distributed, tree
 from rfdetr_fn.adapt import load_weights
+from rfdetr_fn.compile import use_compile
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import TARGET_KEYS, build_dataset, eval_loader
 from rfdetr_fn.flags import parse
+from rfdetr_fn.inference import forward_fn
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
-from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
 from rfdetr_fn.weights import class_names, resolve_checkpoint
 
@@ -55,11 +56,17 @@ def evaluate(
     num_workers: int = 0,
     world: distributed.World | None = None,
     loss_cfg: TrainConfig | None = None,
+    compile: bool | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, float]:
     """Score `params` on `dataset`; under torchrun each rank takes a shard and rank 0 merges the detections.
 
-    With `loss_cfg`, the eval-mode criterion (one query group) is averaged over batches as `loss`."""
+    With `loss_cfg`, the eval-mode criterion (one query group) is averaged over batches as `loss`.
+    `compile` None follows `ecfg.compile` for the device; the compiled forward is `inference.forward_fn`'s."""
     world = world or distributed.World(rank=0, size=1, device=next(tree.leaves(params)).device)
+    if compile is None:
+        compile = use_compile(ecfg.compile, world.device)
+    forward = forward_fn(cfg, world.device, compile=compile, cache_dir=cache_dir)
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
@@ -68,7 +75,7 @@ def evaluate(
     for batch in loader:
         images = batch["images"].to(world.device)
         mask = batch["mask"].to(world.device)
-        out = detector.apply(params, images, mask, cfg, train=False)
+        out = forward(params, images, mask)
         if loss_cfg is not None:
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
             losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))

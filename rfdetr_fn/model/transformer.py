@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import nn
+from rfdetr_fn.compile import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.kernels import ms_deform_attn
 from rfdetr_fn.model.position import sine_for_boxes
@@ -125,12 +126,12 @@ def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -
     w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
     b_q, b_k, b_v = p["in_proj_bias"].chunk(3)
 
-    def heads_view(t: Tensor) -> Tensor:
-        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2)
+    def heads_view(t: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2).contiguous()
 
-    q = heads_view(qk @ w_q.T + b_q)
-    k = heads_view(qk @ w_k.T + b_k)
-    v = heads_view(x @ w_v.T + b_v)
+    q = heads_view(qk @ w_q.t() + b_q)
+    k = heads_view(qk @ w_k.t() + b_k)
+    v = heads_view(x @ w_v.t() + b_v)
     out = F.scaled_dot_product_attention(q, k, v)
     out = out.transpose(1, 2).reshape(b, n, d)
     return nn.linear(p["out_proj"], out)
@@ -155,6 +156,7 @@ def deformable_attention(
 # ---------------------------------------------------------------- decoder
 
 
+@region
 def decoder_layer(
     p: Params,
     tgt: Tensor,
