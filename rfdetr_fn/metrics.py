@@ -2,7 +2,13 @@
 
 COCO numbers come from COCOeval itself (pycocotools, or faster_coco_eval: same numbers, faster) run on
 in-memory dicts: no JSON files, no torchmetrics. Ground truth is a COCO dict in label space (category ids
-are the model's labels); predictions are postprocess outputs (xyxy boxes in original pixels).
+are the model's labels); predictions are postprocess outputs (xyxy boxes in original pixels), kept as
+columns (`Detections`) so that a COCO-sized validation set costs arrays, not a million Python dicts.
+
+Both backends get upstream's threshold grids (`UPSTREAM_IOU_THRESHOLDS`, `UPSTREAM_RECALL_THRESHOLDS`):
+upstream builds them with torchmetrics' float32 `torch.linspace(...).tolist()`, so 0.55 is 0.550000011920929
+and 36 of the 101 recall steps sit just above k/100. Stock pycocotools uses float64 `np.linspace`; the two
+read a class's precision at different points when its recall or a match's IoU lands exactly on a grid value.
 
 The summary stats are read straight from COCOeval's precision/recall arrays instead of `summarize()`, because
 pycocotools' summarize hard-codes maxDets=100 for AP@[.5:.95] and reports -1 when max_dets=(1, 10, 500).
@@ -14,32 +20,138 @@ import contextlib
 import copy
 import io
 import logging
-from collections import defaultdict
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from rfdetr_fn.boxes import elementwise_iou
+
 Backend = Literal["pycocotools", "faster_coco_eval"]
 IouType = Literal["bbox", "segm"]
 
-__all__ = ["detections_to_coco", "coco_map", "f1_sweep", "Evaluator"]
+__all__ = [
+    "UPSTREAM_IOU_THRESHOLDS",
+    "UPSTREAM_RECALL_THRESHOLDS",
+    "Detections",
+    "detections_to_coco",
+    "coco_map",
+    "f1_sweep",
+    "Evaluator",
+]
+
+# torchmetrics' defaults, which upstream hands to every backend: float32 values widened to float64.
+UPSTREAM_IOU_THRESHOLDS = np.asarray(torch.linspace(0.5, 0.95, 10, dtype=torch.float32).tolist())
+UPSTREAM_RECALL_THRESHOLDS = np.asarray(torch.linspace(0.0, 1.0, 101, dtype=torch.float32).tolist())
 
 
 # --------------------------------------------------------------------------------------------------
-# predictions -> COCO results
+# predictions -> columns
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections as columns: image_id, category_id (N,) int64; bbox (N,4) xywh float64; score (N,) float64;
+    rles: N COCO RLE dicts (str counts) or None for box-only predictions."""
+
+    image_id: np.ndarray
+    category_id: np.ndarray
+    bbox: np.ndarray
+    score: np.ndarray
+    rles: list[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        ints = np.zeros(0, np.int64)
+        return cls(ints, ints, np.zeros((0, 4)), np.zeros(0))
+
+    @classmethod
+    def from_coco(cls, results: Sequence[Mapping[str, Any]]) -> Detections:
+        """From COCO result dicts (image_id, category_id, bbox xywh, score[, segmentation])."""
+        if isinstance(results, Detections):
+            return results
+        if not results:
+            return cls.empty()
+        rles = [r["segmentation"] for r in results] if all("segmentation" in r for r in results) else None
+        return cls(
+            np.asarray([r["image_id"] for r in results], np.int64),
+            np.asarray([r["category_id"] for r in results], np.int64),
+            np.asarray([r["bbox"] for r in results], np.float64).reshape(-1, 4),
+            np.asarray([r["score"] for r in results], np.float64),
+            rles,
+        )
+
+    @classmethod
+    def from_predictions(cls, image_ids: Sequence[int], predictions: Sequence[Mapping[str, Any]]) -> Detections:
+        """From postprocess outputs: xyxy -> xywh, masks -> RLE (every detection kept: no score threshold)."""
+        if len(image_ids) != len(predictions):
+            raise ValueError(f"got {len(image_ids)} image_ids for {len(predictions)} predictions")
+        parts = [cls._one_image(int(i), pred) for i, pred in zip(image_ids, predictions)]
+        return cls.concat(parts)
+
+    @classmethod
+    def _one_image(cls, image_id: int, pred: Mapping[str, Any]) -> Detections:
+        where = f"predictions for image_id={image_id}"
+        for key in ("boxes", "scores", "labels"):
+            if key not in pred:
+                raise ValueError(f"{where}: missing '{key}'")
+        boxes = torch.as_tensor(pred["boxes"]).detach().to("cpu", torch.float64).reshape(-1, 4).numpy()
+        scores = torch.as_tensor(pred["scores"]).detach().to("cpu", torch.float64).reshape(-1).numpy()
+        labels = torch.as_tensor(pred["labels"]).detach().to("cpu", torch.int64).reshape(-1).numpy()
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"{where}: boxes/scores/labels lengths differ")
+        rles = None
+        if pred.get("masks") is not None:
+            masks = _squeeze_masks(torch.as_tensor(pred["masks"]), where)
+            if len(masks) != len(boxes):
+                raise ValueError(f"{where}: {len(masks)} masks for {len(boxes)} boxes")
+            rles = _encode_masks(masks)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        return cls(np.full(len(scores), image_id, np.int64), labels, xywh, scores, rles)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Detections]) -> Detections:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        rles = None
+        if all(p.rles is not None for p in parts):
+            rles = [r for p in parts for r in p.rles]
+        return cls(
+            np.concatenate([p.image_id for p in parts]),
+            np.concatenate([p.category_id for p in parts]),
+            np.concatenate([p.bbox for p in parts]),
+            np.concatenate([p.score for p in parts]),
+            rles,
+        )
+
+    def select(self, keep: np.ndarray) -> Detections:
+        rles = None if self.rles is None else [r for r, k in zip(self.rles, keep) if k]
+        return Detections(self.image_id[keep], self.category_id[keep], self.bbox[keep], self.score[keep], rles)
+
+    def to_coco(self) -> list[dict]:
+        """COCO result dicts (JSON-safe: RLE counts as str)."""
+        rows = zip(self.image_id.tolist(), self.category_id.tolist(), self.bbox.tolist(), self.score.tolist())
+        out = [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in rows]
+        if self.rles is not None:
+            for det, rle in zip(out, self.rles):
+                det["segmentation"] = rle
+        return out
 
 
 def _encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     """Bool masks (K,H,W) -> COCO RLE dicts with str counts (JSON-safe; both backends accept str)."""
-    rles = []
-    for m in masks.detach().to("cpu", torch.uint8).numpy():
-        rle = mask_utils.encode(np.asfortranarray(m))
-        rle["counts"] = rle["counts"].decode("ascii")
-        rles.append(rle)
-    return rles
+    if masks.shape[0] == 0:
+        return []
+    stacked = np.asfortranarray(masks.detach().to("cpu", torch.uint8).numpy().transpose(1, 2, 0))
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in mask_utils.encode(stacked)]
 
 
 def _squeeze_masks(masks: torch.Tensor, where: str) -> torch.Tensor:
@@ -51,36 +163,8 @@ def _squeeze_masks(masks: torch.Tensor, where: str) -> torch.Tensor:
 
 
 def detections_to_coco(image_ids: Sequence[int], predictions: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Postprocess outputs -> COCO result dicts (xyxy -> xywh; masks -> RLE under "segmentation").
-
-    Every detection is kept (evaluation applies no score threshold).
-    """
-    if len(image_ids) != len(predictions):
-        raise ValueError(f"got {len(image_ids)} image_ids for {len(predictions)} predictions")
-    out: list[dict] = []
-    for image_id, pred in zip(image_ids, predictions):
-        where = f"predictions for image_id={int(image_id)}"
-        for key in ("boxes", "scores", "labels"):
-            if key not in pred:
-                raise ValueError(f"{where}: missing '{key}'")
-        boxes = torch.as_tensor(pred["boxes"]).detach().to("cpu", torch.float64).reshape(-1, 4)
-        scores = torch.as_tensor(pred["scores"]).detach().cpu().reshape(-1)
-        labels = torch.as_tensor(pred["labels"]).detach().cpu().reshape(-1)
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(f"{where}: boxes/scores/labels lengths differ")
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        rles = None
-        if pred.get("masks") is not None:
-            masks = _squeeze_masks(torch.as_tensor(pred["masks"]), where)
-            if len(masks) != len(boxes):
-                raise ValueError(f"{where}: {len(masks)} masks for {len(boxes)} boxes")
-            rles = _encode_masks(masks)
-        for i, (box, score, label) in enumerate(zip(xywh, scores.tolist(), labels.tolist())):
-            det = {"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)}
-            if rles is not None:
-                det["segmentation"] = rles[i]
-            out.append(det)
-    return out
+    """Postprocess outputs -> COCO result dicts (xyxy -> xywh; masks -> RLE under "segmentation")."""
+    return Detections.from_predictions(image_ids, predictions).to_coco()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,11 +179,11 @@ def _check_gt(gt: Mapping[str, Any]) -> None:
             raise ValueError(f"gt (COCO dict) is missing '{key}'")
 
 
-def _check_image_ids(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> None:
-    known = {img["id"] for img in gt["images"]}
-    unknown = sorted({d["image_id"] for d in detections} - known)
-    if unknown:
-        raise ValueError(f"detections reference image_id(s) not in gt['images']: {unknown[:10]}")
+def _check_image_ids(gt: Mapping[str, Any], dets: Detections) -> None:
+    known = np.asarray([img["id"] for img in gt["images"]], np.int64)
+    unknown = np.setdiff1d(np.unique(dets.image_id), known)
+    if unknown.size:
+        raise ValueError(f"detections reference image_id(s) not in gt['images']: {unknown[:10].tolist()}")
 
 
 def _backend(name: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -138,17 +222,23 @@ def _coco_api(coco_cls: Any, dataset: dict) -> Any:
     return api
 
 
-def _results_for(detections: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict]:
-    """Copy detections (COCOeval mutates them) keeping only the geometry `iou_type` scores.
+def _result_annotations(dets: Detections, iou_type: str) -> list[dict]:
+    """What loadRes would build from the results, straight from the columns (no per-dict copies).
 
-    Dropping "bbox" for segm makes loadRes take the area from the mask, not the box, for the area ranges.
+    Area is the box's for bbox and the mask's for segm, as loadRes and upstream set it.
     """
-    if iou_type == "bbox":
-        return [{k: v for k, v in d.items() if k != "segmentation"} for d in detections]
-    missing = [d["image_id"] for d in detections if "segmentation" not in d]
-    if missing:
-        raise ValueError(f"iou_type='segm' needs 'segmentation' in every detection (image_id {missing[0]})")
-    return [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+    if iou_type == "segm" and dets.rles is None:
+        raise ValueError("iou_type='segm' needs a mask ('segmentation') for every detection")
+    area = dets.bbox[:, 2] * dets.bbox[:, 3] if iou_type == "bbox" else mask_utils.area(dets.rles)
+    rows = zip(dets.image_id.tolist(), dets.category_id.tolist(), dets.bbox.tolist(), dets.score.tolist())
+    anns = [
+        {"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "score": s, "area": a, "iscrowd": 0}
+        for k, ((i, c, b, s), a) in enumerate(zip(rows, np.asarray(area, np.float64).tolist()))
+    ]
+    if iou_type == "segm":
+        for ann, rle in zip(anns, dets.rles):
+            ann["segmentation"] = rle
+    return anns
 
 
 def _mean_valid(values: np.ndarray) -> float:
@@ -198,7 +288,7 @@ def _class_name(cat_id: int, cats: Mapping[int, Mapping], class_names: Any) -> s
 
 def coco_map(
     gt: Mapping[str, Any],
-    detections: Sequence[Mapping[str, Any]],
+    detections: Sequence[Mapping[str, Any]] | Detections,
     *,
     iou_type: IouType = "bbox",
     max_dets: Sequence[int] = (1, 10, 500),
@@ -206,7 +296,8 @@ def coco_map(
     per_class: bool = False,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
 ) -> dict[str, float]:
-    """COCO mAP/mAR of `detections` (COCO results) against `gt` (COCO dict), computed by COCOeval.
+    """COCO mAP/mAR of `detections` (COCO results or columns) against `gt` (COCO dict), computed by COCOeval
+    with upstream's IoU and recall grids.
 
     Keys: mAP_50_95, mAP_50, mAP_75, mAP_small/medium/large, mAR_<max_dets[0]>, mAR_<max_dets[1]>, mAR (at
     max_dets[-1]), mAR_small/medium/large; with per_class, "AP/<name>" for every class that has ground truth.
@@ -218,24 +309,21 @@ def coco_map(
     max_dets = [int(m) for m in max_dets]
     if len(max_dets) != 3 or sorted(max_dets) != max_dets or max_dets[0] < 1:
         raise ValueError(f"max_dets={tuple(max_dets)} must be three increasing positive counts, e.g. (1, 10, 500)")
-    _check_image_ids(gt, detections)
+    dets = Detections.from_coco(detections)
+    _check_image_ids(gt, dets)
     coco_cls, eval_cls, eval_kwargs = _backend(backend)
     # COCOeval writes into annotation dicts (ignore flags, polygons -> RLE): work on copies.
-    dataset = {
-        "images": [dict(img) for img in gt["images"]],
-        "annotations": [_gt_annotation(ann, i) for i, ann in enumerate(gt["annotations"])],
-        "categories": copy.deepcopy(list(gt["categories"])),
-    }
+    images = [dict(img) for img in gt["images"]]
+    categories = copy.deepcopy(list(gt["categories"]))
+    annotations = [_gt_annotation(ann, i) for i, ann in enumerate(gt["annotations"])]
+    results = _result_annotations(dets, iou_type)
     with _quiet():
-        coco_gt = _coco_api(coco_cls, dataset)
-        results = _results_for(detections, iou_type)
-        if results:
-            coco_dt = coco_gt.loadRes(results)
-        else:  # pycocotools' loadRes cannot take an empty list
-            empty = {"images": dataset["images"], "annotations": [], "categories": dataset["categories"]}
-            coco_dt = _coco_api(coco_cls, empty)
+        coco_gt = _coco_api(coco_cls, {"images": images, "annotations": annotations, "categories": categories})
+        coco_dt = _coco_api(coco_cls, {"images": images, "annotations": results, "categories": categories})
         evaluator = eval_cls(coco_gt, coco_dt, iou_type, **eval_kwargs)
         evaluator.params.maxDets = max_dets
+        evaluator.params.iouThrs = UPSTREAM_IOU_THRESHOLDS.copy()
+        evaluator.params.recThrs = UPSTREAM_RECALL_THRESHOLDS.copy()
         evaluator.evaluate()
         evaluator.accumulate()
     stats = _summary(evaluator, max_dets)
@@ -250,29 +338,24 @@ def coco_map(
 
 
 # --------------------------------------------------------------------------------------------------
-# F1 sweep (upstream's evaluation/matching.py + evaluation/f1_sweep.py semantics)
+# F1 sweep (upstream's evaluation/matching.py + evaluation/f1_sweep.py semantics), vectorised
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes (N,4) x (M,4)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+@dataclass(frozen=True)
+class _GroundTruth:
+    """F1's view of the GT as columns: upstream's evaluation targets (see `_f1_ground_truth`)."""
+
+    image_id: np.ndarray
+    category_id: np.ndarray
+    xyxy: np.ndarray
+    crowd: np.ndarray
+    rles: list[dict[str, Any]] | None
 
 
-def _gt_items(gt: Mapping[str, Any], iou_type: str) -> dict[tuple[int, int], tuple[Any, np.ndarray]]:
-    """(image_id, category_id) -> (xyxy boxes or RLE masks, crowd flags), as upstream's evaluation targets.
-
-    Regular boxes are clamped to the image and dropped when empty (ConvertCoco); crowd regions come raw
-    from the COCO annotations.
-    """
+def _f1_ground_truth(gt: Mapping[str, Any], iou_type: str) -> _GroundTruth:
+    """Regular boxes clamped to the image and dropped when empty (upstream's ConvertCoco); crowd regions raw."""
     sizes = {img["id"]: (img.get("width"), img.get("height")) for img in gt["images"]}
-    items: dict[tuple[int, int], list[Any]] = defaultdict(list)
-    crowd: dict[tuple[int, int], list[bool]] = defaultdict(list)
+    ids, cats, boxes, crowd, rles = [], [], [], [], []
     for ann in gt["annotations"]:
         x, y, w, h = (float(v) for v in ann["bbox"])
         box = [x, y, x + w, y + h]
@@ -283,12 +366,19 @@ def _gt_items(gt: Mapping[str, Any], iou_type: str) -> dict[tuple[int, int], tup
                 box = [min(max(v, 0.0), lim) for v, lim in zip(box, (width, height, width, height))]
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
-        key = (ann["image_id"], ann["category_id"])
-        items[key].append(box if iou_type == "bbox" else _gt_rle(ann, height, width))
-        crowd[key].append(is_crowd)
-    if iou_type == "bbox":
-        return {k: (np.asarray(v, dtype=np.float64), np.asarray(crowd[k], bool)) for k, v in items.items()}
-    return {k: (v, np.asarray(crowd[k], bool)) for k, v in items.items()}
+        ids.append(ann["image_id"])
+        cats.append(ann["category_id"])
+        boxes.append(box)
+        crowd.append(is_crowd)
+        if iou_type == "segm":
+            rles.append(_gt_rle(ann, height, width))
+    return _GroundTruth(
+        np.asarray(ids, np.int64),
+        np.asarray(cats, np.int64),
+        np.asarray(boxes, np.float64).reshape(-1, 4),
+        np.asarray(crowd, bool),
+        rles if iou_type == "segm" else None,
+    )
 
 
 def _gt_rle(ann: Mapping[str, Any], height: int | None, width: int | None) -> dict[str, Any]:
@@ -304,49 +394,84 @@ def _gt_rle(ann: Mapping[str, Any], height: int | None, width: int | None) -> di
     return mask_utils.merge(rles) if isinstance(rles, list) else rles
 
 
-def _pairwise_iou(dets: Sequence[Mapping[str, Any]], gt_items: Any, iou_type: str) -> np.ndarray:
-    """IoU matrix (detections x GT); plain IoU for crowd regions too, as upstream's matcher."""
-    if len(gt_items) == 0:
-        return np.zeros((len(dets), 0))
+def _pairs(det_group: np.ndarray, gt_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (detection, GT) index pair of the same group; GT in annotation order within a group."""
+    gt_order = np.argsort(gt_group, kind="stable")
+    sorted_groups = gt_group[gt_order]
+    start = np.searchsorted(sorted_groups, det_group, side="left")
+    count = np.searchsorted(sorted_groups, det_group, side="right") - start
+    det_idx = np.repeat(np.arange(len(det_group)), count)
+    offset = np.arange(len(det_idx)) - np.repeat(np.cumsum(count) - count, count)
+    return det_idx, gt_order[np.repeat(start, count) + offset]
+
+
+def _pair_iou(dets: Detections, truth: _GroundTruth, di: np.ndarray, gi: np.ndarray, iou_type: str) -> np.ndarray:
+    """Plain IoU of each pair (crowd regions too, as upstream's matcher); 0 for an empty union."""
     if iou_type == "bbox":
-        xywh = np.asarray([d["bbox"] for d in dets], dtype=np.float64).reshape(-1, 4)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        return _box_iou(xyxy, gt_items)
-    if any("segmentation" not in d for d in dets):
+        xyxy = np.concatenate([dets.bbox[:, :2], dets.bbox[:, :2] + dets.bbox[:, 2:]], axis=1)
+        iou, union = elementwise_iou(torch.from_numpy(xyxy[di]), torch.from_numpy(truth.xyxy[gi]))
+        return torch.where(union > 0, iou, 0.0).numpy()
+    if dets.rles is None:
         raise ValueError("segm F1 needs 'segmentation' in every detection")
-    ious = mask_utils.iou([d["segmentation"] for d in dets], list(gt_items), [0] * len(gt_items))
-    return np.asarray(ious, dtype=np.float64).reshape(len(dets), len(gt_items))
+    out = np.zeros(len(di))
+    order = np.argsort(dets.image_id[di], kind="stable")  # one mask-IoU call per image
+    bounds = np.flatnonzero(np.diff(dets.image_id[di][order])) + 1
+    for chunk in np.split(order, bounds):
+        if chunk.size == 0:
+            continue
+        d_u, d_inv = np.unique(di[chunk], return_inverse=True)
+        g_u, g_inv = np.unique(gi[chunk], return_inverse=True)
+        ious = mask_utils.iou([dets.rles[k] for k in d_u], [truth.rles[k] for k in g_u], [0] * len(g_u))
+        out[chunk] = np.asarray(ious, np.float64).reshape(len(d_u), len(g_u))[d_inv, g_inv]
+    return out
 
 
-def _match(
-    scores: np.ndarray, ious: np.ndarray, crowd: np.ndarray, iou: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy highest-score-first matching in one image and class -> (sorted scores, is_tp, is_ignored).
+def _greedy_match(dets: Detections, truth: _GroundTruth, iou: float, iou_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream's greedy matching for all (image, class) groups at once -> (is_tp, is_ignored) per detection.
 
-    Each regular GT takes at most one detection (the best IoU >= iou among the unclaimed); a detection that
-    matches no regular GT but overlaps a crowd region at IoU >= iou is ignored instead of counted as an FP.
+    Within a group, detections go highest score first (float32 scores, ties in input order); each takes the
+    unclaimed regular GT of highest IoU >= iou (ties: first in annotation order). A detection that matches
+    nothing but overlaps a crowd region at IoU >= iou is ignored rather than an FP. Detections of equal rank
+    in different groups never compete, so the greedy loop runs over ranks, each rank vectorised over groups.
     """
-    order = np.argsort(-scores, kind="stable")
-    scores, ious = scores[order], ious[order]
-    tp = np.zeros(len(scores), dtype=bool)
-    ignored = np.zeros(len(scores), dtype=bool)
-    if ious.shape[1] == 0:
-        return scores, tp, ignored
-    claimed = np.zeros(ious.shape[1], dtype=bool)
-    for i in range(len(scores)):
-        candidate = np.where(crowd | claimed, -1.0, ious[i])
-        j = int(np.argmax(candidate))
-        if candidate[j] >= iou:
-            tp[i] = True
-            claimed[j] = True
-        elif crowd.any() and ious[i][crowd].max() >= iou:
-            ignored[i] = True
-    return scores, tp, ignored
+    n = len(dets)
+    tp, ignored = np.zeros(n, bool), np.zeros(n, bool)
+    if n == 0 or len(truth.crowd) == 0:
+        return tp, ignored
+    images = np.union1d(dets.image_id, truth.image_id)
+    cats = np.union1d(dets.category_id, truth.category_id)
+
+    def group(image_id: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        return np.searchsorted(images, image_id) * len(cats) + np.searchsorted(cats, cat)
+
+    det_group = group(dets.image_id, dets.category_id)
+    order = np.lexsort((-dets.score.astype(np.float32), det_group))  # stable: ties keep input order
+    first = np.searchsorted(det_group[order], det_group[order], side="left")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - first
+    di, gi = _pairs(det_group, group(truth.image_id, truth.category_id))
+    ious = _pair_iou(dets, truth, di, gi, iou_type)
+    hit = ious >= iou
+    on_crowd = hit & truth.crowd[gi]
+    cand = np.flatnonzero(hit & ~truth.crowd[gi])
+    cand = cand[np.lexsort((gi[cand], -ious[cand], di[cand], rank[di[cand]]))]  # best GT first per detection
+    claimed = np.zeros(len(truth.crowd), bool)
+    cand_rank = rank[di[cand]]
+    for r in np.unique(cand_rank):
+        lo, hi = np.searchsorted(cand_rank, [r, r + 1])
+        live = cand[lo:hi][~claimed[gi[cand[lo:hi]]]]
+        if live.size == 0:
+            continue
+        _, firsts = np.unique(di[live], return_index=True)
+        tp[di[live[firsts]]] = True
+        claimed[gi[live[firsts]]] = True
+    ignored[di[on_crowd]] = True
+    return tp, ignored & ~tp
 
 
 def f1_sweep(
     gt: Mapping[str, Any],
-    detections: Sequence[Mapping[str, Any]],
+    detections: Sequence[Mapping[str, Any]] | Detections,
     *,
     iou: float = 0.5,
     thresholds: int | Sequence[float] = 101,
@@ -361,48 +486,28 @@ def f1_sweep(
     segmentation models).
     """
     _check_gt(gt)
-    _check_image_ids(gt, detections)
+    dets = Detections.from_coco(detections)
+    _check_image_ids(gt, dets)
     grid = np.linspace(0.0, 1.0, thresholds) if isinstance(thresholds, int) else np.asarray(thresholds, float)
     if grid.size == 0:
         raise ValueError("thresholds must hold at least one value")
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type={iou_type!r} must be 'bbox' or 'segm'")
-    gt_items = _gt_items(gt, iou_type)
-    dets: dict[tuple[int, int], list[Mapping]] = defaultdict(list)
-    for d in detections:
-        dets[(d["image_id"], d["category_id"])].append(d)
-
-    per_class: dict[int, dict[str, Any]] = defaultdict(lambda: {"scores": [], "tp": [], "ignored": [], "n_gt": 0})
-    for key in set(gt_items) | set(dets):
-        items, crowd = gt_items.get(key, ([], np.zeros(0, dtype=bool)))
-        entry = per_class[key[1]]
-        entry["n_gt"] += int((~crowd).sum())
-        found = dets.get(key, [])
-        if not found:
-            continue
-        scores = np.asarray([d["score"] for d in found], dtype=np.float32)
-        s, tp, ign = _match(scores, _pairwise_iou(found, items, iou_type), crowd, iou)
-        entry["scores"].append(s)
-        entry["tp"].append(tp)
-        entry["ignored"].append(ign)
-
-    classes = sorted(per_class)
-    with_gt = [c for c in classes if per_class[c]["n_gt"] > 0]
-    if not with_gt:
+    truth = _f1_ground_truth(gt, iou_type)
+    tp, ignored = _greedy_match(dets, truth, iou, iou_type)
+    regular = truth.category_id[~truth.crowd]
+    with_gt = np.unique(regular)
+    if with_gt.size == 0:
         return {"F1": 0.0, "precision": 0.0, "recall": 0.0, "threshold": float(grid[0])}
-
+    scores = dets.score.astype(np.float32).astype(np.float64)
+    keep = ~ignored
     rows = []  # per class with GT: (precision, recall, f1) over the grid
     for c in with_gt:
-        entry = per_class[c]
-        n_gt = entry["n_gt"]
-        scores = np.concatenate(entry["scores"]) if entry["scores"] else np.zeros(0, np.float32)
-        tp = np.concatenate(entry["tp"]) if entry["tp"] else np.zeros(0, bool)
-        keep = ~(np.concatenate(entry["ignored"]) if entry["ignored"] else np.zeros(0, bool))
-        above = scores[None, :] >= grid[:, None]  # T, N (float32 scores vs float64 grid, as upstream)
-        n_tp = (above & (tp & keep)[None]).sum(1)
-        n_fp = (above & (~tp & keep)[None]).sum(1)
+        mine = (dets.category_id == c) & keep
+        n_tp = _count_at_least(scores[mine & tp], grid)
+        n_fp = _count_at_least(scores[mine & ~tp], grid)
         precision = np.where(n_tp + n_fp > 0, n_tp / np.maximum(n_tp + n_fp, 1), 0.0)
-        recall = n_tp / n_gt
+        recall = n_tp / int((regular == c).sum())
         denom = precision + recall
         f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
         rows.append((precision, recall, f1))
@@ -416,6 +521,11 @@ def f1_sweep(
         "recall": float(recall[best]),
         "threshold": float(grid[best]),
     }
+
+
+def _count_at_least(scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """For each threshold t of the grid, how many scores are >= t."""
+    return len(scores) - np.searchsorted(np.sort(scores), grid, side="left")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +543,7 @@ def _resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class Evaluator:
     """Accumulates postprocess outputs over an evaluation pass and computes upstream's metric set.
 
+    Each `update` turns its batch into columns at once (masks into RLE), so no mask outlives its batch.
     Only images passed to `update` are scored (a repeated image id, e.g. distributed-sampler padding, is
     dropped). `compute()` returns mAP_50_95, mAP_50, mAP_75, mAR (and the other COCO stats), segm_* twins when
     masks were predicted, F1/precision/recall from the sweep (on masks when masks were predicted, as
@@ -449,6 +560,7 @@ class Evaluator:
         class_names: Sequence[str] | Mapping[int, str] | None = None,
     ) -> None:
         _check_gt(gt)
+        _backend(backend)  # fail on a bad name now, not after a whole evaluation pass
         self.gt = gt
         self.max_dets = (1, 10, int(max_dets)) if isinstance(max_dets, int) else tuple(max_dets)
         self.backend = backend
@@ -463,9 +575,13 @@ class Evaluator:
         return cls(gt, max_dets=cfg.max_dets, backend=cfg.backend, per_class=cfg.per_class, class_names=class_names)
 
     def reset(self) -> None:
-        self._seen: set[int] = set()
-        self._detections: list[dict] = []
+        self._seen: dict[int, None] = {}  # insertion-ordered set
+        self._parts: list[Detections] = []
         self._has_masks = False
+
+    @property
+    def num_detections(self) -> int:
+        return sum(len(p) for p in self._parts)
 
     def update(self, predictions: Sequence[Mapping[str, Any]], image_ids: Sequence[int]) -> None:
         """Add one batch: postprocess outputs and the COCO image ids they belong to."""
@@ -478,7 +594,7 @@ class Evaluator:
                 raise ValueError(f"image_id {image_id} is not in the ground truth's images")
             if image_id in self._seen:
                 continue
-            self._seen.add(image_id)
+            self._seen[image_id] = None
             if pred.get("masks") is not None:
                 img = self._images[image_id]
                 masks = _squeeze_masks(torch.as_tensor(pred["masks"]), f"predictions for image_id={image_id}")
@@ -486,7 +602,20 @@ class Evaluator:
                 self._has_masks = True
             keep_ids.append(image_id)
             keep_preds.append(pred)
-        self._detections.extend(detections_to_coco(keep_ids, keep_preds))
+        self._parts.append(Detections.from_predictions(keep_ids, keep_preds))
+
+    def state(self) -> dict[str, Any]:
+        """What this evaluator holds (image ids seen, detections as columns): small and picklable."""
+        return {"image_ids": list(self._seen), "detections": Detections.concat(self._parts)}
+
+    def merge(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Add other evaluators' `state()`s (e.g. every rank's), dropping images this one has already seen."""
+        for st in states:
+            fresh = [i for i in st["image_ids"] if i not in self._seen]
+            dets = st["detections"]
+            self._parts.append(dets.select(np.isin(dets.image_id, np.asarray(fresh, np.int64))))
+            self._has_masks |= dets.rles is not None and len(dets) > 0
+            self._seen.update(dict.fromkeys(fresh))
 
     def _seen_gt(self) -> dict[str, Any]:
         return {
@@ -495,13 +624,22 @@ class Evaluator:
             "categories": self.gt["categories"],
         }
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, timings: dict[str, float] | None = None) -> dict[str, float]:
+        """The metrics; `timings`, when given, receives the seconds spent in coco_bbox, coco_segm and f1."""
+        timings = {} if timings is None else timings
         gt = self._seen_gt()
+        dets = Detections.concat(self._parts)
         common = {"max_dets": self.max_dets, "backend": self.backend}
-        out = coco_map(gt, self._detections, per_class=self.per_class, class_names=self.class_names, **common)
+        t0 = time.perf_counter()
+        out = coco_map(gt, dets, per_class=self.per_class, class_names=self.class_names, **common)
+        timings["coco_bbox"] = time.perf_counter() - t0
         if self._has_masks:
-            segm = coco_map(gt, self._detections, iou_type="segm", **common)
+            t0 = time.perf_counter()
+            segm = coco_map(gt, dets, iou_type="segm", **common)
             out.update({f"segm_{k}": v for k, v in segm.items()})
-        f1 = f1_sweep(gt, self._detections, iou_type="segm" if self._has_masks else "bbox")
+            timings["coco_segm"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        f1 = f1_sweep(gt, dets, iou_type="segm" if self._has_masks else "bbox")
+        timings["f1"] = time.perf_counter() - t0
         out.update({"F1": f1["F1"], "precision": f1["precision"], "recall": f1["recall"]})
         return out

@@ -109,12 +109,20 @@ def raw_results(preds, label2cat):
     return results
 
 
-def pycocotools_stats(raw_path, results, iou_type="bbox", image_ids=None):
-    """Plain pycocotools on the raw JSON file: default params (maxDets 1, 10, 100), summarize()."""
+# What upstream hands every backend: torchmetrics' default grids, torch.linspace in float32, then .tolist().
+TM_IOU_THRS = torch.linspace(0.5, 0.95, round((0.95 - 0.5) / 0.05) + 1, dtype=torch.float32).tolist()
+TM_REC_THRS = torch.linspace(0.0, 1.00, round(1.00 / 0.01) + 1, dtype=torch.float32).tolist()
+
+
+def pycocotools_stats(raw_path, results, iou_type="bbox", image_ids=None, stock_grids=False):
+    """Plain pycocotools on the raw JSON file: maxDets 1, 10, 100, summarize(); upstream's grids unless stock."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(str(raw_path))
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if not stock_grids:
+            ev.params.iouThrs = np.asarray(TM_IOU_THRS, dtype=np.float64)
+            ev.params.recThrs = np.asarray(TM_REC_THRS, dtype=np.float64)
         if image_ids is not None:
             ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
