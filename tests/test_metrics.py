@@ -14,7 +14,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from rfdetr_fn.metrics import Evaluator, coco_map, detections_to_coco, f1_sweep
+from tests.f1_reference import reference_f1_sweep
+from rfdetr_fn.metrics import (
+    UPSTREAM_IOU_THRESHOLDS,
+    UPSTREAM_RECALL_THRESHOLDS,
+    Detections,
+    Evaluator,
+    coco_map,
+    detections_to_coco,
+    f1_sweep,
+)
 
 STATS = [
     "mAP_50_95",
@@ -476,3 +485,166 @@ def test_f1_segm_matches_masks_and_ignores_crowd_rle():
     assert f1_sweep(gt, [hit, on_crowd])["F1"] == 0.0
     off = {**det(1, 0, [0, 0, 1, 1], 0.9), "segmentation": square_rle(35, 10, 40)}  # IoU 15/65 < 0.5
     assert f1_sweep(gt, [off], iou_type="segm")["F1"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# upstream's threshold grids
+
+
+def test_upstream_grids_are_torchmetrics_float32_linspace():
+    assert UPSTREAM_IOU_THRESHOLDS.tolist() == TM_IOU_THRS and UPSTREAM_RECALL_THRESHOLDS.tolist() == TM_REC_THRS
+    assert UPSTREAM_IOU_THRESHOLDS[1] == float(np.float32(0.55)) > 0.55  # 0.550000011920929
+    assert UPSTREAM_RECALL_THRESHOLDS[14] == float(np.float32(0.14)) > 14 / 100
+    # 36 recall steps sit just above k/100, the rest at or below it.
+    assert sum(UPSTREAM_RECALL_THRESHOLDS[k] > k / 100 for k in range(101)) == 36
+
+
+def grid_case():
+    """Two classes where the float32 and float64 grids disagree.
+
+    Class 0: 100 GT, 14 found exactly -> recall 14/100 at every IoU; the float32 recall step 14 lies above
+    0.14, so it reads precision 0 there (AP 14/101), the float64 one reads 1 (15/101). Class 1: one match at
+    IoU exactly 0.55 (5500/10000): counted at the float64 threshold 0.55, not at the float32 one.
+    """
+    anns = []
+    for k in range(100):
+        x, y = 100.0 * (k % 10), 100.0 * (k // 10)
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 0, "bbox": [x, y, 50.0, 50.0], "area": 2500.0})
+    anns.append({"id": 101, "image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, 100.0, 100.0], "area": 1e4})
+    for a in anns:
+        a["iscrowd"] = 0
+    gt = {
+        "images": [{"id": 1, "height": 1000, "width": 1000}, {"id": 2, "height": 200, "width": 200}],
+        "annotations": anns,
+        "categories": [{"id": 0, "name": "many"}, {"id": 1, "name": "one"}],
+    }
+    dets = [{"image_id": 1, "category_id": 0, "bbox": a["bbox"], "score": 0.9} for a in anns[:14]]
+    dets.append({"image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, 55.0, 100.0], "score": 0.8})
+    return gt, dets
+
+
+def direct_stats(gt, dets, *, stock_grids):
+    """pycocotools on the same dicts, maxDets (1, 10, 100), stats from summarize()."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        api = COCO()
+        api.dataset = copy.deepcopy(gt)
+        api.createIndex()
+        ev = COCOeval(api, api.loadRes(copy.deepcopy(dets)), "bbox")
+        if not stock_grids:
+            ev.params.iouThrs = np.asarray(TM_IOU_THRS)
+            ev.params.recThrs = np.asarray(TM_REC_THRS)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(STATS, ev.stats.tolist()))
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_grids_pin_numbers_where_float32_and_float64_disagree(backend):
+    if backend == "faster_coco_eval":
+        pytest.importorskip("faster_coco_eval")
+    gt, dets = grid_case()
+    out = coco_map(gt, dets, backend=backend, per_class=True)
+    assert out["AP/many"] == pytest.approx(14 / 101, abs=1e-12)
+    assert out["AP/one"] == pytest.approx(0.1, abs=1e-12)  # matched at IoU 0.5 only
+    assert out["mAP_50_95"] == pytest.approx((14 / 101 + 0.1) / 2, abs=1e-12)
+    assert out["mAP_50"] == pytest.approx((14 / 101 + 1.0) / 2, abs=1e-12)
+    assert out["mAP_75"] == pytest.approx(14 / 101 / 2, abs=1e-12)
+    assert out["mAR"] == pytest.approx((0.14 + 0.1) / 2, abs=1e-12)
+    # Upstream's grids through plain pycocotools agree; stock pycocotools reads the other points.
+    assert_stats_close(out, direct_stats(gt, dets, stock_grids=False), tol=1e-12)
+    stock = direct_stats(gt, dets, stock_grids=True)
+    assert stock["mAP_50_95"] == pytest.approx((15 / 101 + 0.2) / 2, abs=1e-12)
+    assert stock["mAP_50"] == pytest.approx((15 / 101 + 1.0) / 2, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# vectorised F1 sweep == the loop it replaced (tests/f1_reference.py)
+
+
+def random_f1_case(seed, *, masks=False, size=64):
+    """Small crowded images: overlapping GT, crowd regions, boxes past the border, score and IoU ties."""
+    rng = np.random.default_rng(seed)
+    n_images, n_classes = int(rng.integers(1, 6)), 3
+    anns, dets = [], []
+    for image_id in range(1, n_images + 1):
+        for _ in range(int(rng.integers(0, 9))):
+            x, y = rng.integers(-8, size - 4, 2).tolist()
+            w, h = rng.integers(2, 30, 2).tolist()
+            crowd = int(rng.random() < 0.15)
+            anns.append((image_id, int(rng.integers(n_classes)), [x, y, w, h], crowd))
+            for _ in range(int(rng.integers(0, 3))):  # found, possibly several times (duplicates)
+                jx, jy = rng.integers(-3, 4, 2).tolist()
+                c = anns[-1][1] if rng.random() < 0.8 else int(rng.integers(n_classes))
+                dets.append((image_id, c, [x + jx, y + jy, w, h], float(np.round(rng.random(), 2))))
+        for _ in range(int(rng.integers(0, 6))):  # background detections, some on crowd regions
+            x, y = rng.integers(0, size - 4, 2).tolist()
+            w, h = rng.integers(2, 30, 2).tolist()
+            dets.append((image_id, int(rng.integers(n_classes)), [x, y, w, h], float(np.round(rng.random(), 2))))
+    gt = small_gt(anns, n_images=n_images, n_classes=n_classes)
+    for img in gt["images"]:
+        img["height"] = img["width"] = size
+    out = [det(*d) for d in dets]
+    if masks:
+        for a in gt["annotations"]:
+            x, y, w, h = a["bbox"]
+            if a["iscrowd"]:
+                a["segmentation"] = box_rle(x, y, w, h, size)
+            else:  # a polygon, clipped to the image by the rasteriser
+                a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        for d in out:
+            d["segmentation"] = box_rle(*d["bbox"], size)
+    return gt, out
+
+
+def box_rle(x, y, w, h, size):
+    m = np.zeros((size, size), np.uint8)
+    m[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_f1_sweep_equals_reference_loop(seed):
+    gt, dets = random_f1_case(seed)
+    assert f1_sweep(gt, dets) == reference_f1_sweep(gt, dets)
+    assert f1_sweep(gt, dets, iou=0.3, thresholds=11) == reference_f1_sweep(gt, dets, iou=0.3, thresholds=11)
+    # Columns and dicts are one input.
+    assert f1_sweep(gt, Detections.from_coco(dets)) == reference_f1_sweep(gt, dets)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_f1_sweep_segm_equals_reference_loop(seed):
+    gt, dets = random_f1_case(seed, masks=True)
+    assert f1_sweep(gt, dets, iou_type="segm") == reference_f1_sweep(gt, dets, iou_type="segm")
+
+
+def test_f1_random_cases_exercise_the_rules():
+    """The random cases above hold what makes greedy matching hard, so their agreement means something."""
+    seen = {"crowd ignored": 0, "groups of several": 0, "score ties": 0, "F1 strictly between": 0}
+    for seed in range(40):
+        gt, dets = random_f1_case(seed)
+        scores = [d["score"] for d in dets]
+        seen["score ties"] += len(scores) != len(set(scores))
+        out = reference_f1_sweep(gt, dets, thresholds=[0.0])
+        no_crowd = {**gt, "annotations": [a for a in gt["annotations"] if not a["iscrowd"]]}
+        seen["crowd ignored"] += out["precision"] != reference_f1_sweep(no_crowd, dets, thresholds=[0.0])["precision"]
+        seen["F1 strictly between"] += 0.0 < reference_f1_sweep(gt, dets)["F1"] < 1.0
+        keys = [(d["image_id"], d["category_id"]) for d in dets]
+        seen["groups of several"] += len(keys) != len(set(keys))
+    assert all(count >= 3 for count in seen.values()), seen
+
+
+def test_f1_greedy_ties_follow_upstream():
+    # An IoU tie goes to the GT first in annotation order: d1 is 0.6 from both A and B and takes A, so d2 (which
+    # only fits A) is left an FP. Taking B would have made both TPs.
+    a, b = [0, 0, 10, 10], [5, 0, 10, 10]
+    gt = small_gt([(1, 0, a, 0), (1, 0, b, 0)], n_images=1, n_classes=1)
+    tied = [det(1, 0, [2.5, 0, 10, 10], 0.9), det(1, 0, a, 0.8)]
+    assert f1_sweep(gt, tied, thresholds=[0.0]) == reference_f1_sweep(gt, tied, thresholds=[0.0])
+    assert f1_sweep(gt, tied, thresholds=[0.0])["precision"] == 0.5
+    # Scores are ranked as float32: 0.9 and 0.9 + 1e-9 tie, so input order decides. d1 (on A and the crowd
+    # region) goes first and takes A; d2 (on A only) becomes an FP. In float64, d2 would take A and d1 be ignored.
+    gt = small_gt([(1, 0, a, 0), (1, 0, [0, 0, 10, 25], 1)], n_images=1, n_classes=1)
+    dets = [det(1, 0, [0, 0, 10, 14], 0.9), det(1, 0, a, 0.9 + 1e-9)]
+    assert f1_sweep(gt, dets, thresholds=[0.0])["precision"] == 0.5
