@@ -648,3 +648,179 @@ def test_f1_greedy_ties_follow_upstream():
     gt = small_gt([(1, 0, a, 0), (1, 0, [0, 0, 10, 25], 1)], n_images=1, n_classes=1)
     dets = [det(1, 0, [0, 0, 10, 14], 0.9), det(1, 0, a, 0.9 + 1e-9)]
     assert f1_sweep(gt, dets, thresholds=[0.0])["precision"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# segm: our Evaluator against the COCO segm path upstream takes (torchmetrics -> faster_coco_eval)
+
+
+def segm_case(seed=0, size=96, n_images=4):
+    """Polygon objects from 3 to 40 px (small and medium), crowd regions as RLE, masks predicted with shifts,
+    misses, false positives and detections sitting on the crowd regions."""
+    rng = np.random.default_rng(seed)
+    gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in range(2)]}
+    preds = {}
+    for image_id in range(1, n_images + 1):
+        gt["images"].append({"id": image_id, "height": size, "width": size})
+        masks, scores, labels = [], [], []
+        for k in range(int(rng.integers(4, 9))):
+            side = int(rng.choice([3, 5, 8, 12, 20, 40]))
+            x, y = rng.integers(0, size - side, 2).tolist()
+            crowd = k == 0 and image_id % 2 == 1
+            label = int(rng.integers(2))
+            m = np.zeros((size, size), np.uint8)
+            m[y : y + side, x : x + side] = 1
+            if side > 5:  # cut a corner: a real polygon, not a box
+                m[y : y + side // 3, x : x + side // 3] = 0
+            rle = mask_utils.encode(np.asfortranarray(m))
+            if crowd:
+                seg = {"size": rle["size"], "counts": rle["counts"].decode()}
+            else:
+                c = side // 3 if side > 5 else 0
+                seg = [[x + c, y, x + side, y, x + side, y + side, x, y + side, x, y + c, x + c, y + c]]
+                m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, size, size)))
+            area = float(m.sum())
+            gt["annotations"].append(
+                {"image_id": image_id, "category_id": label, "bbox": [x, y, side, side], "area": area,
+                 "iscrowd": int(crowd), "segmentation": seg}
+            )  # fmt: skip
+            if rng.random() < 0.2 and not crowd:
+                continue  # missed
+            shifted = np.roll(m, tuple(rng.integers(-1, 2, 2).tolist()), axis=(0, 1))
+            masks.append(shifted.astype(bool))
+            labels.append(label if rng.random() < 0.9 else 1 - label)
+            scores.append(float(rng.uniform(0.05, 1.0)))
+        for _ in range(2):  # false positives
+            m = np.zeros((size, size), bool)
+            x, y = rng.integers(0, size - 10, 2).tolist()
+            m[y : y + int(rng.integers(2, 10)), x : x + int(rng.integers(2, 10))] = True
+            masks.append(m)
+            labels.append(int(rng.integers(2)))
+            scores.append(float(rng.uniform(0.05, 1.0)))
+        preds[image_id] = {
+            "boxes": torch.zeros(len(masks), 4),  # boxes play no part in segm
+            "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels),
+            "masks": torch.from_numpy(np.stack(masks))[:, None],
+        }
+    for i, ann in enumerate(gt["annotations"]):
+        ann["id"] = i + 1
+    return gt, preds
+
+
+def upstream_segm_stats(gt, preds):
+    """What upstream's OnePassCocoMeanAveragePrecision does with mask tensors: GT masks (decoded at image size)
+    and predicted masks encoded to RLE, areas from the masks, crowd rows with iscrowd=1, faster_coco_eval's
+    COCOeval with torchmetrics' float32 grids and maxDets [1, 10, 500], stats from summarize()."""
+    from faster_coco_eval import COCO as FCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    sizes = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
+    target, results = [], []
+    for ann in gt["annotations"]:
+        h, w = sizes[ann["image_id"]]
+        seg = ann["segmentation"]
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else dict(seg)
+        rle = mask_utils.encode(np.asfortranarray(mask_utils.decode(rle)))  # the tensor upstream holds
+        target.append({"id": len(target) + 1, "image_id": ann["image_id"], "category_id": ann["category_id"],
+                       "segmentation": rle, "area": float(mask_utils.area(rle)), "iscrowd": ann["iscrowd"],
+                       "bbox": ann["bbox"]})  # fmt: skip
+    for image_id, p in preds.items():
+        encoded = mask_utils.encode(np.asfortranarray(p["masks"][:, 0].numpy().transpose(1, 2, 0).astype(np.uint8)))
+        for rle, score, label in zip(encoded, p["scores"].tolist(), p["labels"].tolist()):
+            results.append({"id": len(results) + 1, "image_id": image_id, "category_id": label, "segmentation": rle,
+                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
+                            "score": score, "iscrowd": 0})  # fmt: skip
+    apis = []
+    for anns in (target, results):
+        api = FCOCO()
+        api.dataset = {"images": gt["images"], "annotations": anns, "categories": gt["categories"]}
+        api.createIndex()
+        apis.append(api)
+    ev = COCOeval_faster(apis[0], apis[1], iouType="segm", print_function=lambda *a, **k: None)
+    params = ev.params
+    params.iouThrs = np.asarray(TM_IOU_THRS, dtype=np.float64)
+    params.recThrs = np.asarray(TM_REC_THRS, dtype=np.float64)
+    params.maxDets = [1, 10, 500]
+    ev.params = params
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(["mAP_50_95", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large", "mAR_1", "mAR_10",
+                     "mAR", "mAR_small", "mAR_medium", "mAR_large"], ev.stats.tolist()))  # fmt: skip
+
+
+def our_segm(gt, preds, backend="pycocotools"):
+    ev = Evaluator(gt, backend=backend)
+    ids = list(preds)
+    ev.update([preds[i] for i in ids[:2]], ids[:2])  # two batches
+    ev.update([preds[i] for i in ids[2:]], ids[2:])
+    return {k[len("segm_") :]: v for k, v in ev.compute().items() if k.startswith("segm_")}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segm_metrics_equal_upstream_path_with_crowd_and_small_objects(seed):
+    pytest.importorskip("faster_coco_eval")
+    gt, preds = segm_case(seed)
+    ref = upstream_segm_stats(gt, preds)
+    assert 0.1 < ref["mAP_50_95"] < 0.95 and ref["mAP_small"] > -1 and ref["mAP_medium"] > -1
+    for backend in ("pycocotools", "faster_coco_eval"):
+        assert_stats_close(our_segm(gt, preds, backend), ref, tol=1e-12)
+    # Crowd regions and small objects both move the numbers here, so the agreement covers them.
+    no_crowd = {**gt, "annotations": [a for a in gt["annotations"] if not a["iscrowd"]]}
+    assert upstream_segm_stats(no_crowd, preds)["mAP_50_95"] != ref["mAP_50_95"]
+    assert ref["mAP_small"] != ref["mAP_medium"]
+
+
+def test_evaluator_keeps_rle_not_masks_and_merges_ranks():
+    gt, preds = segm_case(1)
+    ids = list(preds)
+    single = Evaluator(gt)
+    single.update([preds[i] for i in ids], ids)
+    state = single.state()
+    # What the evaluator keeps is columns and RLE strings: no tensor, nothing of size H*W per detection.
+    assert isinstance(state["detections"], Detections) and all(isinstance(r["counts"], str) for r in state["detections"].rles)
+    assert not any(torch.is_tensor(v) for v in vars(state["detections"]).values())
+    # Two "ranks", the second repeating an image of the first (sampler padding): merged like one pass.
+    rank0, rank1 = Evaluator(gt), Evaluator(gt)
+    rank0.update([preds[i] for i in ids[:3]], ids[:3])
+    rank1.update([preds[i] for i in ids[2:]], ids[2:])
+    assert rank1.num_detections > single.num_detections - rank0.num_detections  # it holds the repeat
+    rank0.merge([rank1.state()])
+    assert rank0.num_detections == single.num_detections
+    assert rank0.compute() == single.compute()
+
+
+def test_evaluate_frees_each_batch_of_masks(monkeypatch):
+    """validate.evaluate hands every batch to the Evaluator (RLE) and keeps no mask tensors: when compute()
+    starts, the masks of every batch but the last (still a local of the loop) are garbage."""
+    import gc
+    import weakref
+
+    import rfdetr_fn as rf
+    from rfdetr_fn import validate
+    from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
+    from rfdetr_fn.data import build_dataset
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64, segmentation_head=True)
+    dcfg = DataConfig(synthetic_images=24, synthetic_classes=2, synthetic_size=64, num_workers=0)
+    dataset = build_dataset(dcfg, "valid", cfg, TrainConfig(), train=False)  # 6 images
+    batches: list[list[weakref.ref]] = []
+    alive_at_compute: list[int] = []
+    update, compute = Evaluator.update, Evaluator.compute
+
+    def spy_update(self, predictions, image_ids):
+        batches.append([weakref.ref(p["masks"]) for p in predictions])
+        update(self, predictions, image_ids)
+
+    def spy_compute(self, timings=None):
+        gc.collect()
+        alive_at_compute.extend(i for i, refs in enumerate(batches) if any(r() is not None for r in refs))
+        return compute(self, timings)
+
+    monkeypatch.setattr(Evaluator, "update", spy_update)
+    monkeypatch.setattr(Evaluator, "compute", spy_compute)
+    metrics = validate.evaluate(rf.init(cfg, seed=0), cfg, dataset, batch_size=2, ecfg=EvalConfig())
+    assert len(batches) == 3 and "segm_mAP_50_95" in metrics
+    assert alive_at_compute in ([], [2])
