@@ -14,7 +14,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tests.f1_reference import reference_f1_sweep
 from rfdetr_fn.metrics import (
     UPSTREAM_IOU_THRESHOLDS,
     UPSTREAM_RECALL_THRESHOLDS,
@@ -24,6 +23,7 @@ from rfdetr_fn.metrics import (
     detections_to_coco,
     f1_sweep,
 )
+from tests.f1_reference import reference_f1_sweep
 
 STATS = [
     "mAP_50_95",
@@ -780,8 +780,9 @@ def test_evaluator_keeps_rle_not_masks_and_merges_ranks():
     single.update([preds[i] for i in ids], ids)
     state = single.state()
     # What the evaluator keeps is columns and RLE strings: no tensor, nothing of size H*W per detection.
-    assert isinstance(state["detections"], Detections) and all(isinstance(r["counts"], str) for r in state["detections"].rles)
-    assert not any(torch.is_tensor(v) for v in vars(state["detections"]).values())
+    kept = state["detections"]
+    assert isinstance(kept, Detections) and all(isinstance(r["counts"], str) for r in kept.rles)
+    assert not any(torch.is_tensor(v) for v in vars(kept).values())
     # Two "ranks", the second repeating an image of the first (sampler padding): merged like one pass.
     rank0, rank1 = Evaluator(gt), Evaluator(gt)
     rank0.update([preds[i] for i in ids[:3]], ids[:3])
