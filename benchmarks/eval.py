@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -141,22 +142,23 @@ def run_one(kind: str, backend: str, args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed + 1)
     sizes = torch.tensor([[height, width]] * BATCH)
     baseline = _peak_mib()
-    times = {"predict": 0.0, "accumulate": 0.0}
+    times = {"predict": [0.0, 0.0], "accumulate": [0.0, 0.0]}  # wall, CPU seconds
     peaks = {}
     _reset_peak()
     evaluator = Evaluator(gt, backend=backend)
     for start in range(0, args.images, BATCH):
         ids = list(range(start + 1, min(start + BATCH, args.images) + 1))
         out = synthetic_outputs([by_image[i - 1] for i in ids], height, width, rng, masks=masks)
-        t0 = time.perf_counter()
+        clock = [(time.perf_counter(), time.process_time())]
         preds = postprocess(out, sizes[: len(ids)], SELECT)
-        t1 = time.perf_counter()
+        clock.append((time.perf_counter(), time.process_time()))
         evaluator.update(preds, ids)
-        times["predict"] += t1 - t0
-        times["accumulate"] += time.perf_counter() - t1
+        clock.append((time.perf_counter(), time.process_time()))
+        for name, (a, b) in zip(("predict", "accumulate"), zip(clock, clock[1:])):
+            times[name] = [times[name][0] + b[0] - a[0], times[name][1] + b[1] - a[1]]
     peaks["predict+accumulate"] = _peak_mib()
     _reset_peak()
-    phase: dict[str, float] = {}
+    phase: dict[str, tuple[float, float]] = {}
     metrics = evaluator.compute(timings=phase)
     peaks["compute"] = _peak_mib()
     times.update(phase)
@@ -178,7 +180,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
     parser.add_argument("--backends", nargs="+", default=["faster_coco_eval", "pycocotools"])
     parser.add_argument("--mask-scale", type=int, default=4, help="segm images are 640x480 divided by this")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription when shared)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,6 +189,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(kind, backend, args)))
         return
     rows = []
+    load_before = os.getloadavg()
     for kind in args.kinds:
         for backend in args.backends:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"{kind}:{backend}"]
@@ -197,25 +200,30 @@ def main() -> None:
                 raise SystemExit(f"{kind} {backend} failed")
             rows.append(json.loads(line[0][7:]))
     print(
-        f"\nevaluation: {args.images} images, {SELECT} detections per image; {platform.processor() or 'CPU'}, "
-        f"{args.threads} threads, torch {torch.__version__}, numpy {np.__version__}"
+        f"\nevaluation: {args.images} images, {SELECT} detections per image; {platform.machine()} "
+        f"{os.cpu_count()} CPUs, {args.threads} torch thread(s), torch {torch.__version__}, numpy {np.__version__}; "
+        f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     phases = ["predict", "accumulate", "coco_bbox", "coco_segm", "f1"]
     head = "| kind | backend | GT boxes | detections | " + " | ".join(f"{p} s" for p in phases)
-    head += " | total s | vs first | peak accumulate MiB | peak compute MiB | mAP 50:95 | F1 |"
+    head += " | total s | CPU s | vs first (CPU) | peak accumulate MiB | peak compute MiB | mAP 50:95 | F1 |"
+    print("each phase: wall seconds (CPU seconds of this process)")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        total = sum(r["times"].values())
+        wall = sum(t[0] for t in r["times"].values())
+        cpu = sum(t[1] for t in r["times"].values())
         first = next(x for x in rows if x["kind"] == r["kind"])
-        ratio = sum(first["times"].values()) / total
-        cells = " | ".join(f"{r['times'][p]:.2f}" if p in r["times"] else "-" for p in phases)
+        ratio = sum(t[1] for t in first["times"].values()) / cpu
+        cells = " | ".join(
+            f"{r['times'][p][0]:.1f} ({r['times'][p][1]:.1f})" if p in r["times"] else "-" for p in phases
+        )
         m = r["metrics"]
         ap = f"{m['mAP_50_95']:.4f}" + (f" / segm {m['segm_mAP_50_95']:.4f}" if "segm_mAP_50_95" in m else "")
         print(
-            f"| {r['kind']} | {r['backend']} | {r['gt_boxes']} | {r['detections']} | {cells} | {total:.1f} | "
-            f"{ratio:.2f}x | {r['peak_mib']['predict+accumulate']:.0f} | {r['peak_mib']['compute']:.0f} | "
-            f"{ap} | {m['F1']:.4f} |"
+            f"| {r['kind']} | {r['backend']} | {r['gt_boxes']} | {r['detections']} | {cells} | {wall:.1f} | "
+            f"{cpu:.1f} | {ratio:.2f}x | {r['peak_mib']['predict+accumulate']:.0f} | "
+            f"{r['peak_mib']['compute']:.0f} | {ap} | {m['F1']:.4f} |"
         )
 
 
