@@ -93,6 +93,8 @@ def _result_annotations(dets: Detections, iou_type: str) -> list[dict]:
 
     Area is the box's for bbox and the mask's for segm, as loadRes and upstream set it.
     """
+    if not len(dets):
+        return []
     if iou_type == "segm" and dets.rles is None:
         raise ValueError("iou_type='segm' needs a mask ('segmentation') for every detection")
     area = dets.bbox[:, 2] * dets.bbox[:, 3] if iou_type == "bbox" else rle_area(dets.rles)

@@ -202,6 +202,8 @@ def test_no_detections_gives_zero(label_gt):
     gt, _ = label_gt
     out = coco_map(gt, [])
     assert set(out) == set(STATS) and all(v == 0.0 for v in out.values())
+    segm = coco_map(gt, [], iou_type="segm", backend="pycocotools")
+    assert set(segm) == set(STATS) and all(v == 0.0 for v in segm.values())
 
 
 def test_images_without_gt_count_false_positives():
