@@ -70,7 +70,7 @@ def evaluate(
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
-    results: list[tuple[int, dict]] = []
+    evaluator = Evaluator.from_config(dataset.coco_gt(), ecfg, class_names=dataset.class_names)
     losses: list[float] = []
     for batch in loader:
         images = batch["images"].to(world.device)
@@ -80,24 +80,12 @@ def evaluate(
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
             losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))
         preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select)
-        for image_id, pred in zip(batch["image_id"].tolist(), preds):
-            results.append((image_id, {k: v.cpu() for k, v in pred.items()}))
-    merged = [r for part in distributed.gather_objects(results, world) for r in part]
+        evaluator.update(preds, batch["image_id"].tolist())  # masks become RLE here: none outlives its batch
+    states = distributed.gather_objects(evaluator.state(), world)
     all_losses = [x for part in distributed.gather_objects(losses, world) for x in part]
     if not world.main:
         return {}
-    evaluator = Evaluator(
-        dataset.coco_gt(),
-        class_names=dataset.class_names,
-        backend=ecfg.backend,
-        max_dets=ecfg.max_dets,
-        per_class=ecfg.per_class,
-    )
-    seen: set[int] = set()
-    for image_id, pred in merged:  # distributed samplers may repeat images to even out shards
-        if image_id not in seen:
-            seen.add(image_id)
-            evaluator.update([pred], [image_id])
+    evaluator.merge(states[1:])  # distributed samplers may repeat images to even out shards: first one wins
     metrics = evaluator.compute()
     if all_losses:
         metrics["loss"] = sum(all_losses) / len(all_losses)
