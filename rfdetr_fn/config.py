@@ -47,6 +47,20 @@ def _non_negative(inst, att, value) -> None:
         raise ValueError(f"{att.name}={value} must be >= 0")
 
 
+def _positive_or_auto(inst, att, value) -> None:
+    if value != "auto":
+        _positive(inst, att, value)
+
+
+def _aug_config(value):
+    """A custom augmentation config (dict from a config file, or JSON text) -> checked JSON text."""
+    if value is None:
+        return None
+    from rfdetr_fn.data.augment import canonical
+
+    return canonical(value)
+
+
 def _unit_interval(inst, att, value) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{att.name}={value} must lie in [0, 1]")
@@ -205,8 +219,8 @@ class TrainConfig:
     """AdamW betas."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """AdamW epsilon."""
-    batch_size: int = attrs.field(default=4, validator=_positive)
-    """Images per micro-batch."""
+    batch_size: int | Literal["auto"] = attrs.field(default=4, validator=_positive_or_auto)
+    """Images per micro-batch; 'auto' probes the largest that fits (see auto_batch_*)."""
     grad_accum_steps: int = attrs.field(default=1, validator=_positive)
     """Micro-batches per optimizer step."""
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)
@@ -305,7 +319,25 @@ class TrainConfig:
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Write a metrics.csv row every this many optimizer steps."""
 
+    # ---- augmentation, dataset grids and automatic batch size (upstream's aug_config, save_dataset_grids,
+    # batch_size="auto" and auto_batch_*)
+    aug_preset: Literal["default", "none", "conservative", "aggressive", "aerial", "industrial"] = "default"
+    """Upstream's augmentation presets after the scale jitter: default = horizontal flip; none = no flip."""
+    aug_config: str | None = attrs.field(default=None, converter=_aug_config)
+    """Custom augmentation instead of a preset: {name: params} in upstream's Albumentations spelling, as a
+    dict in a config file or JSON text on the command line (see README)."""
+    save_dataset_grids: bool = False
+    """Write PNG grids of augmented training batches (boxes drawn) to output_dir at the start of fit."""
+    auto_batch_target_effective: int = attrs.field(default=16, validator=_positive)
+    """batch_size auto: grad_accum_steps is raised until batch x steps x ranks reaches this (global)."""
+    auto_batch_max_targets_per_image: int = attrs.field(default=100, validator=_positive)
+    """batch_size auto: target slots per image in the probe batch (the worst case)."""
+    auto_batch_ema_headroom: float = attrs.field(default=0.7, validator=_unit_interval)
+    """batch_size auto: the probed batch is scaled by this when use_ema (EMA weights need memory too)."""
+
     def __attrs_post_init__(self) -> None:
+        if self.aug_config is not None and self.aug_preset != "default":
+            raise ValueError(f"aug_preset={self.aug_preset!r} and aug_config are both set: choose one")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
 

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
+from rfdetr_fn import autobatch, checkpoint, distributed, grids, presets, runlog, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     build_dataset,
@@ -62,8 +62,14 @@ def fit(args: FitArgs) -> dict[str, Any]:
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
+    if tcfg.batch_size == "auto":
+        tcfg = _auto_batch(cfg, tcfg, world)
+        args = attrs.evolve(args, train=tcfg)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     class_names = list(dcfg.class_names or train_ds.class_names)
+    if tcfg.save_dataset_grids and world.main:
+        written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
+        print(f"dataset grids: {len(written)} PNG files in {out_dir / 'dataset_grids'}")
     compiled = use_compile(tcfg.compile, world.device)
     # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
     # (one per multi-scale entry) as the only shapes that vary.
@@ -203,6 +209,17 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
             num_select=min(cfg.num_select, cfg.num_queries * (dataset_classes + 1)),
         )
     return cfg
+
+
+def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
+    """Resolve batch_size auto on rank 0 (a probe of real steps on a synthetic worst-case batch) for all ranks."""
+    choice = None
+    if world.main:
+        params = tree.to(detector.init(cfg, tcfg.seed), world.device)
+        choice = autobatch.resolve(cfg, tcfg, params, world.device, world.size)
+        print(choice.describe())
+    choice = distributed.broadcast_object(choice, world)
+    return attrs.evolve(tcfg, batch_size=choice.micro_batch, grad_accum_steps=choice.grad_accum_steps)
 
 
 def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:

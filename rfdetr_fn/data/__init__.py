@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from rfdetr_fn.config import DataConfig, ModelConfig, TrainConfig
+from rfdetr_fn.data import augment
 from rfdetr_fn.data.coco import (
     ROBOFLOW_ANNOTATIONS,
     DatasetError,
@@ -140,6 +141,7 @@ def build_dataset(
         resolution=model_cfg.resolution,
         scales=train_scales(model_cfg, train_cfg) if train else (model_cfg.resolution,),
         scale_jitter=train_cfg.scale_jitter,
+        augmentations=augment.resolve(train_cfg.aug_preset, train_cfg.aug_config),
     )
     ds = DetectionDataset(
         source,

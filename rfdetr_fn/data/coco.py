@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from rfdetr_fn.data import augment
 from rfdetr_fn.data import transforms as T
 
 SPLIT_DIRS = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
@@ -58,6 +59,7 @@ class Pipeline:
     resolution: int
     scales: tuple[int, ...]
     scale_jitter: bool = True
+    augmentations: dict | None = None  # an aug_config; None = the default preset (horizontal flip)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -377,7 +379,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         p = self.pipeline
         if p.train:
             gen = torch.Generator().manual_seed(seed)
-            image, target = T.train_transform(image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen)
+            image, target = augment.train_transform(
+                image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen, config=p.augmentations
+            )
         else:
             image, target = T.eval_transform(image, target, p.resolution)
         image, target = T.finalize(image, target)
