@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import autobatch, checkpoint, distributed, grids, presets, runlog, trackers, tree
+from rfdetr_fn import autobatch, checkpoint, distributed, grids, presets, runlog, summary, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     build_dataset,
@@ -107,6 +107,29 @@ def fit(args: FitArgs) -> dict[str, Any]:
         )
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
     record: dict[str, Any] = {}
+    weights = summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)
+    times = {"train": 0.0, "eval": 0.0, "save": 0.0}
+    if world.main:
+        print(
+            summary.start_summary(
+                model=f"{cfg.model_name} ({cfg.resolution} px)",
+                num_params=tree.num_params(state["params"]),
+                num_classes=cfg.num_classes,
+                train_images=len(train_ds),
+                val_images=len(val_ds),
+                batch_size=tcfg.batch_size,
+                grad_accum_steps=tcfg.grad_accum_steps,
+                world_size=world.size,
+                steps_per_epoch=steps_per_epoch,
+                epochs=tcfg.epochs,
+                max_steps=tcfg.max_steps,
+                device=str(world.device),
+                precision=precision,
+                compiled=compiled,
+                output_dir=out_dir,
+                resumed_epoch=loop["epoch"] if resume_dir is not None else None,
+            )
+        )
 
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
     for epoch in range(loop["epoch"], tcfg.epochs):
@@ -115,6 +138,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
         bar = _progress(tcfg, world, steps_per_epoch, epoch)
         micro: list[dict] = []
         started, seen = time.perf_counter(), 0
+        epoch_started = started
         for index, batch in enumerate(loader, start=loop["batch"]):
             micro.append(tree.to(batch, world.device))
             if len(micro) < tcfg.grad_accum_steps:
@@ -141,12 +165,15 @@ def fit(args: FitArgs) -> dict[str, Any]:
             loop["epoch"], loop["batch"] = epoch + 1, 0
         if bar is not None:
             bar.close()
+        times["train"] += time.perf_counter() - epoch_started
         last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
 
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
         if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
+            eval_started = time.perf_counter()
             record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
+            times["eval"] += time.perf_counter() - eval_started
             regular, ema = _monitored(record, tcfg)
             loop["best"], decisions = trackers.update_best(
                 loop["best"],
@@ -167,9 +194,11 @@ def fit(args: FitArgs) -> dict[str, Any]:
                 skip_best_epochs=tcfg.skip_best_epochs,
             )
             if world.main:
+                save_started = time.perf_counter()
                 _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir)
+                times["save"] += time.perf_counter() - save_started
                 log.log(record)
-                print(_summary(record))
+                print(summary.epoch_line(record, weights))
             if tcfg.early_stopping and distributed.broadcast_object(stop, world):
                 last_epoch = True
                 if world.main:
@@ -177,22 +206,27 @@ def fit(args: FitArgs) -> dict[str, Any]:
                     print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
 
         # ---- train-state checkpoints (all ranks take part in DCP) ----
+        save_started = time.perf_counter()
         _save_state(out_dir / "last", state, loop)
         if trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs):
             _save_state(out_dir / f"checkpoint_{epoch:04d}", state, loop)
+        times["save"] += time.perf_counter() - save_started
         if last_epoch:
             break
 
     if world.main:
+        save_started = time.perf_counter()
         _finish(state, cfg, tcfg, _last_epoch(loop), class_names, out_dir, loop["best"])
+        times["save"] += time.perf_counter() - save_started
         runlog.plot(log.rows, out_dir)
+        print(_end_summary(loop, tcfg, log.rows, out_dir, times))
     log.close()
     if tcfg.run_test and world.main:
         from rfdetr_fn.validate import run_split
 
         _, best = checkpoint.load_weights(out_dir / "checkpoint_best_total.pth", cfg)
         record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
-        print(_summary(record))
+        print(summary.epoch_line(record, "best total"))
     distributed.teardown(world)
     return record
 
@@ -309,21 +343,23 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, fl
         )
 
     record: dict[str, float] = {}
-    if tcfg.use_ema:
-        record.update({f"val/ema_{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     if tcfg.eval_base_model or not tcfg.use_ema:
         record.update({f"val/{k}": v for k, v in score(state["params"]).items()})
-    else:  # EMA-only epochs are mirrored onto the primary keys, like upstream
-        record.update({f"val/{k[len('val/ema_') :]}": v for k, v in list(record.items())})
+    if tcfg.use_ema:
+        # Scored alone, the EMA weights take upstream's primary names (val/mAP_50_95 ...), logged once; beside
+        # the base weights they are val/ema_*. The epoch line says which weights were scored.
+        prefix = "val/ema_" if tcfg.eval_base_model else "val/"
+        record.update({f"{prefix}{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     return record
 
 
 def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
     key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
-    base_evaluated = tcfg.eval_base_model or not tcfg.use_ema
-    regular = record.get(f"val/{key}") if base_evaluated else None
-    ema = record.get(f"val/ema_{key}") if tcfg.use_ema else None
-    return regular, ema
+    if not tcfg.use_ema:
+        return record.get(f"val/{key}"), None
+    if tcfg.eval_base_model:
+        return record.get(f"val/{key}"), record.get(f"val/ema_{key}")
+    return None, record.get(f"val/{key}")  # EMA scored alone, under the primary names
 
 
 def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
@@ -358,11 +394,19 @@ def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
     _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
 
 
-def _summary(record: dict) -> str:
-    """The headline numbers of an evaluation (EMA twins when both models were scored)."""
-    names = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "F1")
-    keys = [f"{prefix}{n}" for prefix in ("val/", "val/ema_", "test/") for n in names]
-    return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
+def _end_summary(loop: dict, tcfg: TrainConfig, rows: list[dict], out_dir: Path, times: dict) -> str:
+    best = loop["best"]
+    source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
+    epoch = best.best_ema_epoch if source == "ema" else best.best_regular_epoch
+    evaluated = [r for r in rows if r.get("epoch") == epoch and any(str(k).startswith("val/") for k in r)]
+    return summary.end_summary(
+        best_epoch=epoch if epoch >= 0 else None,
+        best_source=source,
+        best_row=evaluated[-1] if evaluated else {},
+        weights=sorted(out_dir.glob("*.pth")),
+        times=times,
+        epochs_run=_last_epoch(loop) + 1,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
