@@ -128,6 +128,8 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    num_decoder_registers: int = attrs.field(default=0, validator=_non_negative)
+    """Learned register tokens appended to every query group in the decoder, dropped from the outputs."""
 
     def __attrs_post_init__(self) -> None:
         block = self.patch_size * self.num_windows
@@ -280,6 +282,8 @@ class TrainConfig:
     """Matcher weight of the GIoU cost."""
     focal_alpha: float = 0.25
     """Focal/IA-BCE alpha."""
+    ia_bce_loss: bool = True
+    """IoU-aware BCE classification loss; false = plain sigmoid focal loss (upstream's ModelConfig field)."""
     eval_interval: int = attrs.field(default=1, validator=_positive)
     """Evaluate every this many epochs (the last epoch is always evaluated)."""
     checkpoint_interval: int = attrs.field(default=10, validator=_positive)

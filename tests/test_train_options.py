@@ -1,0 +1,43 @@
+"""Upstream options that change the model or the loop: decoder registers, and the other ported switches."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from rfdetr_fn import presets, tree
+from rfdetr_fn.model import detector, transformer
+
+
+def _tiny(**changes):
+    return attrs.evolve(presets.tiny(num_classes=3, resolution=64), **changes)
+
+
+def test_decoder_registers_join_every_group_and_leave_the_outputs():
+    cfg = _tiny(num_decoder_registers=2)
+    params = detector.init(cfg, 0)
+    flat = tree.flatten(params)
+    transformer_keys = [k for k in flat if k.startswith("transformer.")]
+    assert transformer_keys[:2] == ["transformer.register_tokens", "transformer.register_ref_points"]
+    assert flat["transformer.register_tokens"].shape == (2, cfg.hidden_dim) and list(flat) == list(
+        detector.param_shapes(cfg)
+    )
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    train = detector.apply(params, images, None, cfg, train=True)
+    evaluation = detector.apply(params, images, None, cfg, train=False)
+    q = cfg.num_queries
+    assert train["pred_logits"].shape[1] == q * cfg.group_detr and evaluation["pred_logits"].shape[1] == q
+    # groups stay apart with registers in each: changing group 1's queries leaves group 0's outputs alone
+    feat = flat["query_feat.weight"].clone()
+    feat[q : 2 * q] += 1.0
+    shifted = detector.apply(tree.unflatten(dict(flat, **{"query_feat.weight": feat})), images, None, cfg, train=True)
+    torch.testing.assert_close(shifted["pred_logits"][:, :q], train["pred_logits"][:, :q])
+    assert not torch.allclose(shifted["pred_logits"][:, q : 2 * q], train["pred_logits"][:, q : 2 * q])
+    # the registers take part in self-attention: other register values change the queries' outputs
+    moved = dict(flat, **{"transformer.register_tokens": flat["transformer.register_tokens"] + 1.0})
+    other = detector.apply(tree.unflatten(moved), images, None, cfg, train=False)
+    assert not torch.allclose(other["pred_logits"], evaluation["pred_logits"])
+    x = torch.randn(2, 3 * 5, 4)
+    assert torch.equal(transformer.drop_registers(transformer.with_registers(x, torch.ones(2, 4), 3)[None], 3, 2)[0], x)
+    # and with no registers the model is unchanged in structure
+    assert "transformer.register_tokens" not in tree.flatten(detector.init(_tiny(), 0))
