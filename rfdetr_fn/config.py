@@ -308,6 +308,10 @@ class TrainConfig:
     """EMA smoothing of the regular metric for best-model comparison (0 = off)."""
     run_test: bool = False
     """Evaluate the best model on the test split at the end."""
+    compute_test_loss: bool = True
+    """With run_test: also the eval-mode loss on the test split (test/loss), as upstream."""
+    notes: str | None = None
+    """Free-form provenance stored in training_config.json and in every weights file's args (upstream's notes)."""
     seed: int = 0
     """Seed for weights, augmentation and sampling (rank is added in multi-process runs)."""
     output_dir: str = "output"
@@ -378,3 +382,6 @@ class EvalConfig:
     """Report AP per class."""
     threshold: float = attrs.field(default=0.5, validator=_unit_interval)
     """predict: keep detections scoring above this."""
+    precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"
+    """Evaluation forward: CUDA autocast (auto = bf16 on compute capability >= 8, else fp16; upstream's
+    fp16_eval) or fp32; off CUDA only fp32 (and auto, which resolves to it)."""

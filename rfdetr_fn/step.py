@@ -77,12 +77,9 @@ def make_train_step(
     names = list(detector.param_shapes(cfg))
     groups = optim.param_groups(names, cfg, tcfg)
     schedule = schedules.lr_kwargs(tcfg, steps_per_epoch)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
-        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
-        out = _to_float32(out) if autocast_dtype is not None else out
+        out = forward(params, batch["images"], batch["mask"], cfg, precision, train=True, drop_path=tcfg.drop_path)
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
         total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes)
         return total * scale, (total, losses)
@@ -213,6 +210,18 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
 def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
     grown = torch.where((step + 1) % 2000 == 0, scale * 2.0, scale)
     return torch.where(finite, grown, scale * 0.5)
+
+
+def forward(
+    params: tree.Params, images: Tensor, mask: Tensor | None, cfg: ModelConfig, precision: str, **kwargs: Any
+) -> dict:
+    """`detector.apply` under the resolved precision's CUDA autocast (bf16/fp16; fp32 runs as is), with the
+    outputs back in float32 for the loss and postprocess. Used by the train step and by evaluation."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return detector.apply(params, images, mask, cfg, **kwargs)
+    with torch.autocast("cuda", dtype=dtype):
+        return _to_float32(detector.apply(params, images, mask, cfg, **kwargs))
 
 
 def _to_float32(out: Any) -> Any:

@@ -18,9 +18,8 @@ from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, eval_loader
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
-from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
-from rfdetr_fn.step import TARGET_KEYS
+from rfdetr_fn.step import TARGET_KEYS, forward, resolve_precision
 
 
 @attrs.frozen(kw_only=True)
@@ -60,12 +59,13 @@ def evaluate(
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
+    precision = resolve_precision(ecfg.precision, world.device)
     results: list[tuple[int, dict]] = []
     losses: list[float] = []
     for batch in loader:
         images = batch["images"].to(world.device)
         mask = batch["mask"].to(world.device)
-        out = detector.apply(params, images, mask, cfg, train=False)
+        out = forward(params, images, mask, cfg, precision, train=False)
         if loss_cfg is not None:
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
             losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))
@@ -115,6 +115,7 @@ def run_split(
         ecfg=ecfg,
         num_workers=dcfg.num_workers,
         world=world,
+        loss_cfg=tcfg if split == "test" and tcfg.compute_test_loss else None,
     )
     prefix = "val" if split == "valid" else split
     return {f"{prefix}/{k}": v for k, v in metrics.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import pytest
 import torch
 
 from rfdetr_fn import presets, tree
@@ -14,7 +15,7 @@ def _tiny(**changes):
 
 
 def test_decoder_registers_join_every_group_and_leave_the_outputs():
-    cfg = _tiny(num_decoder_registers=2)
+    cfg = _tiny(num_decoder_registers=2, group_detr=2)
     params = detector.init(cfg, 0)
     flat = tree.flatten(params)
     transformer_keys = [k for k in flat if k.startswith("transformer.")]
@@ -41,3 +42,37 @@ def test_decoder_registers_join_every_group_and_leave_the_outputs():
     assert torch.equal(transformer.drop_registers(transformer.with_registers(x, torch.ones(2, 4), 3)[None], 3, 2)[0], x)
     # and with no registers the model is unchanged in structure
     assert "transformer.register_tokens" not in tree.flatten(detector.init(_tiny(), 0))
+
+
+def test_eval_precision_and_test_loss():
+
+    from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
+    from rfdetr_fn.step import forward, resolve_precision
+    from rfdetr_fn.validate import run_split
+
+    cfg = _tiny()
+    params = detector.init(cfg, 0)
+    images = torch.randn(1, 3, 64, 64)
+    plain = detector.apply(params, images, None, cfg, train=False)
+    same = forward(params, images, None, cfg, resolve_precision("auto", torch.device("cpu")), train=False)
+    assert torch.equal(plain["pred_logits"], same["pred_logits"])  # auto is fp32 off CUDA
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_precision(EvalConfig(precision="bf16").precision, torch.device("cpu"))
+    dcfg = DataConfig(synthetic_images=4, synthetic_size=64, num_workers=0)
+    with_loss = run_split(params, cfg, dcfg, EvalConfig(), TrainConfig(batch_size=2), "test")
+    assert with_loss["test/loss"] > 0 and "test/mAP_50_95" in with_loss
+    without = run_split(params, cfg, dcfg, EvalConfig(), TrainConfig(batch_size=2, compute_test_loss=False), "test")
+    assert "test/loss" not in without and without["test/mAP_50_95"] == with_loss["test/mAP_50_95"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 evaluation autocast needs CUDA")
+def test_bf16_evaluation_on_cuda_is_close_to_fp32():
+    cfg = _tiny()
+    params = tree.to(detector.init(cfg, 0), torch.device("cuda"))
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    from rfdetr_fn.step import forward
+
+    fp32 = forward(params, images, None, cfg, "fp32", train=False)
+    bf16 = forward(params, images, None, cfg, "bf16", train=False)
+    assert bf16["pred_logits"].dtype == torch.float32
+    torch.testing.assert_close(bf16["pred_boxes"], fp32["pred_boxes"], atol=0.05, rtol=0.05)
