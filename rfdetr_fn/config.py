@@ -327,6 +327,16 @@ class TrainConfig:
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Write a metrics.csv row every this many optimizer steps."""
 
+    # ---- experiment loggers (optional extras; see rfdetr_fn/loggers.py)
+    wandb: bool = False
+    """Also log to Weights & Biases (WANDB_MODE=offline keeps it local)."""
+    mlflow: bool = False
+    """Also log to MLflow (MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns)."""
+    project: str | None = None
+    """W&B project / MLflow experiment name (None = rfdetr_fn)."""
+    run: str | None = None
+    """W&B / MLflow run name (None = the logger's own)."""
+
     # ---- augmentation, dataset grids and automatic batch size (upstream's aug_config, save_dataset_grids,
     # batch_size="auto" and auto_batch_*)
     aug_preset: Literal["default", "none", "conservative", "aggressive", "aerial", "industrial"] = "default"

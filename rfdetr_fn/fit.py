@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import autobatch, checkpoint, distributed, grids, presets, runlog, summary, trackers, tree
+from rfdetr_fn import autobatch, checkpoint, distributed, grids, loggers, presets, runlog, summary, trackers, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     build_dataset,
@@ -90,8 +90,10 @@ def fit(args: FitArgs) -> dict[str, Any]:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
             print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
+    sinks = []
     if world.main:
         _write_json(out_dir / "training_config.json", _config_record(args, cfg, class_names))
+        sinks = loggers.make_loggers(tcfg, out_dir, _config_record(args, cfg, class_names))
 
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
@@ -105,7 +107,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
             f"compiling the train step: the first step at each of the {len(scales)} multi-scale sizes compiles "
             "(minutes each; inductor caches them for later runs); --train.compile off skips it"
         )
-    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main, sinks=sinks)
     record: dict[str, Any] = {}
     weights = summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)
     times = {"train": 0.0, "eval": 0.0, "save": 0.0}

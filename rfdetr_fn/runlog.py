@@ -15,8 +15,9 @@ from rfdetr_fn.checkpoint import atomic_write
 class RunLog:
     """Appends rows to metrics.csv; a resumed run keeps the earlier rows (the header grows as keys appear)."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, output_dir: Path, *, tensorboard: bool = True, enabled: bool = True, sinks=()):
         self.path = output_dir / "metrics.csv"
+        self.sinks = list(sinks)  # experiment loggers (rfdetr_fn.loggers): each gets every row
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = _read_rows(self.path) if enabled else []
         self.writer = _tensorboard_writer(output_dir / "tensorboard") if enabled and tensorboard else None
@@ -35,6 +36,8 @@ class RunLog:
                 writer.writerows(self.rows)
 
         atomic_write(self.path, write)
+        for sink in self.sinks:
+            sink.log(row)
         if self.writer is not None:
             step = int(row.get("step", 0))
             for key, value in row.items():
@@ -42,6 +45,8 @@ class RunLog:
                     self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
         if self.writer is not None:
             self.writer.close()
 
