@@ -10,6 +10,7 @@ import torch
 from rfdetr_fn import DataConfig, TrainConfig, cli, presets
 from rfdetr_fn.data import augment, build_dataset
 from rfdetr_fn.fit import FitArgs
+from tests.test_data_pipeline import _mask_boxes
 
 
 def _scene(side: int = 96) -> tuple[torch.Tensor, dict]:
@@ -21,14 +22,6 @@ def _scene(side: int = 96) -> tuple[torch.Tensor, dict]:
         masks[k, y1:y2, x1:x2] = True
         image[k, y1:y2, x1:x2] = 255
     return image, {"boxes": boxes, "labels": torch.tensor([0, 1]), "masks": masks}
-
-
-def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    out = []
-    for m in masks:
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        out.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return torch.tensor(out, dtype=torch.float32)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
