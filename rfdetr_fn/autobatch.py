@@ -91,9 +91,9 @@ def choose(
     """The decision from measured peaks: micro-batch within the budget, EMA headroom, accumulation."""
     fixed, per_image = fit_linear(peaks)
     fits = micro_batch_for(fixed, per_image, budget, MAX_MICRO_BATCH)
-    notes = [
-        f"{device}: {fixed / 2**20:.0f} MiB + {per_image / 2**20:.1f} MiB/image fits {fits} in {budget / 2**30:.1f} GiB"
-    ]
+    most = f">= {fits}" if fits >= MAX_MICRO_BATCH else str(fits)
+    memory = f"{fixed / 2**20:.0f} MiB + {per_image / 2**20:.1f} MiB/image"
+    notes = [f"{device}: {memory} fits {most} in {budget / 2**30:.1f} GiB"]
     micro = fits
     if tcfg.use_ema:
         micro = max(1, math.floor(micro * tcfg.auto_batch_ema_headroom))

@@ -76,3 +76,11 @@ def test_bf16_evaluation_on_cuda_is_close_to_fp32():
     bf16 = forward(params, images, None, cfg, "bf16", train=False)
     assert bf16["pred_logits"].dtype == torch.float32
     torch.testing.assert_close(bf16["pred_boxes"], fp32["pred_boxes"], atol=0.05, rtol=0.05)
+
+
+def test_other_channel_counts_are_refused_by_the_dataset_readers():
+    from rfdetr_fn.config import DataConfig, TrainConfig
+    from rfdetr_fn.data import DatasetError, build_dataset
+
+    with pytest.raises(DatasetError, match="num_channels=1"):
+        build_dataset(DataConfig(), "train", _tiny(num_channels=1), TrainConfig(), train=True)

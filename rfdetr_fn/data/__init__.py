@@ -135,6 +135,11 @@ def build_dataset(
 
     train=True enables augmentation and the multi-scale mode of train_cfg; masks are decoded when the
     model has a segmentation head."""
+    if model_cfg.num_channels != 3:
+        raise DatasetError(
+            f"model.num_channels={model_cfg.num_channels}: the dataset readers decode RGB images (3 channels); "
+            "other channel counts are for batches you build and pass to rfdetr_fn.apply yourself"
+        )
     source = load_source(data_cfg, split)
     pipeline = Pipeline(
         train=train,
