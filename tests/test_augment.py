@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rfdetr_fn import DataConfig, TrainConfig, cli, presets
+from rfdetr_fn import DataConfig, TrainConfig, flags, presets
 from rfdetr_fn.data import augment, build_dataset
 from rfdetr_fn.fit import FitArgs
 from tests.test_data_pipeline import _mask_boxes
@@ -133,11 +133,11 @@ def test_config_checks_and_sources(tmp_path):
     # a dict in a config file, JSON text on the command line; both become the same checked JSON
     path = tmp_path / "exp.yaml"
     path.write_text("train:\n  aug_config:\n    VerticalFlip: {p: 1.0}\n    Rotate: {limit: [10, 20]}\n")
-    args = cli.parse(FitArgs, ["--config", str(path)])
+    args = flags.parse(FitArgs, ["--config", str(path)])
     assert json.loads(args.train.aug_config) == {"VerticalFlip": {"p": 1.0}, "Rotate": {"limit": [10, 20]}}
-    flag = cli.parse(FitArgs, ["--train.aug-config", '{"VerticalFlip": {"p": 1.0}}'])
+    flag = flags.parse(FitArgs, ["--train.aug-config", '{"VerticalFlip": {"p": 1.0}}'])
     assert augment.resolve(flag.train.aug_preset, flag.train.aug_config) == {"VerticalFlip": {"p": 1.0}}
-    assert cli.parse(FitArgs, ["--train.aug-preset", "aerial"]).train.aug_preset == "aerial"
+    assert flags.parse(FitArgs, ["--train.aug-preset", "aerial"]).train.aug_preset == "aerial"
 
 
 def test_dataset_applies_the_preset_per_sample_seed():
