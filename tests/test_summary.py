@@ -86,3 +86,20 @@ def test_plot_drops_coco_sentinels_and_writes_one_figure(tmp_path):
     pytest.importorskip("matplotlib")
     assert runlog.plot(rows, tmp_path) == [tmp_path / "metrics.png"]
     assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def test_atomic_writes_keep_the_users_umask(tmp_path):
+    """metrics.csv, weights and JSON records get the mode a plain open() would give, not mkstemp's 0600."""
+    import os
+
+    from rfdetr_fn.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.csv", lambda p: p.write_text("x"))
+        assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.csv", lambda p: p.write_text("x"))
+        assert (tmp_path / "b.csv").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
