@@ -84,3 +84,40 @@ def test_other_channel_counts_are_refused_by_the_dataset_readers():
 
     with pytest.raises(DatasetError, match="num_channels=1"):
         build_dataset(DataConfig(), "train", _tiny(num_channels=1), TrainConfig(), train=True)
+
+
+def test_patch_embedding_adapts_to_other_channel_counts_on_load(tmp_path):
+    """Upstream's rule: 1 channel = mean kernel; more = tiled and scaled by 3/C, so C/3 copies of an RGB
+    image give the same embedding as the image itself."""
+    from rfdetr_fn import adapt, weights
+
+    cfg = _tiny()
+    params = detector.init(cfg, 0)
+    path = tmp_path / "rgb.pth"
+    weights.save_weights(path, params, cfg)
+    kernel = tree.flatten(params)[adapt.PATCH_KEY]
+    gray_cfg, gray = adapt.load_weights(path, _tiny(num_channels=1))
+    assert gray_cfg.num_channels == 1
+    torch.testing.assert_close(tree.flatten(gray)[adapt.PATCH_KEY], kernel.mean(1, keepdim=True))
+    _, six = adapt.load_weights(path, _tiny(num_channels=6))
+    rgb = torch.randn(1, 3, 16, 16)
+    six_kernel = tree.flatten(six)[adapt.PATCH_KEY]
+    embed = torch.nn.functional.conv2d(rgb, kernel, stride=16)
+    torch.testing.assert_close(torch.nn.functional.conv2d(torch.cat([rgb, rgb], 1), six_kernel, stride=16), embed)
+    assert adapt.adapt_input_channels(kernel, 4)[:, 3].equal(kernel[:, 0] * 0.75)
+    out = detector.apply(six, torch.randn(1, 6, 64, 64), None, _tiny(num_channels=6), train=False)
+    assert out["pred_logits"].shape[0] == 1
+
+
+def test_decoder_registers_survive_a_weights_file(tmp_path):
+    from rfdetr_fn import adapt, weights
+
+    cfg = _tiny(num_decoder_registers=3, group_detr=2)
+    params = detector.init(cfg, 0)
+    weights.save_weights(tmp_path / "r.pth", params, cfg)
+    loaded_cfg, loaded = adapt.load_weights(tmp_path / "r.pth")
+    assert loaded_cfg.num_decoder_registers == 3
+    assert torch.equal(
+        tree.flatten(loaded)["transformer.register_tokens"], tree.flatten(params)["transformer.register_tokens"]
+    )
+    assert adapt._fields_from_shapes(tree.flatten(params))["num_decoder_registers"] == 3  # upstream files too
