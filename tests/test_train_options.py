@@ -120,4 +120,6 @@ def test_decoder_registers_survive_a_weights_file(tmp_path):
     assert torch.equal(
         tree.flatten(loaded)["transformer.register_tokens"], tree.flatten(params)["transformer.register_tokens"]
     )
-    assert adapt._fields_from_shapes(tree.flatten(params))["num_decoder_registers"] == 3  # upstream files too
+    with pytest.warns(UserWarning, match="not a stock DINOv2 width"):  # the tiny test model's ViT
+        fields = adapt._fields_from_shapes(tree.flatten(params))
+    assert fields["num_decoder_registers"] == 3  # read from the tensors, as for upstream files
