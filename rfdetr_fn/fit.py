@@ -124,7 +124,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
         )
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main, sinks=sinks)
     record: dict[str, Any] = {}
-    weights = summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)
+    scored = summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)
     times = {"train": 0.0, "eval": 0.0, "save": 0.0}
     if world.main:
         print(
@@ -215,7 +215,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
                 _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir)
                 times["save"] += time.perf_counter() - save_started
                 log.log(record)
-                print(summary.epoch_line(record, weights))
+                print(summary.epoch_line(record, scored))
             if tcfg.early_stopping and distributed.broadcast_object(stop, world):
                 last_epoch = True
                 if world.main:
