@@ -162,7 +162,7 @@ def resolve(cfg: ModelConfig, tcfg: TrainConfig, params, device: torch.device, w
     probe_cfg = attrs.evolve(tcfg, batch_size=1, grad_accum_steps=1)
     precision = resolve_precision(tcfg.precision, device)
     step = make_train_step(cfg, probe_cfg, steps_per_epoch=1, precision=precision, world_size=1)
-    state = init_state(params, probe_cfg)
+    state = init_state(params, probe_cfg, cfg)  # the run's trainable set (freezing, LoRA) and its optimizer
 
     def run(b: int) -> None:
         out = step(state, [probe_batch(cfg, tcfg, size, b, device)])

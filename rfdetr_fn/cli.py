@@ -4,6 +4,7 @@
     rfdetr_fn validate --checkpoint FILE_OR_DIR [--data.* --eval.*]
     rfdetr_fn test     --checkpoint FILE_OR_DIR
     rfdetr_fn predict  --checkpoint FILE_OR_DIR --images a.jpg b.jpg | folder/
+    rfdetr_fn average  a.pth b.pth c.pth --out soup.pth [--weights ...] [--greedy --data.*]
 
 fit, validate and test are also `python -m rfdetr_fn.<command>`. `--preset` and `--config` are read first:
 they pick the defaults that the other flags then override, so `--preset small --model.resolution 640` is
@@ -20,11 +21,12 @@ COMMANDS = {
     "validate": "score weights or a run directory on the validation split: COCO mAP, mAR, F1 (--checkpoint)",
     "test": "score weights or a run directory on the test split (--checkpoint)",
     "predict": "detect objects in images; writes predictions.json and drawings (--checkpoint, --images)",
+    "average": "average weights files into one (a model soup; --greedy keeps what helps on --data.*)",
 }
 
 
 def usage() -> str:
-    """The four commands, one line each: what `rfdetr_fn` with no (or an unknown) command prints."""
+    """The commands, one line each: what `rfdetr_fn` with no (or an unknown) command prints."""
     lines = ["usage: rfdetr_fn COMMAND [--help] [flags]", ""]
     lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
     lines += ["", "`rfdetr_fn COMMAND --help` lists every flag with its meaning and default."]
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> Any:
         from rfdetr_fn.validate import main as run
     elif command == "test":
         from rfdetr_fn.test import main as run
+    elif command == "average":
+        from rfdetr_fn.average import main as run
     else:
         from rfdetr_fn.predict_cli import main as run
     return run(rest)

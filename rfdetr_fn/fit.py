@@ -23,6 +23,7 @@ from rfdetr_fn import (
     distributed,
     grids,
     loggers,
+    lora,
     presets,
     runlog,
     summary,
@@ -97,8 +98,10 @@ def fit(args: FitArgs) -> dict[str, Any]:
         _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
+    if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
+        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
     params = tree.to(params, world.device)
-    state = init_state(params, tcfg)
+    state = init_state(params, tcfg, cfg)
     loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
     if resume_dir is not None:
@@ -266,7 +269,10 @@ def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
     """Resolve batch_size auto on rank 0 (a probe of real steps on a synthetic worst-case batch) for all ranks."""
     choice = None
     if world.main:
-        params = tree.to(detector.init(cfg, tcfg.seed), world.device)
+        params = detector.init(cfg, tcfg.seed)
+        if cfg.backbone_lora:
+            params = lora.add_upstream_adapters(params, seed=tcfg.seed)
+        params = tree.to(params, world.device)
         choice = autobatch.resolve(cfg, tcfg, params, world.device, world.size)
         print(choice.describe())
     choice = distributed.broadcast_object(choice, world)
