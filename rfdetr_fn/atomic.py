@@ -24,6 +24,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would honour the umask
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +52,13 @@ def raise_if_disk_full(err: BaseException, path: Path) -> None:
             f"no space left in {path.parent} while writing {path.name}: the partial file was removed and the "
             "previous one is intact; free some space and run again (with --train.resume auto for training)",
         ) from err
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def replace_dir(new: Path, target: Path) -> None:

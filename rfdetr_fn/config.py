@@ -73,6 +73,20 @@ def _non_negative(inst, att, value) -> None:
         raise ValueError(f"{att.name}={value} must be >= 0")
 
 
+def _positive_or_auto(inst, att, value) -> None:
+    if value != "auto":
+        _positive(inst, att, value)
+
+
+def _aug_config(value):
+    """A custom augmentation config (dict from a config file, or JSON text) -> checked JSON text."""
+    if value is None:
+        return None
+    from rfdetr_fn.data.augment import canonical
+
+    return canonical(value)
+
+
 def _unit_interval(inst, att, value) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{att.name}={value} must lie in [0, 1]")
@@ -140,6 +154,8 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    num_decoder_registers: int = attrs.field(default=0, validator=_non_negative)
+    """Learned register tokens appended to every query group in the decoder, dropped from the outputs."""
     backbone_lora: bool = False
     """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
     gradient_checkpointing: bool = False
@@ -243,8 +259,8 @@ class TrainConfig:
     """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """AdamW epsilon."""
-    batch_size: int = attrs.field(default=4, validator=_positive)
-    """Images per micro-batch."""
+    batch_size: int | Literal["auto"] = attrs.field(default=4, validator=_positive_or_auto)
+    """Images per micro-batch; 'auto' probes the largest that fits (see auto_batch_*)."""
     grad_accum_steps: int = attrs.field(default=1, validator=_positive)
     """Micro-batches per optimizer step."""
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)
@@ -307,6 +323,8 @@ class TrainConfig:
     """Matcher weight of the GIoU cost."""
     focal_alpha: float = 0.25
     """Focal/IA-BCE alpha."""
+    ia_bce_loss: bool = True
+    """IoU-aware BCE classification loss; false = plain sigmoid focal loss (upstream's ModelConfig field)."""
     eval_interval: int = attrs.field(default=1, validator=_positive)
     """Evaluate every this many epochs (the last epoch is always evaluated)."""
     checkpoint_interval: int = attrs.field(default=10, validator=_positive)
@@ -334,6 +352,10 @@ class TrainConfig:
     """EMA smoothing of the regular metric for best-model comparison (0 = off)."""
     run_test: bool = False
     """Evaluate the best model on the test split at the end."""
+    compute_test_loss: bool = True
+    """With run_test: also the eval-mode loss on the test split (test/loss), as upstream."""
+    notes: str | None = None
+    """Free-form provenance stored in training_config.json and in every weights file's args (upstream's notes)."""
     seed: int = 0
     """Seed for weights, augmentation and sampling (rank is added in multi-process runs)."""
     output_dir: str = "output"
@@ -355,8 +377,36 @@ class TrainConfig:
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Write a metrics.csv row every this many optimizer steps."""
 
+    # ---- experiment loggers (optional extras; see rfdetr_fn/loggers.py)
+    wandb: bool = False
+    """Also log to Weights & Biases (WANDB_MODE=offline keeps it local)."""
+    mlflow: bool = False
+    """Also log to MLflow (MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns)."""
+    project: str | None = None
+    """W&B project / MLflow experiment name (None = rfdetr_fn)."""
+    run: str | None = None
+    """W&B / MLflow run name (None = the logger's own)."""
+
+    # ---- augmentation, dataset grids and automatic batch size (upstream's aug_config, save_dataset_grids,
+    # batch_size="auto" and auto_batch_*)
+    aug_preset: Literal["default", "none", "conservative", "aggressive", "aerial", "industrial"] = "default"
+    """Upstream's augmentation presets after the scale jitter: default = horizontal flip; none = no flip."""
+    aug_config: str | None = attrs.field(default=None, converter=_aug_config)
+    """Custom augmentation instead of a preset: {name: params} in upstream's Albumentations spelling, as a
+    dict in a config file or JSON text on the command line (see README)."""
+    save_dataset_grids: bool = False
+    """Write PNG grids of augmented training batches (boxes drawn) to output_dir at the start of fit."""
+    auto_batch_target_effective: int = attrs.field(default=16, validator=_positive)
+    """batch_size auto: grad_accum_steps is raised until batch x steps x ranks reaches this (global)."""
+    auto_batch_max_targets_per_image: int = attrs.field(default=100, validator=_positive)
+    """batch_size auto: target slots per image in the probe batch (the worst case)."""
+    auto_batch_ema_headroom: float = attrs.field(default=0.7, validator=_unit_interval)
+    """batch_size auto: the probed batch is scaled by this when use_ema (EMA weights need memory too)."""
+
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)
+        if self.aug_config is not None and self.aug_preset != "default":
+            raise ValueError(f"aug_preset={self.aug_preset!r} and aug_config are both set: choose one")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
         import json
@@ -407,6 +457,10 @@ class EvalConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the forward pass (regional, cached like the train step); auto = on inside fit when the
     train step is compiled, else where rfdetr_fn.compile.use_compile says so for the device."""
+
+    precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"
+    """Evaluation forward: CUDA autocast (auto = bf16 on compute capability >= 8, else fp16; upstream's
+    fp16_eval) or fp32; off CUDA only fp32 (and auto, which resolves to it)."""
 
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)

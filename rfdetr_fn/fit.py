@@ -20,8 +20,23 @@ from typing import Any
 import attrs
 import torch
 
+from rfdetr_fn import (
+    autobatch,
+    dirlock,
+    distributed,
+    grids,
+    imageio,
+    loggers,
+    lora,
+    presets,
+    runlog,
+    summary,
+    trackers,
+    train_state,
+    tree,
+    weights,
+)
 from rfdetr_fn import compile as compile_lib
-from rfdetr_fn import dirlock, distributed, imageio, lora, presets, runlog, trackers, train_state, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -37,7 +52,8 @@ from rfdetr_fn.data import (
 from rfdetr_fn.errors import TrainingDiverged
 from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step
+from rfdetr_fn.precision import resolve_precision
+from rfdetr_fn.step import compile_step, init_state, make_train_step, seed_for_step
 from rfdetr_fn.validate import evaluate
 
 
@@ -76,11 +92,17 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
+    if tcfg.batch_size == "auto":
+        tcfg = _auto_batch(cfg, tcfg, world)
+        args = attrs.evolve(args, train=tcfg)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
     if dcfg.check_images:
         _check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
+    if tcfg.save_dataset_grids and world.main:
+        written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
+        print(f"dataset grids: {len(written)} PNG files in {out_dir / 'dataset_grids'}")
     compiled = compile_lib.use_compile(tcfg.compile, world.device)
     # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
     # (one per multi-scale entry) as the only shapes that vary.
@@ -107,11 +129,13 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
             print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
+    sinks = []
     if world.main:
         record = _config_record(args, cfg, class_names)
         if resume_dir is not None:
             _check_resume_changes(out_dir, record, tcfg, int(state["step"]))
         _write_json(out_dir / "training_config.json", record)
+        sinks = loggers.make_loggers(tcfg, out_dir, record)
 
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
@@ -138,11 +162,33 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         if world.main:
             sizes = len(scales) if tcfg.multi_scale != "off" else 1
             compile_lib.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
-    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main, sinks=sinks)
     if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
         log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
     run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names, compiled)
     record: dict[str, Any] = {}
+    times = {"train": 0.0, "eval": 0.0, "save": 0.0}
+    if world.main:
+        print(
+            summary.start_summary(
+                model=f"{cfg.model_name} ({cfg.resolution} px)",
+                num_params=tree.num_params(state["params"]),
+                num_classes=cfg.num_classes,
+                train_images=len(train_ds),
+                val_images=len(val_ds),
+                batch_size=tcfg.batch_size,
+                grad_accum_steps=tcfg.grad_accum_steps,
+                world_size=world.size,
+                steps_per_epoch=steps_per_epoch,
+                epochs=tcfg.epochs,
+                max_steps=tcfg.max_steps,
+                device=str(world.device),
+                precision=precision,
+                compiled=compiled,
+                output_dir=out_dir,
+                resumed_epoch=loop["epoch"] if resume_dir is not None else None,
+            )
+        )
 
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
     stopped = False
@@ -154,6 +200,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         bar = _progress(tcfg, world, steps_per_epoch, epoch)
         micro: list[dict] = []
         started, seen = time.perf_counter(), 0
+        epoch_started = started
         for index, batch in enumerate(loader, start=loop["batch"]):
             micro.append(tree.to(batch, world.device))
             if len(micro) < tcfg.grad_accum_steps:
@@ -188,32 +235,40 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
             loop["epoch"], loop["batch"] = epoch + 1, 0
         if bar is not None:
             bar.close()
+        times["train"] += time.perf_counter() - epoch_started
         last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
         evaluating = trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs)
 
         # ---- save first (all ranks take part in DCP): a failing evaluation must not cost the epoch ----
         loop["eval_pending"] = epoch if evaluating or last_epoch else -1
         numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+        save_started = time.perf_counter()
         _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
+        times["save"] += time.perf_counter() - save_started
 
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
         if loop["eval_pending"] >= 0:
+            eval_started = time.perf_counter()
             record, stop = _evaluate_and_track(run, state, loop, step, saved=out_dir / "last")
+            times["eval"] += time.perf_counter() - eval_started
             last_epoch = last_epoch or stop
         if last_epoch:
             break
 
     if world.main:
+        save_started = time.perf_counter()
         _finish(state, cfg, tcfg, _last_epoch(loop), class_names, out_dir, loop["best"])
+        times["save"] += time.perf_counter() - save_started
         runlog.plot(log.rows, out_dir)
+        print(_end_summary(loop, tcfg, log.rows, out_dir, times))
     log.close()
     if tcfg.run_test and world.main:
         from rfdetr_fn.validate import run_split
 
         _, best = load_weights(out_dir / "checkpoint_best_total.pth", cfg)
         record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
-        print(_summary(record))
+        print(summary.epoch_line(record, "best total"))
     distributed.teardown(world)
     return record
 
@@ -262,8 +317,8 @@ def _check_images(datasets: list) -> None:
 
 # What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
 RUN_FILES = (
-    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "losses.png", "lr.png",
-    "map.png", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
+    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "metrics.png", "dataset_grids",
+    "mlruns", "wandb", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
     ".training_config.json.*", ".metrics.csv.*",
 )  # fmt: skip
 
@@ -289,6 +344,20 @@ def _clear_run(out_dir: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
+    """Resolve batch_size auto on rank 0 (a probe of real steps on a synthetic worst-case batch) for all ranks."""
+    choice = None
+    if world.main:
+        params = detector.init(cfg, tcfg.seed)
+        if cfg.backbone_lora:
+            params = lora.add_upstream_adapters(params, seed=tcfg.seed)
+        params = tree.to(params, world.device)
+        choice = autobatch.resolve(cfg, tcfg, params, world.device, world.size)
+        print(choice.describe())
+    choice = distributed.broadcast_object(choice, world)
+    return attrs.evolve(tcfg, batch_size=choice.micro_batch, grad_accum_steps=choice.grad_accum_steps)
 
 
 def _state_tree(state: dict, loop: dict) -> dict:
@@ -433,21 +502,23 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: 
         )
 
     record: dict[str, float] = {}
-    if tcfg.use_ema:
-        record.update({f"val/ema_{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     if tcfg.eval_base_model or not tcfg.use_ema:
         record.update({f"val/{k}": v for k, v in score(state["params"]).items()})
-    else:  # EMA-only epochs are mirrored onto the primary keys, like upstream
-        record.update({f"val/{k[len('val/ema_') :]}": v for k, v in list(record.items())})
+    if tcfg.use_ema:
+        # Scored alone, the EMA weights take upstream's primary names (val/mAP_50_95 ...), logged once; beside
+        # the base weights they are val/ema_*. The epoch line says which weights were scored.
+        prefix = "val/ema_" if tcfg.eval_base_model else "val/"
+        record.update({f"{prefix}{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     return record
 
 
 def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
     key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
-    base_evaluated = tcfg.eval_base_model or not tcfg.use_ema
-    regular = record.get(f"val/{key}") if base_evaluated else None
-    ema = record.get(f"val/ema_{key}") if tcfg.use_ema else None
-    return regular, ema
+    if not tcfg.use_ema:
+        return record.get(f"val/{key}"), None
+    if tcfg.eval_base_model:
+        return record.get(f"val/{key}"), record.get(f"val/ema_{key}")
+    return None, record.get(f"val/{key}")  # EMA scored alone, under the primary names
 
 
 @attrs.frozen
@@ -495,7 +566,7 @@ def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Pa
     if run.world.main:
         _save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
         run.log.log(record)
-        print(_summary(record))
+        print(summary.epoch_line(record, summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)))
         if saved is not None:  # saved before this evaluation: give it the new records (a small JSON rewrite)
             records = _state_tree(state, loop)
             train_state.update_values(saved, {k: v for k, v in records.items() if k != "state"})
@@ -557,11 +628,19 @@ def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
     _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
 
 
-def _summary(record: dict) -> str:
-    """The headline numbers of an evaluation (EMA twins when both models were scored)."""
-    names = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "F1")
-    keys = [f"{prefix}{n}" for prefix in ("val/", "val/ema_", "test/") for n in names]
-    return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
+def _end_summary(loop: dict, tcfg: TrainConfig, rows: list[dict], out_dir: Path, times: dict) -> str:
+    best = loop["best"]
+    source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
+    epoch = best.best_ema_epoch if source == "ema" else best.best_regular_epoch
+    evaluated = [r for r in rows if r.get("epoch") == epoch and any(str(k).startswith("val/") for k in r)]
+    return summary.end_summary(
+        best_epoch=epoch if epoch >= 0 else None,
+        best_source=source,
+        best_row=evaluated[-1] if evaluated else {},
+        weights=sorted(out_dir.glob("*.pth")),
+        times=times,
+        epochs_run=_last_epoch(loop) + 1,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

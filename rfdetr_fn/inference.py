@@ -22,8 +22,8 @@ from torch import Tensor
 
 from rfdetr_fn import compile as compile_lib
 from rfdetr_fn import imageio
+from rfdetr_fn import precision as precision_lib
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
 from rfdetr_fn.tree import Params, leaves
 
@@ -85,18 +85,24 @@ def forward_fn(
     cache_dir: str | Path | None = None,
     backend: str = "inductor",
     mode: str | None = None,
+    precision: str = "fp32",
 ) -> Forward:
     """`detector.apply(params, images, mask, cfg, train=False)` bound to `cfg`; with compile, a regional
     fullgraph compiled function (one per config, device and backend in this process) whose artifacts are
-    cached on disk like the train step's (`rfdetr_fn.compile.CompileCache`)."""
+    cached on disk like the train step's (`rfdetr_fn.compile.CompileCache`). `precision` (resolved, see
+    `rfdetr_fn.precision`) bf16/fp16 runs under CUDA autocast, eagerly."""
+    if precision != "fp32":
+        return functools.partial(_eval_apply, cfg=cfg, precision=precision)
     if not compile:
         return functools.partial(_eval_apply, cfg=cfg)
     directory = Path(cache_dir) if cache_dir is not None else compile_lib.default_cache_dir()
     return _compiled_forward(cfg, torch.device(device).type, str(directory), backend, mode)
 
 
-def _eval_apply(params: Params, images: Tensor, mask: Tensor | None, *, cfg: ModelConfig) -> dict:
-    return detector.apply(params, images, mask, cfg, train=False)
+def _eval_apply(
+    params: Params, images: Tensor, mask: Tensor | None, *, cfg: ModelConfig, precision: str = "fp32"
+) -> dict:
+    return precision_lib.forward(params, images, mask, cfg, precision, train=False)
 
 
 @functools.cache

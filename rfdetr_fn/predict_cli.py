@@ -118,7 +118,8 @@ def class_colour(label: int) -> tuple[int, int, int]:
 
 
 def draw_detections(image: np.ndarray, det: dict[str, Tensor], names: Sequence[str] | None) -> Image.Image:
-    """The image with semi-transparent masks, then boxes and "name score" labels, one colour per class."""
+    """The image with semi-transparent masks, then boxes and "name score" labels (just "name" when `det` has
+    no scores: ground truth), one colour per class."""
     base = Image.fromarray(image).convert("RGBA")
     labels = det["labels"].cpu().tolist()
     if "masks" in det:
@@ -131,10 +132,11 @@ def draw_detections(image: np.ndarray, det: dict[str, Tensor], names: Sequence[s
     pen = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(1, round(min(canvas.size) / 200))
-    for box, score, label in zip(det["boxes"].float().cpu().tolist(), det["scores"].cpu().tolist(), labels):
+    scores = det["scores"].cpu().tolist() if "scores" in det else [None] * len(labels)  # None: ground truth
+    for box, score, label in zip(det["boxes"].float().cpu().tolist(), scores, labels):
         colour = class_colour(label)
         pen.rectangle(box, outline=colour, width=width)
-        text = f"{class_name(label, names)} {score:.2f}"
+        text = class_name(label, names) + ("" if score is None else f" {score:.2f}")
         left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
         x, y = box[0], max(0.0, box[1] - (bottom - top) - 2)
         pen.rectangle((x, y, x + right - left + 2, y + bottom - top + 2), fill=colour)

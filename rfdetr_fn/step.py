@@ -37,20 +37,10 @@ from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.model import detector
+from rfdetr_fn.precision import forward
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA with compute capability >= 8, fp16 on older CUDA, fp32 elsewhere."""
-    if precision != "auto":
-        if precision != "fp32" and device.type != "cuda":
-            raise ValueError(f"precision={precision!r} needs a CUDA device; this run is on {device.type}")
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
 def init_state(
@@ -118,7 +108,6 @@ def make_train_step(
     as `.pieces`, so `compile_step` can compile each on its own (the regional structure).
     """
     schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
     if optimizer is None:
         names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
@@ -127,9 +116,7 @@ def make_train_step(
     def loss(trainable: tree.Params, frozen: tree.Params, batch: Batch, scale: Tensor):
         params = transforms.combine(trainable, frozen)
         num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
-        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
-        out = _to_float32(out) if autocast_dtype is not None else out
+        out = forward(params, batch["images"], batch["mask"], cfg, precision, train=True, drop_path=tcfg.drop_path)
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
         total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes)
         return total * scale, (total, losses)
@@ -299,13 +286,3 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
 def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
     grown = torch.where((step + 1) % 2000 == 0, scale * 2.0, scale)
     return torch.where(finite, grown, scale * 0.5)
-
-
-def _to_float32(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, dict):
-        return {k: _to_float32(v) for k, v in out.items()}
-    if isinstance(out, list):
-        return [_to_float32(v) for v in out]
-    return out

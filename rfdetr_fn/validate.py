@@ -24,6 +24,7 @@ from rfdetr_fn.inference import forward_fn
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
 from rfdetr_fn.model.postprocess import postprocess
+from rfdetr_fn.precision import resolve_precision
 from rfdetr_fn.weights import class_names, resolve_checkpoint
 
 
@@ -66,7 +67,8 @@ def evaluate(
     world = world or distributed.World(rank=0, size=1, device=next(tree.leaves(params)).device)
     if compile is None:
         compile = use_compile(ecfg.compile, world.device)
-    forward = forward_fn(cfg, world.device, compile=compile, cache_dir=cache_dir)
+    precision = resolve_precision(ecfg.precision, world.device)
+    forward = forward_fn(cfg, world.device, compile=compile, cache_dir=cache_dir, precision=precision)
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
@@ -123,6 +125,7 @@ def run_split(
         ecfg=ecfg,
         num_workers=dcfg.num_workers,
         world=world,
+        loss_cfg=tcfg if split == "test" and tcfg.compute_test_loss else None,
     )
     prefix = "val" if split == "valid" else split
     return {f"{prefix}/{k}": v for k, v in metrics.items()}

@@ -39,7 +39,7 @@ _UPSTREAM_FIELDS = (
     "encoder", "out_feature_indexes", "dec_layers", "two_stage", "projector_scale", "hidden_dim",
     "patch_size", "num_windows", "sa_nheads", "ca_nheads", "dec_n_points", "num_queries", "num_select",
     "bbox_reparam", "lite_refpoint_refine", "layer_norm", "num_channels", "num_classes", "resolution",
-    "group_detr", "positional_encoding_size", "segmentation_head", "mask_downsample_ratio",
+    "group_detr", "positional_encoding_size", "segmentation_head", "mask_downsample_ratio", "num_decoder_registers",
 )  # fmt: skip
 # Classes a weights-only unpickler may rebuild: upstream legacy files pickle `args` as a Namespace and
 # sometimes hold paths. Both only set attributes/strings; nothing executes.

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from rfdetr_fn import imageio
+from rfdetr_fn.data import augment
 from rfdetr_fn.data import transforms as T
 from rfdetr_fn.data.masks import decode_masks
 from rfdetr_fn.data.source import DatasetError, Source, check_source
@@ -26,6 +27,7 @@ class Pipeline:
     resolution: int
     scales: tuple[int, ...]
     scale_jitter: bool = True
+    augmentations: dict | None = None  # an aug_config; None = the default preset (horizontal flip)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -120,7 +122,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         p = self.pipeline
         if p.train:
             gen = torch.Generator().manual_seed(seed)
-            image, target = T.train_transform(image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen)
+            image, target = augment.train_transform(
+                image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen, config=p.augmentations
+            )
         else:
             image, target = T.eval_transform(image, target, p.resolution)
         image, target = T.finalize(image, target)
