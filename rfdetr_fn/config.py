@@ -243,6 +243,8 @@ class TrainConfig:
     """Randomly choose between square resize and resize-crop-resize."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
+    loss_scale_growth_interval: int = attrs.field(default=2000, validator=_positive)
+    """fp16: double the loss scale after this many finite steps since the last overflow (GradScaler's rule)."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the whole train step; auto = on for CUDA, off on CPU (there a compile takes minutes per
     input size and gains little for matmul-bound models; see benchmarks/RESULTS.md)."""
@@ -291,7 +293,7 @@ class TrainConfig:
     run_test: bool = False
     """Evaluate the best model on the test split at the end."""
     seed: int = 0
-    """Seed for weights, augmentation and sampling (rank is added in multi-process runs)."""
+    """Seed for weights, augmentation, sampling and the step's draws (drop path, mask points; rank is mixed in)."""
     output_dir: str = "output"
     """Where checkpoints, metrics and plots are written."""
     resume: str | None = None
@@ -308,6 +310,11 @@ class TrainConfig:
     def __attrs_post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
+
+    @property
+    def eval_batch(self) -> int:
+        """Images per evaluation batch: eval_batch_size, else batch_size."""
+        return self.eval_batch_size or self.batch_size
 
 
 @attrs.frozen(kw_only=True)

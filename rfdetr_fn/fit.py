@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
 from rfdetr_fn import distributed, presets, runlog, trackers, train_state, tree, weights
 from rfdetr_fn.adapt import load_weights
@@ -32,7 +30,7 @@ from rfdetr_fn.data import (
 )
 from rfdetr_fn.flags import parse
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
+from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, use_compile
 from rfdetr_fn.validate import evaluate
 
 
@@ -60,7 +58,6 @@ def fit(args: FitArgs) -> dict[str, Any]:
     out_dir = Path(tcfg.output_dir)
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(tcfg.seed)
 
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
@@ -93,7 +90,9 @@ def fit(args: FitArgs) -> dict[str, Any]:
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
     step_fn = compile_step(
-        make_train_step(cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size),
+        make_train_step(
+            cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
+        ),
         enabled=compiled,
         max_shapes=len(scales) + 1,
     )
@@ -119,7 +118,6 @@ def fit(args: FitArgs) -> dict[str, Any]:
             if tcfg.multi_scale == "per-batch":
                 size = per_batch_scale(step, scales)
                 micro = [resize_batch(b, size) for b in micro]
-            torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
             state, metrics = step_fn(state, micro)
             seen += sum(len(b["images"]) for b in micro)
             micro = []
@@ -174,9 +172,8 @@ def fit(args: FitArgs) -> dict[str, Any]:
                     print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
 
         # ---- train-state checkpoints (all ranks take part in DCP) ----
-        _save_state(out_dir / "last", state, loop)
-        if trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs):
-            _save_state(out_dir / f"checkpoint_{epoch:04d}", state, loop)
+        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
         if last_epoch:
             break
 
@@ -217,8 +214,9 @@ def _state_tree(state: dict, loop: dict) -> dict:
     }
 
 
-def _save_state(path: Path, state: dict, loop: dict) -> None:
-    train_state.save_state(path, _state_tree(state, loop))
+def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
+    """One save per epoch: `last/`, plus a hard-linked numbered copy when `keep` names one."""
+    train_state.save_state(path, _state_tree(state, loop), keep=keep)
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
@@ -267,16 +265,15 @@ def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
 
 
 def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, float]:
-    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA."""
+    """EMA weights by default (as upstream validates); the base weights too when asked or when there is no EMA."""
 
     def score(params) -> dict[str, float]:
-        batch_size = tcfg.eval_batch_size or tcfg.batch_size
         loss_cfg = tcfg if tcfg.compute_val_loss else None  # val/loss, like upstream's compute_val_loss
         return evaluate(
             params,
             cfg,
             val_ds,
-            batch_size=batch_size,
+            batch_size=tcfg.eval_batch,
             ecfg=ecfg,
             num_workers=dcfg.num_workers,
             world=world,
@@ -341,8 +338,7 @@ def _summary(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        return fit(parse(FitArgs, argv))
+    return fit(parse(FitArgs, argv))
 
 
 if __name__ == "__main__":

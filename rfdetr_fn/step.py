@@ -3,7 +3,8 @@
 `TrainState` is a plain dict pytree so torch.compile, DCP checkpoints and tree utilities all see the
 same structure:
 
-    {"step": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {}, "loss_scale": float 0-dim}
+    {"step": int64 0-dim, "seed": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {},
+     "loss_scale": float 0-dim, "good_steps": int64 0-dim}
 
 Inside one compiled graph the step runs, per micro-batch, the forward pass, the Hungarian matching (an
 opaque custom op, so it does not split the graph; on CUDA it copies the cost matrix to the host, the
@@ -13,8 +14,10 @@ global-norm clipping, the scheduled AdamW update and the EMA update. Gradient-ac
 are unrolled, so the graph depends on grad_accum_steps and on the batch shapes only; the step number,
 learning rate and EMA decay are tensors and never cause a recompile.
 
-Randomness (drop path, mask-loss point sampling) draws from torch's global generator, which the loop
-reseeds from (seed, step) before every call: the step is a pure function of its inputs and that seed.
+Randomness (drop path, mask point sampling) is an input too: every draw is a hash of a key derived from
+(state seed, step, rank) (`rfdetr_fn.rng`), never torch's global generator, so `step(state, batches)`
+is a pure function by itself, eagerly and compiled: the same inputs give the same outputs, and the
+input state is never modified.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rfdetr_fn import ema as ema_lib
-from rfdetr_fn import optim, schedules, tree
+from rfdetr_fn import optim, rng, schedules, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion
@@ -52,16 +55,13 @@ def init_state(params: tree.Params, tcfg: TrainConfig) -> TrainState:
     device = next(tree.leaves(params)).device
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
+        "seed": rng.key_tensor(tcfg.seed, device),
         "params": params,
         "opt_state": optim.adamw_init(params),
         "ema_state": ema_lib.ema_init(params) if tcfg.use_ema else {},
         "loss_scale": torch.full((), 2.0**16, device=device),
+        "good_steps": torch.zeros((), dtype=torch.int64, device=device),  # finite steps since the last overflow
     }
-
-
-def seed_for_step(seed: int, step: int, rank: int = 0) -> int:
-    """The global-RNG seed used for one step; distinct per rank so drop path differs across data shards."""
-    return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
 
 
 def make_train_step(
@@ -71,19 +71,24 @@ def make_train_step(
     steps_per_epoch: int,
     precision: str = "fp32",
     world_size: int = 1,
+    rank: int = 0,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
-    """Bind the static configuration and return the pure step (compile it with `compile_step`)."""
+    """Bind the static configuration and return the pure step (compile it with `compile_step`).
+
+    `rank` enters the random key, so drop path differs across the data shards of one step."""
     names = list(detector.param_shapes(cfg))
     groups = optim.param_groups(names, cfg, tcfg)
     schedule = schedules.lr_kwargs(tcfg, steps_per_epoch)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
+    def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor, key: Tensor):
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
+            out = detector.apply(
+                params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path, key=rng.mix(key, 0)
+            )
         out = _to_float32(out) if autocast_dtype is not None else out
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
-        total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes)
+        total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes, key=rng.mix(key, 1))
         return total * scale, (total, losses)
 
     grad_fn = grad_and_value(loss_fn)
@@ -91,14 +96,15 @@ def make_train_step(
     def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
         params, step = state["params"], state["step"]
         scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
+        key = rng.mix(state["seed"], step, rank)
         grads_sum: tree.Params | None = None
         loss_sums: dict[str, Tensor] = {}
-        for batch in batches:
+        for i, batch in enumerate(batches):
             num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
-            grads, (_, (total, losses)) = grad_fn(params, batch, num_boxes, scale)
+            grads, (_, (total, losses)) = grad_fn(params, batch, num_boxes, scale, rng.mix(key, i))
             grads_sum = grads if grads_sum is None else tree.map_(torch.add, grads_sum, grads)
-            for key, value in {"loss": total, **losses}.items():
-                loss_sums[key] = loss_sums.get(key, 0.0) + value.detach() / len(batches)
+            for name, value in {"loss": total, **losses}.items():
+                loss_sums[name] = loss_sums.get(name, 0.0) + value.detach() / len(batches)
         grads = grads_sum
         if len(batches) > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
             grads = tree.map_(lambda g: g / (len(batches) * scale), grads)
@@ -114,15 +120,11 @@ def make_train_step(
         if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
             new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
             new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])
-        new_state = {
-            "step": step + 1,
-            "params": new_params,
-            "opt_state": new_opt,
-            "ema_state": state["ema_state"],
-            "loss_scale": _next_loss_scale(state["loss_scale"], finite, step)
-            if precision == "fp16"
-            else state["loss_scale"],
-        }
+        new_state = {**state, "step": step + 1, "params": new_params, "opt_state": new_opt}
+        if precision == "fp16":
+            new_state["loss_scale"], new_state["good_steps"] = _next_loss_scale(
+                state["loss_scale"], state["good_steps"], finite, tcfg.loss_scale_growth_interval
+            )
         if tcfg.use_ema:
             new_state["ema_state"] = ema_lib.ema_maybe_update(
                 state["ema_state"],
@@ -143,8 +145,8 @@ def grad_and_value(loss_fn: Callable[..., tuple[Tensor, Any]]) -> Callable[..., 
 
     Under torch.compile it is torch.func, which Dynamo traces into the step's one graph. Run eagerly,
     torch.func wraps every op of the forward and backward; plain `torch.autograd.grad` on detached leaf
-    views gives the same gradients, for Nano on CPU with a 13 % faster forward+backward and a 0.7 GiB
-    lower step peak (benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
+    views gives the same gradients with a faster backward and a lower peak (measured in
+    benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
     """
     functional = torch.func.grad_and_value(loss_fn, has_aux=True)
 
@@ -209,9 +211,12 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
     return count.clamp(min=1.0)
 
 
-def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
-    grown = torch.where((step + 1) % 2000 == 0, scale * 2.0, scale)
-    return torch.where(finite, grown, scale * 0.5)
+def _next_loss_scale(scale: Tensor, good_steps: Tensor, finite: Tensor, interval: int) -> tuple[Tensor, Tensor]:
+    """GradScaler's rule: halve on overflow; double after `interval` finite steps in a row (then count anew)."""
+    good = torch.where(finite, good_steps + 1, torch.zeros_like(good_steps))
+    grow = good >= interval
+    scale = torch.where(finite, torch.where(grow, scale * 2.0, scale), scale * 0.5)
+    return scale, torch.where(grow, torch.zeros_like(good), good)
 
 
 def _to_float32(out: Any) -> Any:

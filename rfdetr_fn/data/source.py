@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # files read as images, any case
 _CLIP_TOLERANCE = 1.0  # px a box may overhang the image (float rounding) before a clip warning
 
 

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import boxes as box_ops
+from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss.matcher import (
     FOCAL_GAMMA,
-    dense_query_masks,
     match,
     nearest_index,
     point_sample,
     safe_target_boxes,
+    unpack_pred_masks,
 )
 
 OVERSAMPLE = 3
@@ -137,21 +138,21 @@ def box_losses(pairs: dict, num_boxes: Tensor) -> dict[str, Tensor]:
     }
 
 
-def uncertain_points(logits: Tensor, num_points: int) -> Tensor:
+def uncertain_points(logits: Tensor, num_points: int, key: rng.IntLike = 0) -> Tensor:
     """PointRend points for (N, 1, h, w) logits: the 75% most uncertain of 3P uniform ones + 25% uniform."""
     n = logits.shape[0]
-    coords = torch.rand(n, num_points * OVERSAMPLE, 2, device=logits.device)
+    coords = rng.uniform(rng.mix(key, 0), (n, num_points * OVERSAMPLE, 2), device=logits.device)
     uncertainty = -point_sample(logits, coords)[:, 0].abs()
     keep = int(IMPORTANCE * num_points)
     top = uncertainty.topk(keep, dim=1).indices
     chosen = coords.gather(1, top[..., None].expand(-1, -1, 2))
-    extra = torch.rand(n, num_points - keep, 2, device=logits.device)
+    extra = rng.uniform(rng.mix(key, 1), (n, num_points - keep, 2), device=logits.device)
     return torch.cat([chosen, extra], dim=1)
 
 
 def matched_mask_logits(pred_masks: dict | Tensor, query: Tensor) -> Tensor:
     """(B, M, h, w) mask logits of the queries in `query` (B, M), from the sparse dict or dense masks."""
-    packed = dense_query_masks(pred_masks)
+    packed = unpack_pred_masks(pred_masks)
     if isinstance(packed, tuple):
         spatial, queries, bias = packed
         picked = queries.gather(1, query[..., None].expand(-1, -1, queries.shape[-1]))
@@ -167,6 +168,7 @@ def mask_losses(
     num_boxes: Tensor,
     *,
     point_ratio: int,
+    key: rng.IntLike = 0,
 ) -> dict[str, Tensor]:
     """Point-sampled mean BCE and dice of every matched mask; padding slots give exact zeros.
 
@@ -180,7 +182,7 @@ def mask_losses(
     num_points = max(h, h * w // point_ratio)
     stacked = logits.reshape(-1, 1, h, w)
     with torch.no_grad():
-        coords = uncertain_points(stacked.detach(), num_points)  # (B*M, P, 2)
+        coords = uncertain_points(stacked.detach(), num_points, key)  # (B*M, P, 2)
     point_logits = point_sample(stacked, coords)[:, 0].view(batch, groups * slots, num_points)
     with torch.no_grad():
         height, width = target_masks.shape[-2:]
@@ -206,10 +208,12 @@ def criterion(
     *,
     train: bool,
     num_boxes: Tensor | float | None = None,
+    key: rng.IntLike = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
     from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
-    a distributed caller passes its all-reduced value instead."""
+    a distributed caller passes its all-reduced value instead. `key` drives the random mask points
+    (segmentation only; see `rfdetr_fn.rng`): the train step passes a fresh one every step."""
     use_masks = cfg.segmentation_head
     check_targets(targets, outputs, use_masks)
     groups = cfg.group_detr if train else 1
@@ -220,12 +224,12 @@ def criterion(
     matched_layers = layers(outputs)
     match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
     indices = []
-    for suffix, layer in matched_layers:
+    for j, (suffix, layer) in enumerate(matched_layers):
         points = None
         if use_masks:
             if layer.get("pred_masks") is None:
                 raise ValueError(f"segmentation outputs{suffix or ' (final)'} lack 'pred_masks'")
-            source = dense_query_masks(layer["pred_masks"])
+            source = unpack_pred_masks(layer["pred_masks"])
             source = source[0] if isinstance(source, tuple) else source
             points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
         indices.append(
@@ -240,16 +244,17 @@ def criterion(
                 cost_mask_ce=tcfg.mask_ce_loss_coef,
                 cost_mask_dice=tcfg.mask_dice_loss_coef,
                 mask_points=points,
+                key=rng.mix(key, j, 0) if use_masks else 0,
             )
         )
     losses: dict[str, Tensor] = {}
-    for (suffix, layer), idx in zip(matched_layers, indices):
+    for j, ((suffix, layer), idx) in enumerate(zip(matched_layers, indices)):
         pairs = gather_pairs(layer, targets, idx)
         losses["loss_ce" + suffix] = ia_bce_loss(layer["pred_logits"], pairs, num_boxes, tcfg.focal_alpha)
         if not suffix:
             losses["class_error"] = class_error(layer["pred_logits"], pairs)
-        for key, value in box_losses(pairs, num_boxes).items():
-            losses[key + suffix] = value
+        for name, value in box_losses(pairs, num_boxes).items():
+            losses[name + suffix] = value
         losses["cardinality_error" + suffix] = cardinality_error(layer["pred_logits"], labels)
         if use_masks:
             found = mask_losses(
@@ -258,9 +263,10 @@ def criterion(
                 idx,
                 num_boxes,
                 point_ratio=tcfg.mask_point_sample_ratio,
+                key=rng.mix(key, j, 1),
             )
-            for key, value in found.items():
-                losses[key + suffix] = value
+            for name, value in found.items():
+                losses[name + suffix] = value
     weights = weight_dict(cfg, tcfg)
     total = torch.stack([losses[k] * weights[k] for k in losses if k in weights]).sum()
     return total, losses
