@@ -17,7 +17,7 @@ from rfdetr_fn.data.loader import collate
 from rfdetr_fn.step import init_state, make_train_step
 
 SHORT_STEPS = 30
-SHORT_DROP = 0.7
+SHORT_DROP = 0.9  # the 200-step test below asks for 0.5
 
 
 def _overfit_setup():
