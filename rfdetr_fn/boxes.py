@@ -19,12 +19,6 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
 
 
-def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """(x0, y0, x1, y1) -> (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
 def box_area(boxes: Tensor) -> Tensor:
     """Area of xyxy boxes."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])

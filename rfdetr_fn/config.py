@@ -297,6 +297,8 @@ class TrainConfig:
     """Randomly choose between square resize and resize-crop-resize."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
+    loss_scale_growth_interval: int = attrs.field(default=2000, validator=_positive)
+    """fp16: double the loss scale after this many finite steps since the last overflow (GradScaler's rule)."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the train step (regional: each block kind compiles once); auto = on for the device
     types where benchmarks/compile.py measured a win (rfdetr_fn.compile.FIRST_COMPILE_S)."""
@@ -357,7 +359,7 @@ class TrainConfig:
     notes: str | None = None
     """Free-form provenance stored in training_config.json and in every weights file's args (upstream's notes)."""
     seed: int = 0
-    """Seed for weights, augmentation and sampling (rank is added in multi-process runs)."""
+    """Seed for weights, augmentation, sampling and the step's draws (drop path, mask points; rank is mixed in)."""
     output_dir: str = "output"
     """Where checkpoints, metrics and plots are written."""
     resume: str | None = None
@@ -417,6 +419,11 @@ class TrainConfig:
             raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} is not JSON: {err}") from err
         if not isinstance(kwargs, dict):
             raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} must be a JSON object")
+
+    @property
+    def eval_batch(self) -> int:
+        """Images per evaluation batch: eval_batch_size, else batch_size."""
+        return self.eval_batch_size or self.batch_size
 
 
 @attrs.frozen(kw_only=True)

@@ -25,13 +25,36 @@ def setup(device: str | None = None) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = torch.device("cuda", local) if use_cuda else torch.device(device or "cpu")
+    dev = pick_device(device, local_rank=local, world_size=size, cuda_available=torch.cuda.is_available())
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=size)
     return World(rank=rank, size=size, device=dev)
+
+
+def pick_device(device: str | None, *, local_rank: int, world_size: int, cuda_available: bool) -> torch.device:
+    """`--device`: None picks CUDA when available; "cuda" is cuda:LOCAL_RANK (one GPU per torchrun rank);
+    "cuda:N" is GPU N, in a single process only (under torchrun each rank takes its own GPU)."""
+    if device is None:
+        device = "cuda" if cuda_available else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if dev.index is None:
+        return torch.device("cuda", local_rank)
+    if world_size > 1:
+        raise ValueError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
+    return dev
+
+
+def current() -> World:
+    """The process group this process already belongs to (a single CPU process without one), for code
+    that is not handed a World, such as checkpoint writers that every rank calls."""
+    if dist.is_available() and dist.is_initialized():
+        return World(rank=dist.get_rank(), size=dist.get_world_size(), device=torch.device("cpu"))
+    return World(rank=0, size=1, device=torch.device("cpu"))
 
 
 def barrier(world: World) -> None:

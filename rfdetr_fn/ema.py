@@ -7,7 +7,6 @@ ema <- delta(k) * ema + (1 - delta(k)) * weights with delta(k) = decay * (1 - ex
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,13 +21,6 @@ def ema_init(params: tree.Params) -> EmaState:
     """Fresh EMA state: cloned weights and zero updates (clones, so dynamo never sees aliased inputs)."""
     device = next(tree.leaves(params)).device
     return {"params": tree.clone(params), "updates": torch.zeros((), dtype=torch.float32, device=device)}
-
-
-def ema_decay_at(k: int, decay: float, tau: float) -> float:
-    """delta(k) for the k-th update (1-based); update 1 ignores it and copies the weights."""
-    if k < 1:
-        raise ValueError(f"EMA update number k={k} must be >= 1")
-    return decay * (1.0 - math.exp(-k / tau)) if tau > 0 else decay
 
 
 def _delta(updates: Tensor, decay: float, tau: float) -> Tensor:

@@ -53,7 +53,7 @@ from rfdetr_fn.errors import TrainingDiverged
 from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.model import detector
 from rfdetr_fn.precision import resolve_precision
-from rfdetr_fn.step import compile_step, init_state, make_train_step, seed_for_step
+from rfdetr_fn.step import compile_step, init_state, make_train_step
 from rfdetr_fn.validate import evaluate
 
 
@@ -140,7 +140,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
     step_fn = compile_step(
-        make_train_step(cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size),
+        make_train_step(
+            cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
+        ),
         enabled=compiled,
         max_shapes=len(scales) + 1,
     )
@@ -208,7 +210,6 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
             if tcfg.multi_scale == "per-batch":
                 size = per_batch_scale(step, scales)
                 micro = [resize_batch(b, size) for b in micro]
-            torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
             new_state, metrics = step_fn(state, micro)
             if not _finite_step(metrics, precision):  # the pure step left `state` intact: keep it
                 _save_state(out_dir / "last", state, loop)
@@ -370,6 +371,7 @@ def _state_tree(state: dict, loop: dict) -> dict:
 
 
 def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
+    """One save per epoch: `last/`, plus a hard-linked numbered copy when `keep` names one."""
     train_state.save_state(path, _state_tree(state, loop), keep=keep)
 
 
@@ -480,19 +482,18 @@ def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
 
 
 def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: bool) -> dict[str, float]:
-    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA.
+    """EMA weights by default (as upstream validates); the base weights too when asked or when there is no EMA.
 
     The forward is compiled when --eval.compile is on, or auto and the train step is compiled."""
     compile = ecfg.compile == "on" or (ecfg.compile == "auto" and step_compiled)
 
     def score(params) -> dict[str, float]:
-        batch_size = tcfg.eval_batch_size or tcfg.batch_size
         loss_cfg = tcfg if tcfg.compute_val_loss else None  # val/loss, like upstream's compute_val_loss
         return evaluate(
             params,
             cfg,
             val_ds,
-            batch_size=batch_size,
+            batch_size=tcfg.eval_batch,
             ecfg=ecfg,
             num_workers=dcfg.num_workers,
             world=world,
@@ -644,8 +645,7 @@ def _end_summary(loop: dict, tcfg: TrainConfig, rows: list[dict], out_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        return fit(parse(FitArgs, argv))
+    return fit(parse(FitArgs, argv))
 
 
 if __name__ == "__main__":

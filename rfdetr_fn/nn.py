@@ -1,7 +1,7 @@
 """Pure layers over parameter subtrees. Each takes its own `{"weight", "bias", ...}` dict first.
 
 Linears are written as `x @ w.T + b`: under torch.func + torch.compile, `F.linear` with a bias on a
-3-D input specialises on the batch size and recompiles for every new one (see torch-stack-notes §2).
+3-D input specialises on the batch size and recompiles for every new one.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _vit_layer_id(name: str, num_layers: int) -> int:
 
 
 def param_settings(names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, tuple[float, float]]:
-    """name -> (lr, weight_decay) by upstream's rules (spec 5.1).
+    """name -> (lr, weight_decay) by upstream's rules.
 
     ViT (`backbone.0.encoder`): lr_encoder * lr_vit_layer_decay^(N + 1 - layer_id) * lr_component_decay^2
     with N = out_feature_indexes[-1] + 1, and no decay for gamma/pos_embed/rel_pos/bias/norm/embeddings.
@@ -70,7 +70,7 @@ def param_settings(names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig) ->
             scale = tcfg.lr_vit_layer_decay ** (n + 1 - _vit_layer_id(name, n))
             lr = tcfg.lr_encoder * scale * tcfg.lr_component_decay**2
             no_decay = any(key in name for key in NO_DECAY_KEYS)
-            out[name] = (lr, tcfg.weight_decay * 0.0 if no_decay else tcfg.weight_decay)
+            out[name] = (lr, 0.0 if no_decay else tcfg.weight_decay)
         elif DECODER_KEY in name:
             out[name] = (tcfg.lr * tcfg.lr_component_decay, tcfg.weight_decay)
         else:

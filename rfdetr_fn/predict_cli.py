@@ -24,10 +24,10 @@ from rfdetr_fn import imageio, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.compile import use_compile
+from rfdetr_fn.data.source import IMAGE_SUFFIXES
 from rfdetr_fn.flags import parse
 from rfdetr_fn.inference import predict
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
 
 
@@ -38,7 +38,7 @@ class PredictArgs:
     checkpoint: str = "output/checkpoint_best_total.pth"
     """Weights file (.pth, .ckpt or .safetensors) or a training output directory."""
     images: tuple[str, ...] = ()
-    """Image files and/or folders (folders: their .jpg/.jpeg/.png/.bmp/.webp files, sorted)."""
+    """Image files and/or folders (folders: their .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files, sorted)."""
     output_dir: str = "predictions"
     """Folder for predictions.json and the drawn images."""
     threshold: float = 0.5

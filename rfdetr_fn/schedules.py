@@ -81,12 +81,3 @@ def lr_factor(
     else:
         after = min_factor + (1 - min_factor) * 0.5 * (1 + torch.cos(math.pi * (s - warmup_steps) / span))
     return torch.where(s < warmup_steps, s / warm, after)
-
-
-def drop_path_rates(rate: float, num_layers: int) -> list[float]:
-    """Per-layer stochastic-depth rate: float32 linspace(0, rate), as upstream's DropPathCallback sets."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"drop_path={rate} must lie in [0, 1]")
-    if num_layers <= 0:
-        raise ValueError(f"num_layers={num_layers} must be positive")
-    return torch.linspace(0, rate, num_layers, dtype=torch.float32).tolist()

@@ -3,7 +3,8 @@
 `TrainState` is a plain dict pytree so torch.compile, DCP checkpoints and tree utilities all see the
 same structure:
 
-    {"step": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {}, "loss_scale": float 0-dim}
+    {"step": int64 0-dim, "seed": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {},
+     "loss_scale": float 0-dim, "good_steps": int64 0-dim}
 
 The step has two pure pieces around the gradient. `loss` runs, per micro-batch, the forward pass, the
 Hungarian matching (an opaque custom op, so it does not split the graph; on CUDA it copies the cost
@@ -15,8 +16,10 @@ kind, its backward by AOTAutograd); gradient-accumulation micro-batches are unro
 its graph depends on grad_accum_steps and on the shapes only; the step number, learning rate and EMA
 decay are tensors and never cause a recompile.
 
-Randomness (drop path, mask-loss point sampling) draws from torch's global generator, which the loop
-reseeds from (seed, step) before every call: the step is a pure function of its inputs and that seed.
+Randomness (drop path, mask point sampling) is an input too: every draw is a hash of a key derived from
+(state seed, step, rank, micro-batch) (`rfdetr_fn.rng`), never torch's global generator, so
+`step(state, batches)` is a pure function by itself, eagerly and compiled: the same inputs give the same
+outputs, and the input state is never modified.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import Tensor
 from rfdetr_fn import compile as compile_lib
 from rfdetr_fn import ema as ema_lib
 from rfdetr_fn import gradient_transforms as gt
-from rfdetr_fn import lora, optim, schedules, transforms, tree
+from rfdetr_fn import lora, optim, rng, schedules, transforms, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion
@@ -64,10 +67,12 @@ def init_state(
         optimizer = optim.make_optimizer(cfg, tcfg, tree.flatten(trainable))
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
+        "seed": rng.key_tensor(tcfg.seed, device),
         "params": params,
         "opt_state": optimizer.init(trainable),
         "ema_state": ema_lib.ema_init(params) if tcfg.use_ema else {},
         "loss_scale": torch.full((), 2.0**16, device=device),
+        "good_steps": torch.zeros((), dtype=torch.int64, device=device),  # finite steps since the last overflow
     }
 
 
@@ -82,11 +87,6 @@ def param_names(cfg: ModelConfig) -> list[str]:
     return list(shapes) + (list(lora.adapter_shapes(shapes)) if cfg.backbone_lora else [])
 
 
-def seed_for_step(seed: int, step: int, rank: int = 0) -> int:
-    """The global-RNG seed used for one step; distinct per rank so drop path differs across data shards."""
-    return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
-
-
 def make_train_step(
     cfg: ModelConfig,
     tcfg: TrainConfig,
@@ -96,8 +96,11 @@ def make_train_step(
     world_size: int = 1,
     optimizer: gt.GradientTransformation | None = None,
     trainable: transforms.Where | None = None,
+    rank: int = 0,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
     """Bind the static configuration and return the pure step (compile it with `compile_step`).
+
+    `rank` enters the random key, so drop path differs across the data shards of one step.
 
     `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it
     gets `step=` for its schedules). Only the leaves `trainable` selects (default `optim.trainable`:
@@ -113,12 +116,21 @@ def make_train_step(
         names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
         optimizer = optim.make_optimizer(cfg, tcfg, names, schedule)
 
-    def loss(trainable: tree.Params, frozen: tree.Params, batch: Batch, scale: Tensor):
+    def loss(trainable: tree.Params, frozen: tree.Params, batch: Batch, scale: Tensor, key: Tensor):
         params = transforms.combine(trainable, frozen)
         num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
-        out = forward(params, batch["images"], batch["mask"], cfg, precision, train=True, drop_path=tcfg.drop_path)
+        out = forward(
+            params,
+            batch["images"],
+            batch["mask"],
+            cfg,
+            precision,
+            train=True,
+            drop_path=tcfg.drop_path,
+            key=rng.mix(key, 0),
+        )
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
-        total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes)
+        total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes, key=rng.mix(key, 1))
         return total * scale, (total, losses)
 
     def update(
@@ -144,15 +156,11 @@ def make_train_step(
         if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
             new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
             new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])
-        new_state = {
-            "step": step + 1,
-            "params": new_params,
-            "opt_state": new_opt,
-            "ema_state": state["ema_state"],
-            "loss_scale": _next_loss_scale(state["loss_scale"], finite, step)
-            if precision == "fp16"
-            else state["loss_scale"],
-        }
+        new_state = {**state, "step": step + 1, "params": new_params, "opt_state": new_opt}
+        if precision == "fp16":
+            new_state["loss_scale"], new_state["good_steps"] = _next_loss_scale(
+                state["loss_scale"], state["good_steps"], finite, tcfg.loss_scale_growth_interval
+            )
         if tcfg.use_ema:
             new_state["ema_state"] = ema_lib.ema_maybe_update(
                 state["ema_state"],
@@ -166,19 +174,26 @@ def make_train_step(
         return new_state, metrics
 
     return assemble_step(
-        StepPieces(loss=loss, update=update, split=functools.partial(_split, where=where), fp16=precision == "fp16")
+        StepPieces(
+            loss=loss,
+            update=update,
+            split=functools.partial(_split, where=where),
+            fp16=precision == "fp16",
+            rank=rank,
+        )
     )
 
 
 @attrs.frozen
 class StepPieces:
-    """The step's pure pieces: `loss(trainable, frozen, batch, scale)`, `update(state, grads_list,
-    losses_list)` and `split(params) -> (trainable, frozen)`."""
+    """The step's pure pieces: `loss(trainable, frozen, batch, scale, key)`, `update(state, grads_list,
+    losses_list)` and `split(params) -> (trainable, frozen)`; `rank` enters the random key."""
 
     loss: Callable
     update: Callable
     split: Callable
     fp16: bool = False
+    rank: int = 0
 
 
 def assemble_step(pieces: StepPieces) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict]]:
@@ -192,9 +207,10 @@ def assemble_step(pieces: StepPieces) -> Callable[[TrainState, Sequence[Batch]],
     def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
         scale = state["loss_scale"] if pieces.fp16 else torch.ones_like(state["loss_scale"])
         trainable, frozen = pieces.split(state["params"])
+        key = rng.mix(state["seed"], state["step"], pieces.rank)
         grads_list, losses_list = [], []
-        for batch in batches:
-            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, scale)
+        for i, batch in enumerate(batches):
+            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, scale, rng.mix(key, i))
             grads_list.append(grads)
             losses_list.append({"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}})
         return pieces.update(state, grads_list, losses_list)
@@ -210,8 +226,8 @@ def grad_and_value(loss_fn: Callable[..., tuple[Tensor, Any]]) -> Callable[..., 
     the step's one graph. The regional mode calls it eagerly around a compiled loss, so autograd runs
     AOTAutograd's compiled forward and backward. Run eagerly,
     torch.func wraps every op of the forward and backward; plain `torch.autograd.grad` on detached leaf
-    views gives the same gradients, for Nano on CPU with a 13 % faster forward+backward and a 0.7 GiB
-    lower step peak (benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
+    views gives the same gradients with a faster backward and a lower peak (measured in
+    benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
     """
     functional = torch.func.grad_and_value(loss_fn, has_aux=True)
 
@@ -283,6 +299,9 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
     return count.clamp(min=1.0)
 
 
-def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
-    grown = torch.where((step + 1) % 2000 == 0, scale * 2.0, scale)
-    return torch.where(finite, grown, scale * 0.5)
+def _next_loss_scale(scale: Tensor, good_steps: Tensor, finite: Tensor, interval: int) -> tuple[Tensor, Tensor]:
+    """GradScaler's rule: halve on overflow; double after `interval` finite steps in a row (then count anew)."""
+    good = torch.where(finite, good_steps + 1, torch.zeros_like(good_steps))
+    grow = good >= interval
+    scale = torch.where(finite, torch.where(grow, scale * 2.0, scale), scale * 0.5)
+    return scale, torch.where(grow, torch.zeros_like(good), good)

@@ -18,48 +18,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rfdetr_fn import distributed, tree
 from rfdetr_fn.atomic import atomic_write, raise_if_disk_full, replace_dir
 from rfdetr_fn.weights import CheckpointError
 
 STATE_MARKER = "rfdetr_fn_state.json"  # written last: a state directory without it is incomplete
 
 
-def _dist() -> tuple[bool, int]:
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    return on, dist.get_rank() if on else 0
+def _flat_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}; "%" and "/" inside keys are escaped so any string key survives."""
+    return {"/".join(_escape(key, path) for key in path): leaf for path, leaf in tree.paths(state).items()}
 
 
-def _barrier(on: bool) -> None:
-    if on:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _shared_tag(on: bool) -> int:
-    """Rank 0's pid, agreed by every rank, names the temp directory they all write into."""
-    tag = [os.getpid()]
-    if on:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(tag, src=0)
-    return int(tag[0])
-
-
-def _flat_state(state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}; "/" and "%" in keys are escaped so any key survives."""
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        if not isinstance(key, str):
-            raise TypeError(f"train state keys must be strings, got {key!r} at {prefix or '<root>'}")
-        path = prefix + key.replace("%", "%25").replace("/", "%2F")
-        if isinstance(value, Mapping):
-            out.update(_flat_state(value, path + "/"))
-        else:
-            out[path] = value
-    return out
+def _escape(key: Any, path: tuple) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"train state keys must be strings, got {key!r} in {path}")
+    return key.replace("%", "%25").replace("/", "%2F")
 
 
 def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = None) -> Path:
@@ -74,26 +48,27 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
-    on, rank = _dist()
-    tmp = directory.with_name(f"{directory.name}.tmp-{_shared_tag(on)}")
+    world = distributed.current()
+    tag = distributed.broadcast_object(os.getpid(), world)  # rank 0's pid names the directory all ranks write
+    tmp = directory.with_name(f"{directory.name}.tmp-{tag}")
     flat = _flat_state(state)
     tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
     values = {k: _json_leaf(k, v) for k, v in flat.items() if not isinstance(v, Tensor)}
-    if rank == 0:
+    if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(on)
+    distributed.barrier(world)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-            dcp.save(tensors, checkpoint_id=tmp, no_dist=not on)
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=world.size == 1)
     except Exception as err:  # a kill (KeyboardInterrupt) leaves the debris for the next save to clean
-        if rank == 0:
+        if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise_if_disk_full(err, directory)
         raise
-    _barrier(on)
-    if rank == 0:
+    distributed.barrier(world)
+    if world.main:
         marker = {"format": 1, "tensors": sorted(tensors), "values": values}
         atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
         replace_dir(tmp, directory)
@@ -103,15 +78,14 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
             shutil.rmtree(kept_tmp, ignore_errors=True)
             shutil.copytree(directory, kept_tmp, copy_function=_link_or_copy)
             replace_dir(kept_tmp, kept)
-    _barrier(on)
+    distributed.barrier(world)
     return directory
 
 
 def update_values(directory: str | os.PathLike, values: dict) -> None:
     """Replace non-tensor leaves (loop position, tracker records) of a saved state in place, atomically: a
     small JSON rewrite instead of a full save. Only rank 0 writes; hard-linked copies keep their own."""
-    on, rank = _dist()
-    if rank != 0:
+    if not distributed.current().main:
         return
     path = Path(directory) / STATE_MARKER
     marker = json.loads(path.read_text())
@@ -203,25 +177,18 @@ def load_state(directory: str | os.PathLike, template: dict) -> dict:
             buffers[key] = torch.empty(shape, dtype=dtype)
     if problems:
         raise CheckpointError(f"{path}: train state does not match the template: " + "; ".join(problems[:20]))
-    on, _ = _dist()
     if buffers:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(buffers, checkpoint_id=path, no_dist=not on)
-    restored = {**{k: values[k] for k in flat if k in values}, **buffers}
-    return _rebuild(template, restored)
+            dcp.load(buffers, checkpoint_id=path, no_dist=distributed.current().size == 1)
+    restored = iter([values[k] if k in values else buffers[k] for k in flat])
+    # map_ visits the template's leaves in the order paths() listed them; empty dicts stay as they are
+    return tree.map_(lambda leaf: _like(leaf, next(restored)), template)
 
 
-def _rebuild(template: Mapping[str, Any], flat: Mapping[str, Any], prefix: str = "") -> dict:
-    out: dict[str, Any] = {}
-    for key, value in template.items():
-        path = prefix + key.replace("%", "%25").replace("/", "%2F")
-        if isinstance(value, Mapping):
-            out[key] = _rebuild(value, flat, path + "/")
-        else:
-            leaf = flat[path]
-            out[key] = tuple(leaf) if isinstance(value, tuple) and isinstance(leaf, list) else leaf
-    return out
+def _like(template_leaf: Any, value: Any) -> Any:
+    """JSON turns tuples into lists: give them back their template's type."""
+    return tuple(value) if isinstance(template_leaf, tuple) and isinstance(value, list) else value
 
 
 def resume_dir(resume: str | None, out_dir: Path) -> Path | None:

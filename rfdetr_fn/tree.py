@@ -14,16 +14,21 @@ import torch
 Params = dict[str, Any]  # nested dict whose leaves are tensors
 
 
+def paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Nested dict -> {("a", "b", "c"): leaf}, in insertion order (an empty dict holds no leaf)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        path = (*prefix, key)
+        if isinstance(value, Mapping):
+            out.update(paths(value, path))
+        else:
+            out[path] = value
+    return out
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
     """Nested dict -> {"a.b.c": leaf}, in insertion order."""
-    flat: dict[str, torch.Tensor] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path + "."))
-        else:
-            flat[path] = value
-    return flat
+    return {prefix + ".".join(path): value for path, value in paths(tree).items()}
 
 
 def unflatten(flat: Mapping[str, Any]) -> Params:

@@ -121,7 +121,7 @@ def run_split(
         params,
         cfg,
         dataset,
-        batch_size=batch_size or tcfg.eval_batch_size or tcfg.batch_size,
+        batch_size=batch_size or tcfg.eval_batch,
         ecfg=ecfg,
         num_workers=dcfg.num_workers,
         world=world,

@@ -242,25 +242,19 @@ def save_weights(
 ) -> None:  # fmt: skip
     """Write weights atomically: `.safetensors` (ours) or `.pth` (upstream legacy layout, loads upstream)."""
     path = Path(path)
-    flat = lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
     names = list(class_names) if class_names is not None else None
+    extra = {str(k): _plain(v) for k, v in (extra or {}).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
+        flat = _cpu_flat(params)
         meta = {CONFIG_META: json.dumps(config_to_dict(cfg))}
         if names is not None:
             meta[NAMES_META] = json.dumps(names)
-        meta.update({str(k): json.dumps(_plain(v)) for k, v in (extra or {}).items()})
+        meta.update({k: json.dumps(v) for k, v in extra.items()})
         atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
         return
-    payload = {
-        "model": _with_kp_mask(flat),
-        "args": _upstream_args(cfg, names),
-        "model_name": cfg.model_name,
-        "model_config": {**_upstream_fields(cfg), "model_name": cfg.model_name},
-        CONFIG_META: config_to_dict(cfg),
-        **{str(k): _plain(v) for k, v in (extra or {}).items()},
-    }
+    payload = _pth_payload(params, cfg, args=_upstream_args(cfg, names), extra=extra)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -273,24 +267,42 @@ def write_upstream_best(
     `args` is the train config plus class names; values a weights-only load cannot read become repr().
     `source` ("ema"/"regular") marks checkpoint_best_total.pth.
     """
-    flat = lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
-    model = _with_kp_mask(flat)
     names = list(class_names) if class_names is not None else None
-    payload: dict[str, Any] = {
-        "model": model,
-        "state_dict": {f"model.{k}": v for k, v in model.items()},  # shares storage: no extra bytes
+    extra: dict[str, Any] = {
         "epoch": int(epoch),
         "optimizer_states": [],
         "lr_schedulers": [],
-        "args": {**_plain(dict(train_args)), "class_names": names},
-        "model_name": cfg.model_name,
-        "model_config": {**_upstream_fields(cfg), "model_name": cfg.model_name},
         "rfdetr_version": UPSTREAM_FORMAT_VERSION,
-        CONFIG_META: config_to_dict(cfg),
     }
     if source is not None:
-        payload["best_total_source"] = source
+        extra["best_total_source"] = source
+    args = {**_plain(dict(train_args)), "class_names": names}
+    payload = _pth_payload(params, cfg, args=args, extra=extra, lightning=True)
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def _pth_payload(
+    params: Params, cfg: ModelConfig, *, args: dict[str, Any], extra: dict[str, Any], lightning: bool = False
+) -> dict[str, Any]:
+    """The one `.pth` layout both writers use: upstream's `model`/`args`/`model_config`, our exact config,
+    and with `lightning` the `state_dict` view Lightning checkpoints carry (sharing storage: no extra bytes)."""
+    model = _with_kp_mask(_cpu_flat(params))
+    payload = {
+        "model": model,
+        "args": args,
+        "model_name": cfg.model_name,
+        "model_config": {**_upstream_fields(cfg), "model_name": cfg.model_name},
+        CONFIG_META: config_to_dict(cfg),
+        **extra,
+    }
+    if lightning:
+        payload["state_dict"] = {f"model.{k}": v for k, v in model.items()}
+    return payload
+
+
+def _cpu_flat(params: Params) -> dict[str, Tensor]:
+    """Flat CPU tensors under upstream's keys (DoRA adapters in PEFT's layout, as upstream writes them)."""
+    return lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
 
 
 def _with_kp_mask(flat: Mapping[str, Tensor]) -> dict[str, Tensor]:

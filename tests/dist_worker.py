@@ -19,11 +19,10 @@ import torch
 import rfdetr_fn as rf
 from rfdetr_fn import distributed, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.step import init_state, make_train_step, seed_for_step
+from rfdetr_fn.step import init_state, make_train_step
 from rfdetr_fn.train_state import load_state, save_state
 
 STEPS = 3
-SEED = 0
 WORLD = 2
 PER_RANK = 2
 # Unequal boxes per rank (rank 0: 3 + 1, rank 1: 2 + 1): a per-rank loss normaliser would change the update.
@@ -67,11 +66,10 @@ def fresh_state() -> dict:
     return init_state(rf.init(cfg, 0), tcfg)
 
 
-def train(step_fn, state: dict, batch: dict, steps: int, rank: int = 0) -> tuple[dict, list[dict[str, float]]]:
-    """`steps` steps on one batch, reseeding the global RNG per step as the training loop does."""
+def train(step_fn, state: dict, batch: dict, steps: int) -> tuple[dict, list[dict[str, float]]]:
+    """`steps` steps on one batch (the step's random draws come from the state's seed, step and rank)."""
     history = []
     for _ in range(steps):
-        torch.manual_seed(seed_for_step(SEED, int(state["step"]), rank))
         state, metrics = step_fn(state, [batch])
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
@@ -85,14 +83,14 @@ def main(out: Path, mode: str) -> None:
     world = distributed.setup("cpu")
     assert world.size == WORLD, f"launch with --nproc_per_node={WORLD}, got WORLD_SIZE={world.size}"
     cfg, tcfg = configs()
-    step = make_train_step(cfg, tcfg, steps_per_epoch=10, world_size=WORLD)
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10, world_size=WORLD, rank=world.rank)
     batch = shard(global_batch(), world.rank)
     if mode == "compile":
         compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
-        state, history = train(compiled, fresh_state(), batch, 1, world.rank)
+        state, history = train(compiled, fresh_state(), batch, 1)
         torch.save({"state": flat_state(state), "metrics": history}, out / f"compiled_rank{world.rank}.pt")
     else:
-        state, history = train(step, fresh_state(), batch, STEPS, world.rank)
+        state, history = train(step, fresh_state(), batch, STEPS)
         torch.save(
             {"state": flat_state(state), "metrics": history, "labels": batch["labels"]},
             out / f"trained_rank{world.rank}.pt",

@@ -45,9 +45,25 @@ def test_impossible_config_is_rejected_with_the_field():
         presets.nano(resolution=500)
 
 
-def test_eval_args_parse():
-    args = parse(EvalArgs, ["--checkpoint", "w.pth", "--split", "test"])
-    assert args.checkpoint == "w.pth" and args.split == "test"
+def test_eval_args_nest_data_and_eval_flags_and_reject_unknown_splits():
+    args = parse(
+        EvalArgs,
+        [
+            "--checkpoint",
+            "w.pth",
+            "--split",
+            "test",
+            "--data.dataset-dir",
+            "d",
+            "--eval.per-class",
+            "--batch-size",
+            "2",
+        ],
+    )
+    assert (args.checkpoint, args.split, args.batch_size) == ("w.pth", "test", 2)
+    assert args.data.dataset_dir == "d" and args.eval.per_class and args.eval.backend == "pycocotools"
+    with pytest.raises(SystemExit):
+        parse(EvalArgs, ["--split", "train"])  # only valid and test are scored
 
 
 def test_no_command_prints_the_commands(capsys):

@@ -165,3 +165,17 @@ def test_compiled_step_traces_the_collectives(tmp_path):
     r0, r1 = (r["metrics"][0] for r in ranks)
     assert r0["loss"] == r1["loss"] == pytest.approx(history[0]["loss"], rel=1e-5)
     assert r0["grad_norm"] == pytest.approx(history[0]["grad_norm"], rel=1e-5)
+
+
+def test_device_flag_picks_the_gpu_it_names():
+    """`--device cuda:N` is GPU N (the help promises it); plain `cuda` is cuda:LOCAL_RANK under torchrun."""
+    from rfdetr_fn.distributed import pick_device
+
+    pick = pick_device
+    assert pick("cuda:1", local_rank=0, world_size=1, cuda_available=True) == torch.device("cuda", 1)
+    assert pick("cuda", local_rank=3, world_size=4, cuda_available=True) == torch.device("cuda", 3)
+    assert pick(None, local_rank=2, world_size=4, cuda_available=True) == torch.device("cuda", 2)
+    assert pick(None, local_rank=0, world_size=1, cuda_available=False) == torch.device("cpu")
+    assert pick("cpu", local_rank=1, world_size=2, cuda_available=True) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1: under torchrun"):
+        pick("cuda:1", local_rank=0, world_size=2, cuda_available=True)

@@ -151,23 +151,6 @@ def test_postprocess_ties_go_to_lower_index():
     assert torch.allclose(res["scores"], torch.tensor([torch.sigmoid(torch.tensor(1.0)).item(), 0.5, 0.5, 0.5]))
 
 
-def test_mask_sine_encoding_follows_valid_region():
-    """A padded image's encoding over its valid part equals the unpadded image's encoding."""
-    mask = torch.zeros(1, 6, 8, dtype=torch.bool)
-    mask[:, 4:, :] = True
-    mask[:, :, 5:] = True
-    padded = position.sine_from_mask(mask, 16, torch.float64)
-    plain = position.sine_from_mask(torch.zeros(1, 4, 5, dtype=torch.bool), 16, torch.float64)
-    assert padded.shape == (1, 32, 6, 8) and padded.dtype == torch.float64
-    torch.testing.assert_close(padded[:, :, :4, :5], plain)
-    # channel 0 = sin(2*pi*y/H) with 1-based y; channel 16 is the same for x
-    y = torch.arange(1, 5, dtype=torch.float64) / (4 + 1e-6) * 2 * math.pi
-    torch.testing.assert_close(plain[0, 0, :, 0], y.sin(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        plain[0, 17, 0, :], (torch.arange(1, 6) / (5 + 1e-6) * 2 * math.pi).cos().double(), atol=1e-6, rtol=0
-    )
-
-
 def test_box_sine_encoding_layout():
     boxes = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]], dtype=torch.float64)
     emb = position.sine_for_boxes(boxes, 8)

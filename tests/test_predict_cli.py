@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +94,12 @@ def test_drawings(det_run):
         assert changed > 0.01  # boxes and labels were drawn on it
 
 
-def test_class_colours_distinct():
-    colours = {class_colour(i) for i in range(20)}
-    assert len(colours) == 20
+def test_class_colours_stay_apart():
+    """Golden-ratio hue steps: neighbouring labels get far-apart colours, and no two of 20 are alike."""
+    colours = [class_colour(i) for i in range(20)]
+    assert min(math.dist(a, b) for a, b in itertools.combinations(colours, 2)) > 30
+    assert min(math.dist(colours[i], colours[i + 1]) for i in range(19)) > 250
+    assert class_colour(3) == colours[3]  # a label always gets the same colour
 
 
 def test_segmentation_masks(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rfdetr_fn import imageio
+from rfdetr_fn import imageio, rng
 from rfdetr_fn.data import augment
 from rfdetr_fn.data import transforms as T
 from rfdetr_fn.data.masks import decode_masks
@@ -30,16 +30,11 @@ class Pipeline:
     augmentations: dict | None = None  # an aug_config; None = the default preset (horizontal flip)
 
 
-def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """One 63-bit seed per (run seed, epoch, position in the epoch)."""
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + position) % (2**63 - 1)
-
-
 class DetectionDataset(torch.utils.data.Dataset):
     """Serves (image (3,h,w) float32 normalised, target) pairs and COCO ground truth in label space.
 
     Index with an int (augmentation seeded by the dataset seed and the index) or with an
-    `(index, sample_seed)` pair from the training sampler, so every epoch and every padded
+    `(index, sample seed)` pair from the training sampler, so every epoch and every padded
     repeat of a sample draws fresh, reproducible augmentation even in persistent workers.
     """
 
@@ -114,7 +109,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             index, seed = int(key[0]), int(key[1])
         else:
             index = int(key)
-            seed = sample_seed(self.seed, 0, index)
+            seed = rng.mix(self.seed, 0, index)
         pil = self.load_image(index)
         image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         h, w = image.shape[-2:]

@@ -1,7 +1,8 @@
 """Batching and sampling: fixed-shape collate, tiny-dataset replacement sampling, accumulation-aligned epochs.
 
-The sampler yields `(index, sample_seed)` pairs, so augmentation is a pure function of (run seed, epoch,
-position) and stays reproducible with persistent DataLoader workers, any worker count and any rank.
+The sampler yields `(index, sample seed)` pairs, the seed being `rng.mix(run seed, epoch, position)`, so
+augmentation is a pure function of (run seed, epoch, position) and stays reproducible with persistent
+DataLoader workers, any worker count and any rank.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rfdetr_fn import rng
 from rfdetr_fn.config import DataConfig, TrainConfig
-from rfdetr_fn.data.dataset import sample_seed
 
 MIN_TRAIN_BATCHES = 5  # below this many effective batches a single process samples with replacement
 PAD_SEED = 0  # fixed generator for the padding indices of an aligned epoch (as upstream)
@@ -113,14 +114,14 @@ def epoch_indices(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
     length = epoch_length(n, effective, world_size)
-    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, 0))
+    gen = torch.Generator().manual_seed(rng.mix(seed, epoch, 0))
     if uses_replacement(n, effective, world_size):
         order = torch.randint(n, (length,), generator=gen).tolist()
     else:
         pad = torch.randint(n, (length - n,), generator=torch.Generator().manual_seed(PAD_SEED)).tolist()
         pool = list(range(n)) + pad
         order = [pool[i] for i in torch.randperm(length, generator=gen).tolist()]
-    return [(order[p], sample_seed(seed, epoch, p + 1)) for p in range(rank, length, world_size)]
+    return [(order[p], rng.mix(seed, epoch, p + 1)) for p in range(rank, length, world_size)]
 
 
 class EpochSampler(Sampler):
@@ -224,11 +225,11 @@ def eval_loader(
 ) -> DataLoader:
     """Sequential batches, last batch kept; strided shard per rank.
 
-    batch_size / num_workers override the configs (eval_batch_size or batch_size; data_cfg.num_workers)."""
+    batch_size / num_workers override the configs (train_cfg.eval_batch; data_cfg.num_workers)."""
     if batch_size is None:
         if train_cfg is None:
             raise ValueError("eval_loader needs batch_size or train_cfg")
-        batch_size = train_cfg.eval_batch_size or train_cfg.batch_size
+        batch_size = train_cfg.eval_batch
     if num_workers is None:
         num_workers = data_cfg.num_workers if data_cfg is not None else 0
     return DataLoader(

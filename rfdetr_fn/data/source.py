@@ -19,6 +19,7 @@ from PIL import Image
 
 from rfdetr_fn.errors import UserError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # files read as images, any case
 _CLIP_TOLERANCE = 1.0  # px a box may overhang the image (float rounding) before a clip warning
 
 

@@ -1,4 +1,4 @@
-"""Geometric augmentation and normalisation in torch, matching upstream's default pipeline (spec 5.6, 5.7).
+"""Geometric augmentation and normalisation in torch, matching upstream's default pipeline.
 
 Images travel as uint8 (3, H, W) tensors through the geometric steps (every resize rounds back to
 uint8, as upstream's PIL/torchvision path does), so normalisation happens once at the end with a true

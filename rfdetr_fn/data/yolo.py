@@ -14,10 +14,9 @@ import yaml
 
 from rfdetr_fn import imageio
 from rfdetr_fn.data.masks import polygon_area
-from rfdetr_fn.data.source import DatasetError, Source
+from rfdetr_fn.data.source import IMAGE_SUFFIXES, DatasetError, Source
 
 YAML_NAMES = ("data.yaml", "data.yml")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _YAML_KEYS = {"train": ("train",), "valid": ("val", "valid"), "val": ("val", "valid"), "test": ("test",)}
 _CONVENTION = {"train": ("train",), "valid": ("valid", "val"), "val": ("valid", "val"), "test": ("test",)}
 

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import boxes as box_ops
+from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss.matcher import (
     FOCAL_GAMMA,
-    dense_query_masks,
     match,
     nearest_index,
     point_sample,
     safe_target_boxes,
+    unpack_pred_masks,
 )
 
 OVERSAMPLE = 3
@@ -150,21 +151,21 @@ def box_losses(pairs: dict, num_boxes: Tensor) -> dict[str, Tensor]:
     }
 
 
-def uncertain_points(logits: Tensor, num_points: int) -> Tensor:
+def uncertain_points(logits: Tensor, num_points: int, key: rng.IntLike = 0) -> Tensor:
     """PointRend points for (N, 1, h, w) logits: the 75% most uncertain of 3P uniform ones + 25% uniform."""
     n = logits.shape[0]
-    coords = torch.rand(n, num_points * OVERSAMPLE, 2, device=logits.device)
+    coords = rng.uniform(rng.mix(key, 0), (n, num_points * OVERSAMPLE, 2), device=logits.device)
     uncertainty = -point_sample(logits, coords)[:, 0].abs()
     keep = int(IMPORTANCE * num_points)
     top = uncertainty.topk(keep, dim=1).indices
     chosen = coords.gather(1, top[..., None].expand(-1, -1, 2))
-    extra = torch.rand(n, num_points - keep, 2, device=logits.device)
+    extra = rng.uniform(rng.mix(key, 1), (n, num_points - keep, 2), device=logits.device)
     return torch.cat([chosen, extra], dim=1)
 
 
 def matched_mask_logits(pred_masks: dict | Tensor, query: Tensor) -> Tensor:
     """(B, M, h, w) mask logits of the queries in `query` (B, M), from the sparse dict or dense masks."""
-    packed = dense_query_masks(pred_masks)
+    packed = unpack_pred_masks(pred_masks)
     if isinstance(packed, tuple):
         spatial, queries, bias = packed
         picked = queries.gather(1, query[..., None].expand(-1, -1, queries.shape[-1]))
@@ -180,6 +181,7 @@ def mask_losses(
     num_boxes: Tensor,
     *,
     point_ratio: int,
+    key: rng.IntLike = 0,
 ) -> dict[str, Tensor]:
     """Point-sampled mean BCE and dice of every matched mask; padding slots give exact zeros.
 
@@ -193,7 +195,7 @@ def mask_losses(
     num_points = max(h, h * w // point_ratio)
     stacked = logits.reshape(-1, 1, h, w)
     with torch.no_grad():
-        coords = uncertain_points(stacked.detach(), num_points)  # (B*M, P, 2)
+        coords = uncertain_points(stacked.detach(), num_points, key)  # (B*M, P, 2)
     point_logits = point_sample(stacked, coords)[:, 0].view(batch, groups * slots, num_points)
     with torch.no_grad():
         height, width = target_masks.shape[-2:]
@@ -211,22 +213,25 @@ def mask_losses(
     }
 
 
-def match_all(outputs: dict, targets: dict, cfg: ModelConfig, tcfg: TrainConfig, *, train: bool) -> list[Tensor]:
+def match_all(
+    outputs: dict, targets: dict, cfg: ModelConfig, tcfg: TrainConfig, *, train: bool, key: rng.IntLike = 0
+) -> list[Tensor]:
     """Hungarian matches of every loss layer (final, aux, encoder), each (B, G, T) query indices, -1 = none.
 
     No gradient flows through them; research code computes them once and passes them to `criterion`
-    as a stop-gradient input (vmapped ensembles, per-example gradients).
+    as a stop-gradient input (vmapped ensembles, per-example gradients). `key` drives the random mask
+    points of segmentation costs (see `rfdetr_fn.rng`).
     """
     use_masks = cfg.segmentation_head
     groups = cfg.group_detr if train else 1
     match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
     indices = []
-    for suffix, layer in layers(outputs):
+    for j, (suffix, layer) in enumerate(layers(outputs)):
         points = None
         if use_masks:
             if layer.get("pred_masks") is None:
                 raise ValueError(f"segmentation outputs{suffix or ' (final)'} lack 'pred_masks'")
-            source = dense_query_masks(layer["pred_masks"])
+            source = unpack_pred_masks(layer["pred_masks"])
             source = source[0] if isinstance(source, tuple) else source
             points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
         indices.append(
@@ -241,6 +246,7 @@ def match_all(outputs: dict, targets: dict, cfg: ModelConfig, tcfg: TrainConfig,
                 cost_mask_ce=tcfg.mask_ce_loss_coef,
                 cost_mask_dice=tcfg.mask_dice_loss_coef,
                 mask_points=points,
+                key=rng.mix(key, j, 0) if use_masks else 0,
             )
         )
     return indices
@@ -255,10 +261,13 @@ def criterion(
     train: bool,
     num_boxes: Tensor | float | None = None,
     indices: list[Tensor] | None = None,
+    key: rng.IntLike = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
     from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
-    a distributed caller passes its all-reduced value instead. `indices`: precomputed `match_all`."""
+    a distributed caller passes its all-reduced value instead. `indices`: precomputed `match_all`.
+    `key` drives the random mask points (segmentation only; see `rfdetr_fn.rng`): the train step passes a
+    fresh one every step."""
     use_masks = cfg.segmentation_head
     check_targets(targets, outputs, use_masks)
     groups = cfg.group_detr if train else 1
@@ -268,16 +277,16 @@ def criterion(
     num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
     matched_layers = layers(outputs)
     if indices is None:
-        indices = match_all(outputs, targets, cfg, tcfg, train=train)
+        indices = match_all(outputs, targets, cfg, tcfg, train=train, key=key)
     losses: dict[str, Tensor] = {}
-    for (suffix, layer), idx in zip(matched_layers, indices):
+    for j, ((suffix, layer), idx) in enumerate(zip(matched_layers, indices)):
         pairs = gather_pairs(layer, targets, idx)
         classification = ia_bce_loss if tcfg.ia_bce_loss else focal_loss
         losses["loss_ce" + suffix] = classification(layer["pred_logits"], pairs, num_boxes, tcfg.focal_alpha)
         if not suffix:
             losses["class_error"] = class_error(layer["pred_logits"], pairs)
-        for key, value in box_losses(pairs, num_boxes).items():
-            losses[key + suffix] = value
+        for name, value in box_losses(pairs, num_boxes).items():
+            losses[name + suffix] = value
         losses["cardinality_error" + suffix] = cardinality_error(layer["pred_logits"], labels)
         if use_masks:
             found = mask_losses(
@@ -286,9 +295,10 @@ def criterion(
                 idx,
                 num_boxes,
                 point_ratio=tcfg.mask_point_sample_ratio,
+                key=rng.mix(key, j, 1),
             )
-            for key, value in found.items():
-                losses[key + suffix] = value
+            for name, value in found.items():
+                losses[name + suffix] = value
     weights = weight_dict(cfg, tcfg)
     total = torch.stack([losses[k] * weights[k] for k in losses if k in weights]).sum()
     return total, losses

@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from rfdetr_fn import boxes as box_ops
+from rfdetr_fn import rng
 
 FOCAL_GAMMA = 2.0
 # Padding target boxes become (cx, cy, w, h) = (0.5, 0.5, 1, 1), so no cost or loss divides by a zero area.
@@ -98,20 +99,22 @@ def focal_class_cost(logits: Tensor, alpha: float) -> Tensor:
     return pos - neg
 
 
-def dense_query_masks(pred_masks: dict | Tensor) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+def unpack_pred_masks(pred_masks: dict | Tensor) -> tuple[Tensor, Tensor, Tensor] | Tensor:
     """Unpack the train-mode sparse dict (spatial, query, bias) or pass a dense (B, Nq, h, w) through."""
     if isinstance(pred_masks, dict):
         return pred_masks["spatial_features"], pred_masks["query_features"], pred_masks["bias"]
     return pred_masks
 
 
-def mask_costs(pred_masks: dict | Tensor, target_masks: Tensor, num_points: int | None) -> tuple[Tensor, Tensor]:
-    """Pairwise mean point BCE and dice (B, Nq, T) at one shared set of uniform random points."""
-    packed = dense_query_masks(pred_masks)
+def mask_costs(
+    pred_masks: dict | Tensor, target_masks: Tensor, num_points: int | None, key: rng.IntLike = 0
+) -> tuple[Tensor, Tensor]:
+    """Pairwise mean point BCE and dice (B, Nq, T) at one shared set of uniform random points (from `key`)."""
+    packed = unpack_pred_masks(pred_masks)
     source = packed[0] if isinstance(packed, tuple) else packed
     batch, _, h, w = source.shape
     points = num_points if num_points is not None else h * w // 16
-    coords = torch.rand(1, points, 2, device=source.device)
+    coords = rng.uniform(key, (1, points, 2), device=source.device)
     sampled = point_sample(source, coords.expand(batch, -1, -1))  # (B, C or Nq, P)
     if isinstance(packed, tuple):
         _, queries, bias = packed
@@ -140,6 +143,7 @@ def match_costs(
     cost_mask_ce: float = 5.0,
     cost_mask_dice: float = 5.0,
     mask_points: int | None = None,
+    key: rng.IntLike = 0,
 ) -> dict[str, Tensor]:
     """Per-image cost terms (B, Nq, T) and their weighted total; masks count when both sides have them."""
     with torch.no_grad():
@@ -157,7 +161,7 @@ def match_costs(
         if "masks" in targets and outputs_layer.get("pred_masks") is not None:
             pm = outputs_layer["pred_masks"]
             pm = {k: v.detach() for k, v in pm.items()} if isinstance(pm, dict) else pm.detach()
-            costs["mask_ce"], costs["mask_dice"] = mask_costs(pm, targets["masks"], mask_points)
+            costs["mask_ce"], costs["mask_dice"] = mask_costs(pm, targets["masks"], mask_points, key)
             total = total + cost_mask_ce * costs["mask_ce"] + cost_mask_dice * costs["mask_dice"]
         costs["total"] = total.float()
         return costs
@@ -195,6 +199,7 @@ def match(
     cost_mask_ce: float = 5.0,
     cost_mask_dice: float = 5.0,
     mask_points: int | None = None,
+    key: rng.IntLike = 0,
 ) -> Tensor:
     """(B, G, T) query indices (already offset by g*Q) matched to each target slot, -1 for padding."""
     costs = match_costs(
@@ -207,6 +212,7 @@ def match(
         cost_mask_ce=cost_mask_ce,
         cost_mask_dice=cost_mask_dice,
         mask_points=mask_points,
+        key=key,
     )
     with torch.no_grad():
         return assign(costs["total"], targets["labels"] >= 0, group_detr)

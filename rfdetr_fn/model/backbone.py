@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from rfdetr_fn import nn
+from rfdetr_fn import nn, rng
 from rfdetr_fn.compile import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.tree import Params
@@ -128,27 +128,27 @@ def _attention(p: Params, x: Tensor, num_heads: int) -> Tensor:
     return nn.linear(p["output"]["dense"], out.transpose(1, 2).reshape(n, t, d))
 
 
-def _drop_path(x: Tensor, rate: Tensor | None) -> Tensor:
+def _drop_path(x: Tensor, rate: Tensor | None, key: rng.IntLike | None, branch: int) -> Tensor:
     """Per-sample stochastic depth; a sample is one window row of the residual stream, as upstream."""
-    if rate is None:
+    if rate is None or key is None:
         return x
-    keep = 1.0 - rate.to(x.dtype)
-    mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)).floor()
-    return x / keep * mask
+    keep = 1.0 - rate
+    draw = rng.uniform(rng.mix(key, branch), (x.shape[0],) + (1,) * (x.ndim - 1), device=x.device)
+    return x / keep.to(x.dtype) * (keep + draw).floor().to(x.dtype)
 
 
 @region
-def _block(p: Params, x: Tensor, cfg: ModelConfig, full: bool, rate: Tensor | None) -> Tensor:
+def _block(p: Params, x: Tensor, cfg: ModelConfig, full: bool, rate: Tensor | None, key: rng.IntLike | None) -> Tensor:
     """Pre-norm ViT block. Full-attention blocks let all windows of an image attend jointly."""
     n, t, d = x.shape
     y = nn.layer_norm(p["norm1"], x, _EPS)
     if full:
         y = y.reshape(n // cfg.num_windows**2, cfg.num_windows**2 * t, d)
     y = _attention(p["attention"], y, cfg.vit_heads).reshape(n, t, d)
-    x = x + _drop_path(y * p["layer_scale1"]["lambda1"], rate)
+    x = x + _drop_path(y * p["layer_scale1"]["lambda1"], rate, key, 0)
     y = nn.layer_norm(p["norm2"], x, _EPS)
     y = nn.linear(p["mlp"]["fc2"], F.gelu(nn.linear(p["mlp"]["fc1"], y)))
-    return x + _drop_path(y * p["layer_scale2"]["lambda1"], rate)
+    return x + _drop_path(y * p["layer_scale2"]["lambda1"], rate, key, 1)
 
 
 def drop_path_rates(drop_path: float, num_layers: int, device: torch.device | None = None) -> Tensor:
@@ -157,13 +157,19 @@ def drop_path_rates(drop_path: float, num_layers: int, device: torch.device | No
 
 
 def features(
-    p: Params, images: Tensor, cfg: ModelConfig, *, train: bool = False, drop_path: float = 0.0
+    p: Params,
+    images: Tensor,
+    cfg: ModelConfig,
+    *,
+    train: bool = False,
+    drop_path: float = 0.0,
+    key: rng.IntLike | None = None,
 ) -> list[Tensor]:
     """ViT feature maps, one (B, D, H/p, W/p) per `cfg.out_feature_indexes` stage.
 
     Stage k is the hidden state after block k-1 through the shared final LayerNorm, prefix tokens
     dropped and windows stitched back. Blocks after the last requested stage are skipped (their
-    output is never read). Drop path draws from the global RNG only when train and drop_path > 0.
+    output is never read). Drop path (train and drop_path > 0) draws from `key` (see `rfdetr_fn.rng`).
     With cfg.gradient_checkpointing (train only), each block's activations are recomputed in the
     backward pass instead of kept (upstream checkpoints the same blocks); the numbers are identical.
     """
@@ -175,16 +181,18 @@ def features(
     grid = (height // cfg.patch_size, width // cfg.patch_size)
     enc = p["encoder"]
     rates = drop_path_rates(drop_path, cfg.vit_num_layers, images.device) if train and drop_path > 0 else None
+    if rates is not None and key is None:
+        raise ValueError("drop path needs a random key: pass key=rng.mix(seed, step) (the train step does)")
     full = set(cfg.full_attention_blocks)
     x = _embed(enc["embeddings"], images, cfg)
     hidden = [x]
     for i in range(cfg.out_feature_indexes[-1]):
-        rate = None if rates is None else rates[i]
+        rate, layer_key = (None, None) if rates is None else (rates[i], rng.mix(key, i))
         layer = enc["encoder"]["layer"][str(i)]
-        if train and cfg.gradient_checkpointing:  # keep only block inputs; the RNG replays drop path
-            x = checkpoint(_block, layer, x, cfg, i in full, rate, use_reentrant=False)
+        if train and cfg.gradient_checkpointing:  # keep only block inputs; the keyed draws replay exactly
+            x = checkpoint(_block, layer, x, cfg, i in full, rate, layer_key, use_reentrant=False)
         else:
-            x = _block(layer, x, cfg, i in full, rate)
+            x = _block(layer, x, cfg, i in full, rate, layer_key)
         hidden.append(x)
     prefix = 1 + cfg.num_registers
     maps = []

@@ -9,6 +9,7 @@ The one upstream entry we do not store is the non-learned, always-empty bool buf
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -65,19 +66,16 @@ def init(cfg: ModelConfig, seed: int | torch.Generator = 0, *, dtype: torch.dtyp
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's dotted key and shape, in `init`'s order, without allocating any storage."""
-    d, rows = cfg.hidden_dim, cfg.num_queries * cfg.group_detr
-    out = {f"transformer.{k}": v for k, v in transformer.param_shapes(cfg).items()}
-    out.update({"class_embed.weight": (cfg.num_logits, d), "class_embed.bias": (cfg.num_logits,)})
-    out.update({f"bbox_embed.{k}": v for k, v in transformer.box_head_shapes(d).items()})
-    if cfg.segmentation_head:
-        out.update({f"segmentation_head.{k}": v for k, v in segmentation.param_shapes(cfg).items()})
-    out.update({"refpoint_embed.weight": (rows, 4), "query_feat.weight": (rows, d)})
-    gen = torch.Generator()
-    with torch.device("meta"):  # backbone/projector shapes straight from their own init, storage-free
-        parts = {"encoder": backbone.init(cfg, gen), "projector": projector.init(cfg, gen)}
-    out.update({f"backbone.0.{k}": v for k, v in tree.shapes(parts).items()})
-    return out
+    """Every parameter's dotted key and shape, in `init`'s (= upstream's state-dict) order.
+
+    `init` itself runs on the meta device, so the shapes follow the code with no storage allocated."""
+    return dict(_param_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return tree.shapes(init(cfg, torch.Generator()))
 
 
 def _level_masks(mask: Tensor, feats: list[Tensor]) -> list[Tensor]:
@@ -100,6 +98,7 @@ def apply(
     *,
     train: bool,
     drop_path: float = 0.0,
+    key: Tensor | int | None = None,
 ) -> dict:
     """Forward pass. images (B, C, H, W) normalised; mask (B, H, W) bool, True = padding, or None.
 
@@ -108,7 +107,8 @@ def apply(
     pred_logits (B, N, num_classes+1), pred_boxes (B, N, 4) normalised cxcywh (last layer),
     aux_outputs (one dict per earlier layer), enc_outputs (two-stage proposals) and, with a
     segmentation head, pred_masks. With cfg.backbone_lora, DoRA adapters in `params` are merged into
-    the ViT weights first (a tree without adapters runs as it is).
+    the ViT weights first (a tree without adapters runs as it is). `key` (see `rfdetr_fn.rng`) drives
+    drop path, the only random draw.
     """
     if cfg.backbone_lora:
         params = lora.merge(params)
@@ -124,7 +124,7 @@ def apply(
     rows = cfg.num_queries * groups
 
     bb = params["backbone"]["0"]
-    vit = backbone.features(bb["encoder"], images, cfg, train=train, drop_path=drop_path)
+    vit = backbone.features(bb["encoder"], images, cfg, train=train, drop_path=drop_path, key=key)
     feats = projector.apply(bb["projector"], vit, cfg)
     masks = _level_masks(mask, feats)
 

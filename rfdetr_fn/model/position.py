@@ -25,24 +25,6 @@ def _interleave(angles: Tensor) -> Tensor:
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def sine_from_mask(mask: Tensor, num_feats: int, dtype: torch.dtype, temperature: float = 10000.0) -> Tensor:
-    """Normalised sine encoding of a (B, H, W) padding mask (True = padding) -> (B, 2*num_feats, H, W).
-
-    Coordinates are 1-based cumulative counts of valid pixels, divided by the last count (+1e-6) and
-    scaled to 2*pi, so the encoding spans the valid region of each image whatever its padding.
-    Channels are y first, then x. Computed in float32, returned in `dtype`.
-    """
-    valid = ~mask
-    y = valid.cumsum(1, dtype=torch.float32)
-    x = valid.cumsum(2, dtype=torch.float32)
-    y = y / (y[:, -1:, :] + 1e-6) * _SCALE
-    x = x / (x[:, :, -1:] + 1e-6) * _SCALE
-    freqs = _frequencies(num_feats, torch.float32, mask.device, temperature)
-    pos_y = _interleave(y[..., None] / freqs)
-    pos_x = _interleave(x[..., None] / freqs)
-    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(dtype)
-
-
 def sine_for_boxes(boxes: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
     """Sine encoding of (B, N, 4) cxcywh boxes (or (B, N, 2) points) -> (B, N, 4*num_feats) in their dtype.
 

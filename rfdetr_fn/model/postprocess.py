@@ -11,12 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rfdetr_fn.boxes import cxcywh_to_xyxy
+
 _MASK_CHUNK = 32  # masks are upsampled this many at a time: full-size float logits of 300 queries are large
-
-
-def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
 
 
 def select(logits: Tensor, num_select: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -106,35 +106,3 @@ def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
         },
         "query_features_proj": nn.linear_init(d, d, gen),
     }
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Flat shapes of `segmentation_head.*` in upstream's order."""
-    d = cfg.hidden_dim
-    out: dict[str, tuple[int, ...]] = {"bias": (1,)}
-    for i in range(cfg.dec_layers):
-        out.update(
-            {
-                f"blocks.{i}.dwconv.weight": (d, 1, 3, 3),
-                f"blocks.{i}.dwconv.bias": (d,),
-                f"blocks.{i}.norm.weight": (d,),
-                f"blocks.{i}.norm.bias": (d,),
-                f"blocks.{i}.pwconv1.weight": (d, d),
-                f"blocks.{i}.pwconv1.bias": (d,),
-            }
-        )
-    out.update(
-        {
-            "spatial_features_proj.weight": (d, d, 1, 1),
-            "spatial_features_proj.bias": (d,),
-            "query_features_block.norm_in.weight": (d,),
-            "query_features_block.norm_in.bias": (d,),
-            "query_features_block.layers.0.weight": (4 * d, d),
-            "query_features_block.layers.0.bias": (4 * d,),
-            "query_features_block.layers.2.weight": (d, 4 * d),
-            "query_features_block.layers.2.bias": (d,),
-            "query_features_proj.weight": (d, d),
-            "query_features_proj.bias": (d,),
-        }
-    )
-    return out
