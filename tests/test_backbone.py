@@ -268,8 +268,8 @@ def test_one_window_windowed_and_full_attention_agree():
     x = torch.randn(2, 1 + 25, 32, dtype=torch.float64)
     layer = b["encoder"]["encoder"]["layer"]["0"]
     torch.testing.assert_close(
-        backbone._block(layer, x, cfg, True, None),
-        backbone._block(layer, x, cfg, False, None),
+        backbone._block(layer, x, cfg, True, None, None),
+        backbone._block(layer, x, cfg, False, None, None),
         rtol=0,
         atol=0,
     )

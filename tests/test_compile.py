@@ -75,6 +75,7 @@ def test_use_compile_auto_follows_measurements(monkeypatch):
         compile_lib.use_compile("yes", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_regional_step_matches_eager_without_recompiles():
     """aot_eager traces the graphs inductor compiles: the loss (with its nested regions) and the update."""
     import torch._dynamo.utils as dutils

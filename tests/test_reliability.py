@@ -240,7 +240,7 @@ def test_7_resume_refuses_trajectory_changes_unless_allowed_and_keeps_the_histor
     ("text", "message"),
     [
         ("train:\n  use_ema: 'no'\n", "train.use_ema: expected true or false, got 'no'"),
-        ("train:\n  batch_size: 2.5\n", "train.batch_size: expected an integer, got 2.5"),
+        ("train:\n  batch_size: 2.5\n", "train.batch_size: expected an integer or auto, got 2.5"),
         ("model:\n  resolutoin: 256\n", r"model.resolutoin: unknown field \(did you mean resolution\?\)"),
         ("preset: tiny\nmodel:\n  resolutoin: 256\n", r"model.resolutoin: unknown field"),
         ("train:\n  multi_scale: sometimes\n", r"train.multi_scale: expected one of 'off', 'per-batch', 'per-sample'"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rfdetr_fn import runlog, summary
-from rfdetr_fn.config import DataConfig, TrainConfig
+from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
 from rfdetr_fn.fit import _evaluate_epoch, _monitored
 
 
@@ -59,18 +59,18 @@ def test_each_metric_is_logged_once_under_upstreams_name(monkeypatch):
     monkeypatch.setattr("rfdetr_fn.fit.evaluate", fake_evaluate)
     state = {"params": "base", "ema_state": {"params": "ema"}}
     ema_only = TrainConfig()
-    record = _evaluate_epoch(state, None, ema_only, DataConfig(), None, None, None)
+    record = _evaluate_epoch(state, None, ema_only, DataConfig(), EvalConfig(), None, None, False)
     assert record == {"val/mAP_50_95": 0.3} and scored == ["ema"]
     assert _monitored(record, ema_only) == (None, 0.3)
     assert summary.epoch_line({"epoch": 2, **record}, summary.scored_weights(False, True)) == (
         "epoch 2 (EMA weights): val/mAP_50_95=0.3000"
     )
     both = TrainConfig(eval_base_model=True)
-    record = _evaluate_epoch(state, None, both, DataConfig(), None, None, None)
+    record = _evaluate_epoch(state, None, both, DataConfig(), EvalConfig(), None, None, False)
     assert record == {"val/mAP_50_95": 0.2, "val/ema_mAP_50_95": 0.3}
     assert _monitored(record, both) == (0.2, 0.3)
     no_ema = TrainConfig(use_ema=False)
-    record = _evaluate_epoch(state, None, no_ema, DataConfig(), None, None, None)
+    record = _evaluate_epoch(state, None, no_ema, DataConfig(), EvalConfig(), None, None, False)
     assert record == {"val/mAP_50_95": 0.2} and _monitored(record, no_ema) == (0.2, None)
 
 

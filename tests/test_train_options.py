@@ -47,7 +47,7 @@ def test_decoder_registers_join_every_group_and_leave_the_outputs():
 def test_eval_precision_and_test_loss():
 
     from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
-    from rfdetr_fn.step import forward, resolve_precision
+    from rfdetr_fn.precision import forward, resolve_precision
     from rfdetr_fn.validate import run_split
 
     cfg = _tiny()
