@@ -16,8 +16,9 @@ from rfdetr_fn import boxes as box_ops
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss.matcher import (
     FOCAL_GAMMA,
+    MatchCosts,
     dense_query_masks,
-    match,
+    match_layers,
     nearest_index,
     point_sample,
     safe_target_boxes,
@@ -219,7 +220,7 @@ def criterion(
     num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
     matched_layers = layers(outputs)
     match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
-    indices = []
+    costs = []
     for suffix, layer in matched_layers:
         points = None
         if use_masks:
@@ -228,20 +229,9 @@ def criterion(
             source = dense_query_masks(layer["pred_masks"])
             source = source[0] if isinstance(source, tuple) else source
             points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
-        indices.append(
-            match(
-                layer,
-                match_targets,
-                group_detr=groups,
-                cost_class=tcfg.set_cost_class,
-                cost_bbox=tcfg.set_cost_bbox,
-                cost_giou=tcfg.set_cost_giou,
-                focal_alpha=tcfg.focal_alpha,
-                cost_mask_ce=tcfg.mask_ce_loss_coef,
-                cost_mask_dice=tcfg.mask_dice_loss_coef,
-                mask_points=points,
-            )
-        )
+        costs.append(MatchCosts.from_train(tcfg, mask_points=points))
+    layer_outputs = [layer for _, layer in matched_layers]
+    indices = match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=tcfg.matcher_backend)
     losses: dict[str, Tensor] = {}
     for (suffix, layer), idx in zip(matched_layers, indices):
         pairs = gather_pairs(layer, targets, idx)
