@@ -28,6 +28,7 @@ from rfdetr_fn.data import (
     target_slots,
     train_loader,
 )
+from rfdetr_fn.graphs import graphed_step
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
@@ -65,9 +66,9 @@ def fit(args: FitArgs) -> dict[str, Any]:
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     class_names = list(dcfg.class_names or train_ds.class_names)
     compiled = use_compile(tcfg.compile, world.device)
-    # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
-    # (one per multi-scale entry) as the only shapes that vary.
-    slots = target_slots(train_ds) if compiled else None
+    # A compiled or graphed step specialises on input shapes: fix the target axis for the run, leaving image
+    # sizes (one per multi-scale entry) as the only shapes that vary.
+    slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
 
@@ -93,6 +94,14 @@ def fit(args: FitArgs) -> dict[str, Any]:
         make_train_step(cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size),
         enabled=compiled,
         max_shapes=len(scales) + 1,
+    )
+    step_fn = graphed_step(
+        step_fn,
+        tcfg,
+        world.device,
+        world_size=world.size,
+        max_graphs=len(scales) + 1,
+        log=print if world.main else None,
     )
     if compiled and world.main and tcfg.multi_scale != "off":
         print(

@@ -6,8 +6,8 @@ same structure:
     {"step": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {}, "loss_scale": float 0-dim}
 
 Inside one compiled graph the step runs, per micro-batch, the forward pass, the Hungarian matching (an
-opaque custom op, so it does not split the graph; on CUDA it copies the cost matrix to the host, the
-step's only syncs), the criterion and `torch.func.grad_and_value` (plain autograd when eager: see
+opaque custom op, so it does not split the graph; the scipy backend copies the costs to the host, the
+step's only sync), the criterion and `torch.func.grad_and_value` (plain autograd when eager: see
 `grad_and_value`); then the cross-rank gradient average (one functional all-reduce over a flat buffer),
 global-norm clipping, the scheduled AdamW update and the EMA update. Gradient-accumulation micro-batches
 are unrolled, so the graph depends on grad_accum_steps and on the batch shapes only; the step number,
