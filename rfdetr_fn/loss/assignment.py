@@ -22,6 +22,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from rfdetr_fn.kernels.msda_op import _triton_available
+
 BACKENDS = ("auto", "scipy", "device")
 
 
@@ -172,7 +174,9 @@ def shortest_augmenting_paths(cost: Tensor, n_valid: Tensor) -> Tensor:
 def assign_device(cost: Tensor, n_valid: Tensor) -> Tensor:
     """Device-resident solve of (N, Q, T) costs (T <= Q), same result layout as `hungarian`.
 
-    Works in float64 like scipy, so where the optimum is unique both return the same assignment.
+    Works in float64 like scipy, so where the optimum is unique both return the same assignment. On CUDA
+    it is one Triton launch (`kernels/assign_triton.py`: one program per problem, each looping only as
+    long as its problem needs); elsewhere, or without Triton, the torch-ops version below.
     """
     if cost.shape[2] > cost.shape[1]:
         raise ValueError(
@@ -180,8 +184,12 @@ def assign_device(cost: Tensor, n_valid: Tensor) -> Tensor:
             "use --train.matcher-backend scipy"
         )
     counts = n_valid.to(device=cost.device, dtype=torch.int64).clamp(0, cost.shape[2])
-    clean = sanitize_cost_batched(cost.detach().to(torch.float64), counts)
-    return shortest_augmenting_paths(clean.transpose(1, 2).contiguous(), counts)
+    clean = sanitize_cost_batched(cost.detach().to(torch.float64), counts).transpose(1, 2).contiguous()
+    if cost.device.type == "cuda" and _triton_available():  # imports Triton (and the kernel) only here
+        from rfdetr_fn.kernels import assign_triton
+
+        return assign_triton.solve(clean, counts)
+    return shortest_augmenting_paths(clean, counts)
 
 
 @assign_device.register_fake
