@@ -67,7 +67,9 @@ class CudaCapture:
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the data loader's pin-memory thread may allocate pinned memory during a capture,
+        # which the default "global" mode would turn into a capture error
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             fn()
         if self.pool is None:
             self.pool = graph.pool()
