@@ -192,3 +192,12 @@ def test_assign_triton_kernel_compiles_for_cuda_without_a_gpu():
         assert not any(op.startswith("cvt") and "f32.f64" in op for op in ops), arch
         assert ops.get("bra", 0) >= 3, arch  # the row loop, the Dijkstra loop and the path flip
         assert not any(op.startswith(("atom.", "red.")) for op in ops), arch
+
+
+def test_assign_device_traces_as_one_graph():
+    """Dynamo traces the device solve as one opaque node (fullgraph: no break); its fake is checked by opcheck."""
+    gen = torch.Generator().manual_seed(5)
+    total = torch.rand(2, 3 * 6, 4, generator=gen)
+    valid = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    fn = torch.compile(lambda t, v: assign(t, v, 3, backend="device"), fullgraph=True, backend="eager")
+    assert torch.equal(fn(total, valid), assign(total, valid, 3, backend="scipy"))
