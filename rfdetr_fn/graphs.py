@@ -181,15 +181,15 @@ class GraphedStep:
 
 
 def graph_mode_problem(
-    tcfg: TrainConfig, device: torch.device, *, world_size: int = 1, backend: str = ""
+    tcfg: TrainConfig, device: torch.device, *, world_size: int = 1, dist_backend: str = ""
 ) -> str | None:
     """Why the whole step cannot be captured on this run, or None when it can."""
     if device.type != "cuda":
         return f"it needs a CUDA device (this run is on {device.type})"
     if resolve_backend(tcfg.matcher_backend, device) != "device":
         return "the scipy matcher copies costs to the host; use --train.matcher-backend device (or auto)"
-    if world_size > 1 and backend != "nccl":
-        return f"collectives on the {backend or 'unknown'} backend cannot be captured (NCCL can)"
+    if world_size > 1 and dist_backend != "nccl":
+        return f"collectives on the {dist_backend or 'unknown'} backend cannot be captured (NCCL can)"
     return None
 
 
@@ -205,10 +205,10 @@ def graphed_step(
     """`step_fn` replayed from CUDA graphs when `tcfg.cuda_graphs` asks and the run allows, else unchanged."""
     if not tcfg.cuda_graphs:
         return step_fn
-    backend = ""
+    dist_backend = ""
     if world_size > 1 and torch.distributed.is_initialized():
-        backend = str(torch.distributed.get_backend())
-    problem = graph_mode_problem(tcfg, device, world_size=world_size, backend=backend)
+        dist_backend = str(torch.distributed.get_backend())
+    problem = graph_mode_problem(tcfg, device, world_size=world_size, dist_backend=dist_backend)
     if problem is not None:
         if log is not None:
             log(f"--train.cuda-graphs: running the step without CUDA graphs: {problem}")

@@ -110,8 +110,8 @@ def test_graph_mode_fallback_reasons():
     assert "CUDA device" in graph_mode_problem(tcfg, CPU)
     assert "scipy matcher" in graph_mode_problem(TrainConfig(cuda_graphs=True, matcher_backend="scipy"), cuda)
     assert graph_mode_problem(tcfg, cuda) is None
-    assert "gloo" in graph_mode_problem(tcfg, cuda, world_size=2, backend="gloo")
-    assert graph_mode_problem(tcfg, cuda, world_size=2, backend="nccl") is None
+    assert "gloo" in graph_mode_problem(tcfg, cuda, world_size=2, dist_backend="gloo")
+    assert graph_mode_problem(tcfg, cuda, world_size=2, dist_backend="nccl") is None
     said: list[str] = []
     assert graphed_step(toy_step, tcfg, CPU, log=said.append) is toy_step
     assert said and "without CUDA graphs" in said[0]
