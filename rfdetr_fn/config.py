@@ -37,6 +37,12 @@ UPSTREAM_NAMES = {
 }
 
 
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
 def _positive(inst, att, value) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"{att.name}={value} must be positive")
@@ -114,6 +120,10 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    backbone_lora: bool = False
+    """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
+    gradient_checkpointing: bool = False
+    """Recompute ViT block activations in the backward pass: less memory, same numbers, slower."""
 
     def __attrs_post_init__(self) -> None:
         block = self.patch_size * self.num_windows
@@ -203,6 +213,13 @@ class TrainConfig:
     """LR factor of the decoder (and squared, of the ViT)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    optimizer: str = "adamw"
+    """adamw (upstream's recipe), adam, sgd, or 'module:function' returning a GradientTransformation
+    (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.make_optimizer)."""
+    optimizer_kwargs: str = attrs.field(default="{}", converter=lambda v: v if isinstance(v, str) else _json(v))
+    """JSON object of extra optimizer arguments, e.g. '{"momentum": 0.9}' for sgd."""
+    freeze_encoder: bool = False
+    """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """AdamW epsilon."""
     batch_size: int = attrs.field(default=4, validator=_positive)
@@ -314,6 +331,14 @@ class TrainConfig:
     def __attrs_post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
+        import json
+
+        try:
+            kwargs = json.loads(self.optimizer_kwargs)
+        except ValueError as err:
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} is not JSON: {err}") from err
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} must be a JSON object")
 
 
 @attrs.frozen(kw_only=True)

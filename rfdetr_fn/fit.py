@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import distributed, presets, runlog, trackers, train_state, tree, weights
+from rfdetr_fn import distributed, lora, presets, runlog, trackers, train_state, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -80,8 +80,10 @@ def fit(args: FitArgs) -> dict[str, Any]:
         _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
+    if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
+        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
     params = tree.to(params, world.device)
-    state = init_state(params, tcfg)
+    state = init_state(params, tcfg, cfg)
     loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
     if resume_dir is not None:

@@ -199,27 +199,16 @@ def mask_losses(
     }
 
 
-def criterion(
-    outputs: dict,
-    targets: dict,
-    cfg: ModelConfig,
-    tcfg: TrainConfig,
-    *,
-    train: bool,
-    num_boxes: Tensor | float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
-    from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
-    a distributed caller passes its all-reduced value instead."""
+def match_all(outputs: dict, targets: dict, cfg: ModelConfig, tcfg: TrainConfig, *, train: bool) -> list[Tensor]:
+    """Hungarian matches of every loss layer (final, aux, encoder), each (B, G, T) query indices, -1 = none.
+
+    No gradient flows through them; research code computes them once and passes them to `criterion`
+    as a stop-gradient input (vmapped ensembles, per-example gradients).
+    """
     use_masks = cfg.segmentation_head
-    check_targets(targets, outputs, use_masks)
     groups = cfg.group_detr if train else 1
-    labels = targets["labels"]
-    if num_boxes is None:
-        num_boxes = default_num_boxes(labels, groups)
-    num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
-    matched_layers = layers(outputs)
     match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
+    matched_layers = layers(outputs)
     costs = []
     for suffix, layer in matched_layers:
         points = None
@@ -231,7 +220,32 @@ def criterion(
             points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
         costs.append(MatchCosts.from_train(tcfg, mask_points=points))
     layer_outputs = [layer for _, layer in matched_layers]
-    indices = match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=tcfg.matcher_backend)
+    return match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=tcfg.matcher_backend)
+
+
+def criterion(
+    outputs: dict,
+    targets: dict,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    *,
+    train: bool,
+    num_boxes: Tensor | float | None = None,
+    indices: list[Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
+    from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
+    a distributed caller passes its all-reduced value instead. `indices`: precomputed `match_all`."""
+    use_masks = cfg.segmentation_head
+    check_targets(targets, outputs, use_masks)
+    groups = cfg.group_detr if train else 1
+    labels = targets["labels"]
+    if num_boxes is None:
+        num_boxes = default_num_boxes(labels, groups)
+    num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
+    matched_layers = layers(outputs)
+    if indices is None:
+        indices = match_all(outputs, targets, cfg, tcfg, train=train)
     losses: dict[str, Tensor] = {}
     for (suffix, layer), idx in zip(matched_layers, indices):
         pairs = gather_pairs(layer, targets, idx)
