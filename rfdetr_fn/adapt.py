@@ -115,6 +115,8 @@ def _fields_from_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
         out["group_detr"] = groups
         out["num_queries"] = sd["query_feat.weight"].shape[0] // groups
     out["segmentation_head"] = any(k.startswith("segmentation_head.") for k in sd)
+    if "transformer.register_tokens" in sd:
+        out["num_decoder_registers"] = sd["transformer.register_tokens"].shape[0]
     return out
 
 
@@ -193,6 +195,19 @@ def resize_rows(t: Tensor, rows: int) -> Tensor:
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:rows].clone()
 
 
+def adapt_input_channels(weight: Tensor, channels: int) -> Tensor:
+    """A patch-embedding kernel (d, c, p, p) for `channels` input channels, as upstream: one channel takes the
+    mean over the original ones; any other count tiles them and scales by c/channels, keeping the response
+    to an image of equal channels the same."""
+    have = weight.shape[1]
+    if channels == have:
+        return weight
+    if channels == 1:
+        return weight.mean(dim=1, keepdim=True)
+    tiled = weight.repeat(1, -(-channels // have), 1, 1)[:, :channels]
+    return tiled * (have / channels)
+
+
 def slice_queries(t: Tensor, src: tuple[int | None, int | None], dst: tuple[int, int]) -> Tensor:
     """Keep the first Q' rows of each of the first G' query groups; a flat slice if the layout is unknown."""
     q_src, g_src = src
@@ -211,11 +226,14 @@ def adapt(
     sd: Mapping[str, Tensor], cfg: ModelConfig, *, src_queries: tuple[int | None, int | None] = (None, None),
     where: str | os.PathLike = "checkpoint",
 ) -> dict[str, Tensor]:  # fmt: skip
-    """Bring a flat state dict to `cfg`: PE size, class count, query groups; architecture must match."""
+    """Bring a flat state dict to `cfg`: input channels, PE size, class count, query groups; architecture must
+    match."""
     from rfdetr_fn.model.backbone import resize_pos_embed
 
     _check_architecture(sd, cfg, where)
     out = dict(sd)
+    if PATCH_KEY in out and out[PATCH_KEY].shape[1] != cfg.num_channels:
+        out[PATCH_KEY] = adapt_input_channels(out[PATCH_KEY], cfg.num_channels)
     pe = cfg.pe_size
     for key in [k for k in out if k.endswith(PE_SUFFIX)]:
         if out[key].shape[1] != pe * pe + 1:

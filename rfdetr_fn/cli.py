@@ -16,14 +16,37 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-COMMANDS = ("fit", "validate", "test", "predict", "average")
+COMMANDS = {
+    "fit": "train a detector or segmenter (--preset NAME, --config FILE, --model.* --train.* --data.* --eval.*)",
+    "validate": "score weights or a run directory on the validation split: COCO mAP, mAR, F1 (--checkpoint)",
+    "test": "score weights or a run directory on the test split (--checkpoint)",
+    "predict": "detect objects in images; writes predictions.json and drawings (--checkpoint, --images)",
+    "average": "average weights files into one (a model soup; --greedy keeps what helps on --data.*)",
+}
+
+
+def usage() -> str:
+    """The commands, one line each: what `rfdetr_fn` with no (or an unknown) command prints."""
+    lines = ["usage: rfdetr_fn COMMAND [--help] [flags]", ""]
+    lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "`rfdetr_fn COMMAND --help` lists every flag with its meaning and default."]
+    return "\n".join(lines)
+
+
+def console() -> Any:
+    """The `rfdetr_fn` script: known errors print their message alone (see `flags.run_or_exit`)."""
+    from rfdetr_fn.flags import run_or_exit
+
+    return run_or_exit(main)
 
 
 def main(argv: list[str] | None = None) -> Any:
     """`rfdetr_fn <command> ...`: dispatch to fit, validate, test or predict."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"rfdetr_fn: unknown command {argv[0]!r}\n")
+        print(usage())
         if argv and argv[0] in ("-h", "--help"):
             return None
         raise SystemExit(2)

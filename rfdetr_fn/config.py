@@ -7,9 +7,16 @@ so a bad value fails early with the field's name.
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import math
+import re
+import types
+import typing
+from typing import Any, Literal
 
 import attrs
+
+from rfdetr_fn.errors import UserError
 
 Encoder = Literal[
     "dinov2_windowed_small",
@@ -37,6 +44,19 @@ UPSTREAM_NAMES = {
 }
 
 
+class ConfigError(UserError, ValueError):
+    """An impossible or refused configuration; the message names the file, section and key."""
+
+
+def _finite_floats(inst) -> None:
+    """NaN or infinity in a float field (`--train.lr nan`) would only surface as a diverged run."""
+    for att in attrs.fields(type(inst)):
+        value = getattr(inst, att.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{att.name}={value} must be finite")
+
+
 def _json(value) -> str:
     import json
 
@@ -51,6 +71,20 @@ def _positive(inst, att, value) -> None:
 def _non_negative(inst, att, value) -> None:
     if value < 0:
         raise ValueError(f"{att.name}={value} must be >= 0")
+
+
+def _positive_or_auto(inst, att, value) -> None:
+    if value != "auto":
+        _positive(inst, att, value)
+
+
+def _aug_config(value):
+    """A custom augmentation config (dict from a config file, or JSON text) -> checked JSON text."""
+    if value is None:
+        return None
+    from rfdetr_fn.data.augment import canonical
+
+    return canonical(value)
 
 
 def _unit_interval(inst, att, value) -> None:
@@ -120,12 +154,15 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    num_decoder_registers: int = attrs.field(default=0, validator=_non_negative)
+    """Learned register tokens appended to every query group in the decoder, dropped from the outputs."""
     backbone_lora: bool = False
     """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
     gradient_checkpointing: bool = False
     """Recompute ViT block activations in the backward pass: less memory, same numbers, slower."""
 
     def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
         block = self.patch_size * self.num_windows
         if self.resolution % block:
             raise ValueError(
@@ -222,8 +259,8 @@ class TrainConfig:
     """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """AdamW epsilon."""
-    batch_size: int = attrs.field(default=4, validator=_positive)
-    """Images per micro-batch."""
+    batch_size: int | Literal["auto"] = attrs.field(default=4, validator=_positive_or_auto)
+    """Images per micro-batch; 'auto' probes the largest that fits (see auto_batch_*)."""
     grad_accum_steps: int = attrs.field(default=1, validator=_positive)
     """Micro-batches per optimizer step."""
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)
@@ -261,8 +298,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the whole train step; auto = on for CUDA, off on CPU (there a compile takes minutes per
-    input size and gains little for matmul-bound models; see benchmarks/RESULTS.md)."""
+    """torch.compile the train step (regional: each block kind compiles once); auto = on for the device
+    types where benchmarks/compile.py measured a win (rfdetr_fn.compile.FIRST_COMPILE_S)."""
+    compile_cache: str | None = None
+    """Directory of compiled artifacts reused by later runs of the same config; None = $RFDETR_FN_CACHE or
+    ~/.cache/rfdetr_fn/compile."""
     cls_loss_coef: float = 1.0
     """Weight of the IA-BCE classification loss."""
     bbox_loss_coef: float = 5.0
@@ -289,10 +329,15 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Capture the whole train step as one CUDA graph per input size and replay it (CUDA only; needs the
     device matcher; falls back to the plain step with a message where it cannot)."""
+    ia_bce_loss: bool = True
+    """IoU-aware BCE classification loss; false = plain sigmoid focal loss (upstream's ModelConfig field)."""
     eval_interval: int = attrs.field(default=1, validator=_positive)
     """Evaluate every this many epochs (the last epoch is always evaluated)."""
     checkpoint_interval: int = attrs.field(default=10, validator=_positive)
     """Keep a numbered train-state checkpoint every this many epochs (the last one is always kept)."""
+    save_every_n_steps: int | None = attrs.field(default=None, validator=_positive)
+    """Also save the train state (last/) every this many optimizer steps mid-epoch, so a kill loses minutes,
+    not an epoch (None: at epoch ends only)."""
     eval_base_model: bool = False
     """Also evaluate the non-EMA weights."""
     compute_val_loss: bool = False
@@ -313,12 +358,22 @@ class TrainConfig:
     """EMA smoothing of the regular metric for best-model comparison (0 = off)."""
     run_test: bool = False
     """Evaluate the best model on the test split at the end."""
+    compute_test_loss: bool = True
+    """With run_test: also the eval-mode loss on the test split (test/loss), as upstream."""
+    notes: str | None = None
+    """Free-form provenance stored in training_config.json and in every weights file's args (upstream's notes)."""
     seed: int = 0
     """Seed for weights, augmentation and sampling (rank is added in multi-process runs)."""
     output_dir: str = "output"
     """Where checkpoints, metrics and plots are written."""
     resume: str | None = None
     """Train-state checkpoint directory to resume from ('auto' = output_dir/last)."""
+    resume_allow_changes: bool = False
+    """Resume even though fields that change the training trajectory (lr, batch size, seed, data, model, ...)
+    differ from the saved run's; each change is printed and recorded in config_history.jsonl."""
+    overwrite: bool = False
+    """Start a fresh run in an output_dir that holds an earlier run's files, deleting them first (without it,
+    such a run is refused: resume it or pick another output_dir)."""
     pretrain_weights: str | None = None
     """Weights file to fine-tune from (upstream .pth/.ckpt or safetensors); None trains from scratch."""
     tensorboard: bool = True
@@ -328,7 +383,36 @@ class TrainConfig:
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Write a metrics.csv row every this many optimizer steps."""
 
+    # ---- experiment loggers (optional extras; see rfdetr_fn/loggers.py)
+    wandb: bool = False
+    """Also log to Weights & Biases (WANDB_MODE=offline keeps it local)."""
+    mlflow: bool = False
+    """Also log to MLflow (MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns)."""
+    project: str | None = None
+    """W&B project / MLflow experiment name (None = rfdetr_fn)."""
+    run: str | None = None
+    """W&B / MLflow run name (None = the logger's own)."""
+
+    # ---- augmentation, dataset grids and automatic batch size (upstream's aug_config, save_dataset_grids,
+    # batch_size="auto" and auto_batch_*)
+    aug_preset: Literal["default", "none", "conservative", "aggressive", "aerial", "industrial"] = "default"
+    """Upstream's augmentation presets after the scale jitter: default = horizontal flip; none = no flip."""
+    aug_config: str | None = attrs.field(default=None, converter=_aug_config)
+    """Custom augmentation instead of a preset: {name: params} in upstream's Albumentations spelling, as a
+    dict in a config file or JSON text on the command line (see README)."""
+    save_dataset_grids: bool = False
+    """Write PNG grids of augmented training batches (boxes drawn) to output_dir at the start of fit."""
+    auto_batch_target_effective: int = attrs.field(default=16, validator=_positive)
+    """batch_size auto: grad_accum_steps is raised until batch x steps x ranks reaches this (global)."""
+    auto_batch_max_targets_per_image: int = attrs.field(default=100, validator=_positive)
+    """batch_size auto: target slots per image in the probe batch (the worst case)."""
+    auto_batch_ema_headroom: float = attrs.field(default=0.7, validator=_unit_interval)
+    """batch_size auto: the probed batch is scaled by this when use_ema (EMA weights need memory too)."""
+
     def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
+        if self.aug_config is not None and self.aug_preset != "default":
+            raise ValueError(f"aug_preset={self.aug_preset!r} and aug_config are both set: choose one")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
         import json
@@ -353,6 +437,9 @@ class DataConfig:
     """Explicit class names (checked against the dataset)."""
     num_workers: int = attrs.field(default=2, validator=_non_negative)
     """DataLoader worker processes."""
+    check_images: bool = True
+    """Read the header of every image of every split before training and report all bad files at once
+    (threads, seconds for thousands of files); --data.no-check-images skips it for huge trusted datasets."""
     synthetic_images: int = attrs.field(default=32, validator=_positive)
     """Built-in dataset: training images (valid and test get a quarter each)."""
     synthetic_classes: int = attrs.field(default=3, validator=_positive)
@@ -373,3 +460,91 @@ class EvalConfig:
     """Report AP per class."""
     threshold: float = attrs.field(default=0.5, validator=_unit_interval)
     """predict: keep detections scoring above this."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the forward pass (regional, cached like the train step); auto = on inside fit when the
+    train step is compiled, else where rfdetr_fn.compile.use_compile says so for the device."""
+
+    precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"
+    """Evaluation forward: CUDA autocast (auto = bf16 on compute capability >= 8, else fp16; upstream's
+    fp16_eval) or fp32; off CUDA only fp32 (and auto, which resolves to it)."""
+
+    def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
+
+
+# ---------------------------------------------------------------- values from experiment files
+
+
+def coerce_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Experiment-file values for the fields of `cls`, converted like the same values given as flags;
+    `where` prefixes each key in messages ("exp.yaml: train.").
+
+    YAML gives typed values where the command line gives strings, so each value is checked against the
+    field's type: `use_ema: "no"` or `batch_size: 2.5` are errors naming `where` and the key, `epochs: "3"`
+    and `lr: 1e-4` (a string to YAML) are numbers, and unquoted `off`/`on` (booleans to YAML 1.1) are the
+    choices of that name."""
+    hints = typing.get_type_hints(cls)
+    fields = attrs.fields_dict(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{where}{key}: unknown field{hint}")
+        converts = fields[key].converter is not None  # the field takes several forms itself (a dict as JSON)
+        out[key] = value if converts else coerce(value, hints[key], f"{where}{key}")
+    return out
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as type `hint` (bool, int, float, str, None, Literal, tuples, unions of those)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ConfigError(f"{where}: expected {len(items)} values, got {len(value)}")
+        return tuple(coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    if hint is type(None) and value is None:
+        return None
+    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    return " or ".join(_describe(a) for a in typing.get_args(hint)) or str(hint)

@@ -8,7 +8,9 @@ continues exactly where the saved one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -18,11 +20,28 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import distributed, lora, presets, runlog, trackers, train_state, tree, weights
+from rfdetr_fn import (
+    autobatch,
+    dirlock,
+    distributed,
+    grids,
+    imageio,
+    loggers,
+    lora,
+    presets,
+    runlog,
+    summary,
+    trackers,
+    train_state,
+    tree,
+    weights,
+)
+from rfdetr_fn import compile as compile_lib
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
-from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
+    DatasetError,
     build_dataset,
     multi_scale_scales,
     per_batch_scale,
@@ -30,10 +49,12 @@ from rfdetr_fn.data import (
     target_slots,
     train_loader,
 )
-from rfdetr_fn.flags import parse
+from rfdetr_fn.errors import TrainingDiverged
+from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.graphs import graphed_step
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
+from rfdetr_fn.precision import resolve_precision
+from rfdetr_fn.step import compile_step, init_state, make_train_step, seed_for_step
 from rfdetr_fn.validate import evaluate
 
 
@@ -56,24 +77,44 @@ class FitArgs:
 
 def fit(args: FitArgs) -> dict[str, Any]:
     """Run training; returns the final metrics record (rank 0's view)."""
+    with contextlib.ExitStack() as held:  # the output-dir lock, from when the directory is made until the end
+        return _fit(args, held)
+
+
+def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
     out_dir = Path(tcfg.output_dir)
-    if world.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
+    if resume_dir is None and not tcfg.overwrite:
+        _refuse_used_dir(out_dir)
     torch.manual_seed(tcfg.seed)
 
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
+    if tcfg.batch_size == "auto":
+        tcfg = _auto_batch(cfg, tcfg, world)
+        args = attrs.evolve(args, train=tcfg)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
+    test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
+    if dcfg.check_images:
+        _check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
-    compiled = use_compile(tcfg.compile, world.device)
+    if tcfg.save_dataset_grids and world.main:
+        written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
+        print(f"dataset grids: {len(written)} PNG files in {out_dir / 'dataset_grids'}")
+    compiled = compile_lib.use_compile(tcfg.compile, world.device)
     # A compiled or graphed step specialises on input shapes: fix the target axis for the run, leaving image
     # sizes (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
+    if world.main:  # only now that the data is known to load
+        out_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(dirlock.exclusive(out_dir))
+        if resume_dir is None and tcfg.overwrite:
+            _clear_run(out_dir)
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
@@ -84,14 +125,18 @@ def fit(args: FitArgs) -> dict[str, Any]:
         params = lora.add_upstream_adapters(params, seed=tcfg.seed)
     params = tree.to(params, world.device)
     state = init_state(params, tcfg, cfg)
-    loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
-    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
+    loop = {"epoch": 0, "batch": 0, "eval_pending": -1, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
             print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
+    sinks = []
     if world.main:
-        _write_json(out_dir / "training_config.json", _config_record(args, cfg, class_names))
+        record = _config_record(args, cfg, class_names)
+        if resume_dir is not None:
+            _check_resume_changes(out_dir, record, tcfg, int(state["step"]))
+        _write_json(out_dir / "training_config.json", record)
+        sinks = loggers.make_loggers(tcfg, out_dir, record)
 
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
@@ -108,21 +153,63 @@ def fit(args: FitArgs) -> dict[str, Any]:
         max_graphs=len(scales) + 1,
         log=print if world.main else None,
     )
-    if compiled and world.main and tcfg.multi_scale != "off":
-        print(
-            f"compiling the train step: the first step at each of the {len(scales)} multi-scale sizes compiles "
-            "(minutes each; inductor caches them for later runs); --train.compile off skips it"
+    cache = None
+    if compiled:  # every rank loads the artifacts of this exact graph-shaping configuration
+        cache = compile_lib.CompileCache(
+            Path(tcfg.compile_cache) if tcfg.compile_cache else compile_lib.default_cache_dir(),
+            compile_lib.cache_key(
+                cfg,
+                tcfg,
+                device=world.device,
+                precision=precision,
+                steps=steps_per_epoch,
+                world=world.size,
+                slots=slots,
+            ),
         )
-    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+        loaded = cache.load()
+        if world.main:
+            sizes = len(scales) if tcfg.multi_scale != "off" else 1
+            compile_lib.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
+    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main, sinks=sinks)
+    if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
+        log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
+    run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names, compiled)
     record: dict[str, Any] = {}
+    times = {"train": 0.0, "eval": 0.0, "save": 0.0}
+    if world.main:
+        print(
+            summary.start_summary(
+                model=f"{cfg.model_name} ({cfg.resolution} px)",
+                num_params=tree.num_params(state["params"]),
+                num_classes=cfg.num_classes,
+                train_images=len(train_ds),
+                val_images=len(val_ds),
+                batch_size=tcfg.batch_size,
+                grad_accum_steps=tcfg.grad_accum_steps,
+                world_size=world.size,
+                steps_per_epoch=steps_per_epoch,
+                epochs=tcfg.epochs,
+                max_steps=tcfg.max_steps,
+                device=str(world.device),
+                precision=precision,
+                compiled=compiled,
+                output_dir=out_dir,
+                resumed_epoch=loop["epoch"] if resume_dir is not None else None,
+            )
+        )
 
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
-    for epoch in range(loop["epoch"], tcfg.epochs):
+    stopped = False
+    if loop["eval_pending"] >= 0:  # the saved run stopped before (or while) evaluating that epoch
+        record, stopped = _evaluate_and_track(run, state, loop, step, saved=None)
+    for epoch in range(loop["epoch"], 0 if stopped else tcfg.epochs):
         # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
         loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
         bar = _progress(tcfg, world, steps_per_epoch, epoch)
         micro: list[dict] = []
         started, seen = time.perf_counter(), 0
+        epoch_started = started
         for index, batch in enumerate(loader, start=loop["batch"]):
             micro.append(tree.to(batch, world.device))
             if len(micro) < tcfg.grad_accum_steps:
@@ -131,7 +218,13 @@ def fit(args: FitArgs) -> dict[str, Any]:
                 size = per_batch_scale(step, scales)
                 micro = [resize_batch(b, size) for b in micro]
             torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
-            state, metrics = step_fn(state, micro)
+            new_state, metrics = step_fn(state, micro)
+            if not _finite_step(metrics, precision):  # the pure step left `state` intact: keep it
+                _save_state(out_dir / "last", state, loop)
+                raise TrainingDiverged(_divergence_message(metrics, step, tcfg, out_dir))
+            state = new_state
+            if cache is not None:
+                cache.save_if_new()  # a counter check; writes only after a step that compiled
             seen += sum(len(b["images"]) for b in micro)
             micro = []
             step, loop["batch"] = step + 1, index + 1
@@ -145,62 +238,46 @@ def fit(args: FitArgs) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{rate:.1f}")
             if tcfg.max_steps and step >= tcfg.max_steps:
                 break
+            if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(loader):
+                _save_state(out_dir / "last", state, loop)  # mid-epoch: the epoch end saves anyway
         else:  # the epoch ran to its end: the next run starts the next epoch
             loop["epoch"], loop["batch"] = epoch + 1, 0
         if bar is not None:
             bar.close()
+        times["train"] += time.perf_counter() - epoch_started
         last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
+        evaluating = trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs)
+
+        # ---- save first (all ranks take part in DCP): a failing evaluation must not cost the epoch ----
+        loop["eval_pending"] = epoch if evaluating or last_epoch else -1
+        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+        save_started = time.perf_counter()
+        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
+        times["save"] += time.perf_counter() - save_started
 
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
-        if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
-            record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
-            regular, ema = _monitored(record, tcfg)
-            loop["best"], decisions = trackers.update_best(
-                loop["best"],
-                epoch=epoch,
-                regular=regular,
-                ema=ema,
-                skip_best_epochs=tcfg.skip_best_epochs,
-                smooth_alpha=tcfg.smooth_alpha,
-            )
-            loop["stop"], stop = trackers.update_early_stop(
-                loop["stop"],
-                epoch=epoch,
-                regular=regular,
-                ema=ema,
-                use_ema=tcfg.early_stopping_use_ema,
-                patience=tcfg.early_stopping_patience,
-                min_delta=tcfg.early_stopping_min_delta,
-                skip_best_epochs=tcfg.skip_best_epochs,
-            )
-            if world.main:
-                _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir)
-                log.log(record)
-                print(_summary(record))
-            if tcfg.early_stopping and distributed.broadcast_object(stop, world):
-                last_epoch = True
-                if world.main:
-                    patience = tcfg.early_stopping_patience
-                    print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
-
-        # ---- train-state checkpoints (all ranks take part in DCP) ----
-        _save_state(out_dir / "last", state, loop)
-        if trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs):
-            _save_state(out_dir / f"checkpoint_{epoch:04d}", state, loop)
+        if loop["eval_pending"] >= 0:
+            eval_started = time.perf_counter()
+            record, stop = _evaluate_and_track(run, state, loop, step, saved=out_dir / "last")
+            times["eval"] += time.perf_counter() - eval_started
+            last_epoch = last_epoch or stop
         if last_epoch:
             break
 
     if world.main:
+        save_started = time.perf_counter()
         _finish(state, cfg, tcfg, _last_epoch(loop), class_names, out_dir, loop["best"])
+        times["save"] += time.perf_counter() - save_started
         runlog.plot(log.rows, out_dir)
+        print(_end_summary(loop, tcfg, log.rows, out_dir, times))
     log.close()
     if tcfg.run_test and world.main:
         from rfdetr_fn.validate import run_split
 
         _, best = load_weights(out_dir / "checkpoint_best_total.pth", cfg)
         record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
-        print(_summary(record))
+        print(summary.epoch_line(record, "best total"))
     distributed.teardown(world)
     return record
 
@@ -219,24 +296,106 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
     return cfg
 
 
+def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
+    """--train.run-test scores the test split after training: make sure there is one before training."""
+    try:
+        return build_dataset(dcfg, "test", cfg, tcfg, train=False)
+    except DatasetError as err:
+        raise DatasetError(f"--train.run-test needs a test split: {err}") from err
+
+
+def _check_images(datasets: list) -> None:
+    """Every image header of every split, all problems in one error (an epoch must not end on a bad file)."""
+    items: dict[Path, tuple[Path, int, int]] = {}
+    for ds in datasets:
+        if ds is not None and ds.render is None and ds.image_dir is not None:
+            for i, entry in enumerate(ds.images):
+                path = ds.image_path(i)
+                items.setdefault(path, (path, entry["width"], entry["height"]))
+    bad, odd = imageio.check_headers(list(items.values()))
+    if odd:
+        shown = "\n  ".join(odd[:10]) + (f"\n  ... and {len(odd) - 10} more" if len(odd) > 10 else "")
+        warnings.warn(
+            f"{len(odd)} image(s) differ in size from their annotation (boxes may be in another frame):\n  {shown}",
+            stacklevel=3,
+        )
+    if bad:
+        shown = "\n  ".join(bad[:200]) + (f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else "")
+        raise DatasetError(f"{len(bad)} unusable image(s) found before training (all splits checked):\n  {shown}")
+
+
+# What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
+RUN_FILES = (
+    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "metrics.png", "dataset_grids",
+    "mlruns", "wandb", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
+    ".training_config.json.*", ".metrics.csv.*",
+)  # fmt: skip
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+
+
+def _refuse_used_dir(out_dir: Path) -> None:
+    """A fresh run must not mix with an earlier one (its best weights would be taken for the new run's)."""
+    found = _run_files(out_dir) if out_dir.is_dir() else []
+    if found:
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise dirlock.OutputDirError(
+            f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
+            "--train.overwrite (deletes those files), or pick another --train.output-dir"
+        )
+
+
+def _clear_run(out_dir: Path) -> None:
+    for path in _run_files(out_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
+    """Resolve batch_size auto on rank 0 (a probe of real steps on a synthetic worst-case batch) for all ranks."""
+    choice = None
+    if world.main:
+        params = detector.init(cfg, tcfg.seed)
+        if cfg.backbone_lora:
+            params = lora.add_upstream_adapters(params, seed=tcfg.seed)
+        params = tree.to(params, world.device)
+        choice = autobatch.resolve(cfg, tcfg, params, world.device, world.size)
+        print(choice.describe())
+    choice = distributed.broadcast_object(choice, world)
+    return attrs.evolve(tcfg, batch_size=choice.micro_batch, grad_accum_steps=choice.grad_accum_steps)
+
+
 def _state_tree(state: dict, loop: dict) -> dict:
     return {
         "state": state,
-        "loop": {"epoch": loop["epoch"], "batch": loop["batch"]},
+        "loop": {"epoch": loop["epoch"], "batch": loop["batch"], "eval_pending": loop["eval_pending"]},
         "best": trackers.to_dict(loop["best"]),
         "stop": trackers.to_dict(loop["stop"]),
     }
 
 
-def _save_state(path: Path, state: dict, loop: dict) -> None:
-    train_state.save_state(path, _state_tree(state, loop))
+def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
+    train_state.save_state(path, _state_tree(state, loop), keep=keep)
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
-    restored = train_state.load_state(path, _state_tree(state, loop))
+    template = _state_tree(state, loop)
+    try:
+        restored = train_state.load_state(path, template)
+    except weights.CheckpointError as err:  # saved before evaluations were tracked: none was pending
+        if "missing loop/eval_pending" not in str(err):
+            raise
+        del template["loop"]["eval_pending"]
+        restored = train_state.load_state(path, template)
+        restored["loop"]["eval_pending"] = -1
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
         "batch": int(restored["loop"]["batch"]),
+        "eval_pending": int(restored["loop"]["eval_pending"]),
         "best": trackers.from_dict(trackers.BestState, restored["best"]),
         "stop": trackers.from_dict(trackers.EarlyStopState, restored["stop"]),
     }
@@ -252,6 +411,58 @@ def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> d
         "class_names": class_names,
         "command": sys.argv,
     }
+
+
+# Fields a resumed run may change freely: stopping, evaluation, logging and I/O, not the optimisation path.
+RESUME_SAFE = {
+    "train": {
+        "epochs", "max_steps", "eval_interval", "checkpoint_interval", "eval_base_model", "compute_val_loss",
+        "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
+        "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
+        "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
+        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
+    },
+    "model": {"gradient_checkpointing"},  # the same numbers, less memory
+    "data": {"num_workers", "check_images"},
+    "eval": {"backend", "max_dets", "per_class", "threshold"},
+}  # fmt: skip
+
+
+def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
+    """{"section.field": [old, new]} for the trajectory-changing fields that differ between two config
+    records (a cosine schedule's length depends on epochs and max_steps, so then those count too)."""
+    new = json.loads(json.dumps(new, default=str))
+    changes = {}
+    for section in ("model", "train", "data", "eval"):
+        safe = RESUME_SAFE.get(section, set()) - ({"epochs", "max_steps"} if cosine else set())
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if key not in safe and before.get(key) != after.get(key):
+                changes[f"{section}.{key}"] = [before.get(key), after.get(key)]
+    if old.get("class_names") != new.get("class_names"):
+        changes["class_names"] = [old.get("class_names"), new.get("class_names")]
+    return changes
+
+
+def _check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
+    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
+    path = out_dir / "training_config.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")
+    if not changes:
+        return
+    lines = "\n  ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+    if not tcfg.resume_allow_changes:
+        raise ConfigError(
+            f"{path}: resuming with settings that change the training trajectory:\n  {lines}\n"
+            "Resume with the saved values, or pass --train.resume-allow-changes to continue with the new ones"
+        )
+    print(f"resuming at step {step} with changed settings (recorded in config_history.jsonl):\n  {lines}")
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes, "previous": previous}
+    with open(out_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -277,8 +488,11 @@ def _train_row(metrics: dict, step: int, epoch: int, tcfg: TrainConfig) -> dict:
     return row
 
 
-def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, float]:
-    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA."""
+def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: bool) -> dict[str, float]:
+    """EMA weights by default (spec pitfall 12); the base weights too when asked or when there is no EMA.
+
+    The forward is compiled when --eval.compile is on, or auto and the train step is compiled."""
+    compile = ecfg.compile == "on" or (ecfg.compile == "auto" and step_compiled)
 
     def score(params) -> dict[str, float]:
         batch_size = tcfg.eval_batch_size or tcfg.batch_size
@@ -292,28 +506,107 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, fl
             num_workers=dcfg.num_workers,
             world=world,
             loss_cfg=loss_cfg,
+            compile=compile,
+            cache_dir=tcfg.compile_cache,
         )
 
     record: dict[str, float] = {}
-    if tcfg.use_ema:
-        record.update({f"val/ema_{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     if tcfg.eval_base_model or not tcfg.use_ema:
         record.update({f"val/{k}": v for k, v in score(state["params"]).items()})
-    else:  # EMA-only epochs are mirrored onto the primary keys, like upstream
-        record.update({f"val/{k[len('val/ema_') :]}": v for k, v in list(record.items())})
+    if tcfg.use_ema:
+        # Scored alone, the EMA weights take upstream's primary names (val/mAP_50_95 ...), logged once; beside
+        # the base weights they are val/ema_*. The epoch line says which weights were scored.
+        prefix = "val/ema_" if tcfg.eval_base_model else "val/"
+        record.update({f"{prefix}{k}": v for k, v in score(state["ema_state"]["params"]).items()})
     return record
 
 
 def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
     key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
-    base_evaluated = tcfg.eval_base_model or not tcfg.use_ema
-    regular = record.get(f"val/{key}") if base_evaluated else None
-    ema = record.get(f"val/ema_{key}") if tcfg.use_ema else None
-    return regular, ema
+    if not tcfg.use_ema:
+        return record.get(f"val/{key}"), None
+    if tcfg.eval_base_model:
+        return record.get(f"val/{key}"), record.get(f"val/ema_{key}")
+    return None, record.get(f"val/{key}")  # EMA scored alone, under the primary names
+
+
+@attrs.frozen
+class _Run:
+    """What the evaluation and best-model bookkeeping of a run read."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    dcfg: DataConfig
+    ecfg: EvalConfig
+    val_ds: Any
+    world: Any
+    log: runlog.RunLog
+    out_dir: Path
+    class_names: list[str]
+    step_compiled: bool = False
+
+
+def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Path | None) -> tuple[dict, bool]:
+    """Evaluate the epoch `loop["eval_pending"]`, update the best-model and early-stopping records (also in
+    the state directory `saved`, when given), write the best weights and the metrics row; -> (record, stop)."""
+    tcfg, epoch = run.tcfg, loop["eval_pending"]
+    record = {"step": step, "epoch": epoch}
+    record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world, run.step_compiled))
+    regular, ema = _monitored(record, tcfg)
+    loop["best"], decisions = trackers.update_best(
+        loop["best"],
+        epoch=epoch,
+        regular=regular,
+        ema=ema,
+        skip_best_epochs=tcfg.skip_best_epochs,
+        smooth_alpha=tcfg.smooth_alpha,
+    )
+    loop["stop"], stop = trackers.update_early_stop(
+        loop["stop"],
+        epoch=epoch,
+        regular=regular,
+        ema=ema,
+        use_ema=tcfg.early_stopping_use_ema,
+        patience=tcfg.early_stopping_patience,
+        min_delta=tcfg.early_stopping_min_delta,
+        skip_best_epochs=tcfg.skip_best_epochs,
+    )
+    loop["eval_pending"] = -1
+    if run.world.main:
+        _save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
+        run.log.log(record)
+        print(summary.epoch_line(record, summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)))
+        if saved is not None:  # saved before this evaluation: give it the new records (a small JSON rewrite)
+            records = _state_tree(state, loop)
+            train_state.update_values(saved, {k: v for k, v in records.items() if k != "state"})
+    stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, run.world))
+    if stop and run.world.main:
+        print(f"early stopping at epoch {epoch}: no improvement in {tcfg.early_stopping_patience} evaluations")
+    return record, stop
+
+
+def _finite_step(metrics: dict, precision: str) -> bool:
+    """Loss and gradient norm finite (one host sync); fp16 overflow is skipped by the step, not an error."""
+    ok = torch.isfinite(metrics["loss"])
+    if precision != "fp16":
+        ok = ok & metrics["finite"]
+    return bool(ok)
+
+
+def _divergence_message(metrics: dict, step: int, tcfg: TrainConfig, out_dir: Path) -> str:
+    return (
+        f"training diverged: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+        f"({float(metrics['grad_norm'])}) at step {step + 1}; the last good train state (step {step}) is in "
+        f"{out_dir / 'last'}. Lower --train.lr ({tcfg.lr:g}) / --train.lr-encoder ({tcfg.lr_encoder:g}) or "
+        "tighten --train.clip-max-norm, then resume with --train.resume auto --train.resume-allow-changes"
+    )
 
 
 def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
-    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth)."""
+    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth); never non-finite weights."""
+    bad = [k for k, v in tree.flatten(params).items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingDiverged(f"{out_dir / name}: not written: non-finite weights in {bad[:5]}")
     args = {**attrs.asdict(tcfg), "class_names": class_names}
     weights.write_upstream_best(
         out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
@@ -344,11 +637,19 @@ def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
     _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
 
 
-def _summary(record: dict) -> str:
-    """The headline numbers of an evaluation (EMA twins when both models were scored)."""
-    names = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "F1")
-    keys = [f"{prefix}{n}" for prefix in ("val/", "val/ema_", "test/") for n in names]
-    return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
+def _end_summary(loop: dict, tcfg: TrainConfig, rows: list[dict], out_dir: Path, times: dict) -> str:
+    best = loop["best"]
+    source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
+    epoch = best.best_ema_epoch if source == "ema" else best.best_regular_epoch
+    evaluated = [r for r in rows if r.get("epoch") == epoch and any(str(k).startswith("val/") for k in r)]
+    return summary.end_summary(
+        best_epoch=epoch if epoch >= 0 else None,
+        best_source=source,
+        best_row=evaluated[-1] if evaluated else {},
+        weights=sorted(out_dir.glob("*.pth")),
+        times=times,
+        epochs_run=_last_epoch(loop) + 1,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -357,4 +658,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_or_exit(main)

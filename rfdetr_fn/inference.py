@@ -9,18 +9,21 @@ network sees the square image; boxes and masks come back at each image's origina
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
+from rfdetr_fn import compile as compile_lib
+from rfdetr_fn import imageio
+from rfdetr_fn import precision as precision_lib
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess
 from rfdetr_fn.tree import Params, leaves
 
@@ -31,10 +34,9 @@ def read_image(path: str | Path, where: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file {path} not found")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: cannot read image {path}: {e}") from e
+        return imageio.read_rgb(path)
+    except imageio.READ_ERRORS as e:
+        raise ValueError(f"{where}: {imageio.read_error(path, e)}") from e
 
 
 def _to_array(image: Any, where: str) -> np.ndarray:
@@ -42,7 +44,7 @@ def _to_array(image: Any, where: str) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image, where)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(imageio.to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{where}: arrays must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
@@ -72,12 +74,63 @@ def preprocess(images: Sequence[Any], cfg: ModelConfig) -> tuple[Tensor, Tensor]
     return torch.stack(batch), torch.tensor(sizes, dtype=torch.int64)
 
 
-def predict(params: Params, cfg: ModelConfig, images: Any, *, threshold: float = 0.5) -> list[dict[str, Tensor]]:
+Forward = Callable[[Params, Tensor, "Tensor | None"], dict]
+
+
+def forward_fn(
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    *,
+    compile: bool = False,
+    cache_dir: str | Path | None = None,
+    backend: str = "inductor",
+    mode: str | None = None,
+    precision: str = "fp32",
+) -> Forward:
+    """`detector.apply(params, images, mask, cfg, train=False)` bound to `cfg`; with compile, a regional
+    fullgraph compiled function (one per config, device and backend in this process) whose artifacts are
+    cached on disk like the train step's (`rfdetr_fn.compile.CompileCache`). `precision` (resolved, see
+    `rfdetr_fn.precision`) bf16/fp16 runs under CUDA autocast, eagerly."""
+    if precision != "fp32":
+        return functools.partial(_eval_apply, cfg=cfg, precision=precision)
+    if not compile:
+        return functools.partial(_eval_apply, cfg=cfg)
+    directory = Path(cache_dir) if cache_dir is not None else compile_lib.default_cache_dir()
+    return _compiled_forward(cfg, torch.device(device).type, str(directory), backend, mode)
+
+
+def _eval_apply(
+    params: Params, images: Tensor, mask: Tensor | None, *, cfg: ModelConfig, precision: str = "fp32"
+) -> dict:
+    return precision_lib.forward(params, images, mask, cfg, precision, train=False)
+
+
+@functools.cache
+def _compiled_forward(cfg: ModelConfig, device_type: str, directory: str, backend: str, mode: str | None) -> Forward:
+    device = torch.device(device_type)
+    key = compile_lib.cache_key(cfg, device=device, what="inference", backend=backend, mode=mode)
+    cache = compile_lib.CompileCache(Path(directory), key)
+    compile_lib.announce("the forward pass", device, cache, cache.load(), "--eval.compile off")
+    compile_lib.raise_recompile_limit(16)  # a last, shorter batch is one more shape
+    compile_lib.SWITCH.regions = True
+    compiled = compile_lib.compile_fn(functools.partial(_eval_apply, cfg=cfg), backend=backend, mode=mode)
+
+    def run(params: Params, images: Tensor, mask: Tensor | None) -> dict:
+        out = compiled(params, images, mask)
+        cache.save_if_new()
+        return out
+
+    return run
+
+
+def predict(
+    params: Params, cfg: ModelConfig, images: Any, *, threshold: float = 0.5, compile: bool = False
+) -> list[dict[str, Tensor]]:
     """Detect objects in one image or a list of them (paths, PIL images, uint8 (H, W, 3) RGB arrays).
 
     Returns one dict per image with boxes (K, 4) xyxy in original pixels, scores (K,), labels (K,)
     and, for segmentation models, masks (K, H, W) bool; only detections scoring above `threshold`.
-    Runs on the device and dtype of `params`.
+    Runs on the device and dtype of `params`; `compile=True` uses the compiled forward (`forward_fn`).
     """
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
@@ -87,7 +140,8 @@ def predict(params: Params, cfg: ModelConfig, images: Any, *, threshold: float =
     ref = next(leaves(params))
     batch, sizes = preprocess(images, cfg)
     with torch.no_grad():
-        out = detector.apply(params, batch.to(ref.device, ref.dtype), None, cfg, train=False)
+        forward = forward_fn(cfg, ref.device, compile=compile)
+        out = forward(params, batch.to(ref.device, ref.dtype), None)
         results = postprocess(out, sizes.to(ref.device), cfg.num_select)
     kept = []
     for res in results:

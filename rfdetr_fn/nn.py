@@ -16,7 +16,7 @@ from rfdetr_fn.tree import Params
 
 
 def linear(p: Params, x: Tensor) -> Tensor:
-    y = x @ p["weight"].T
+    y = x @ p["weight"].t()
     return y + p["bias"] if "bias" in p else y
 
 

@@ -1,17 +1,19 @@
-"""The train step: one pure function `(state, batches) -> (state, metrics)`, compiled whole.
+"""The train step: one pure function `(state, batches) -> (state, metrics)`, compiled piece by piece.
 
 `TrainState` is a plain dict pytree so torch.compile, DCP checkpoints and tree utilities all see the
 same structure:
 
     {"step": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {}, "loss_scale": float 0-dim}
 
-Inside one compiled graph the step runs, per micro-batch, the forward pass, the Hungarian matching (an
-opaque custom op, so it does not split the graph; the scipy backend copies the costs to the host, the
-step's only sync), the criterion and `torch.func.grad_and_value` (plain autograd when eager: see
-`grad_and_value`); then the cross-rank gradient average (one functional all-reduce over a flat buffer),
-global-norm clipping, the scheduled AdamW update and the EMA update. Gradient-accumulation micro-batches
-are unrolled, so the graph depends on grad_accum_steps and on the batch shapes only; the step number,
-learning rate and EMA decay are tensors and never cause a recompile.
+The step has two pure pieces around the gradient. `loss` runs, per micro-batch, the forward pass, the
+Hungarian matching (an opaque custom op, so it does not split the graph; the scipy backend copies the
+costs to the host, the step's only sync) and the criterion; autograd differentiates it (see
+`grad_and_value`). `update` sums the micro-batch gradients, averages them across ranks (one functional
+all-reduce over a flat buffer), clips by global norm, applies the scheduled AdamW update and the EMA.
+`compile_step` compiles each piece as one fullgraph function (the loss with nested regions per block
+kind, its backward by AOTAutograd); gradient-accumulation micro-batches are unrolled into `update`, so
+its graph depends on grad_accum_steps and on the shapes only; the step number, learning rate and EMA
+decay are tensors and never cause a recompile.
 
 Randomness (drop path, mask-loss point sampling) draws from torch's global generator, which the loop
 reseeds from (seed, step) before every call: the step is a pure function of its inputs and that seed.
@@ -23,9 +25,11 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
+from rfdetr_fn import compile as compile_lib
 from rfdetr_fn import ema as ema_lib
 from rfdetr_fn import gradient_transforms as gt
 from rfdetr_fn import lora, optim, schedules, transforms, tree
@@ -33,20 +37,10 @@ from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.model import detector
+from rfdetr_fn.precision import forward
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA with compute capability >= 8, fp16 on older CUDA, fp32 elsewhere."""
-    if precision != "auto":
-        if precision != "fp32" and device.type != "cuda":
-            raise ValueError(f"precision={precision!r} needs a CUDA device; this run is on {device.type}")
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
 def init_state(
@@ -108,40 +102,37 @@ def make_train_step(
     `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it
     gets `step=` for its schedules). Only the leaves `trainable` selects (default `optim.trainable`:
     freezing, LoRA) get gradients; pass the same `trainable` and `optimizer` to `init_state`.
+
+    The step is two pure pieces around the gradient: `loss` (forward + criterion of one micro-batch) and
+    `update` (accumulate, average across ranks, clip, optimizer, EMA). The returned function carries them
+    as `.pieces`, so `compile_step` can compile each on its own (the regional structure).
     """
     schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
     if optimizer is None:
         names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
         optimizer = optim.make_optimizer(cfg, tcfg, names, schedule)
 
-    def loss_fn(trainable: tree.Params, frozen: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
+    def loss(trainable: tree.Params, frozen: tree.Params, batch: Batch, scale: Tensor):
         params = transforms.combine(trainable, frozen)
-        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
-        out = _to_float32(out) if autocast_dtype is not None else out
+        num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
+        out = forward(params, batch["images"], batch["mask"], cfg, precision, train=True, drop_path=tcfg.drop_path)
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
         total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes)
         return total * scale, (total, losses)
 
-    grad_fn = grad_and_value(loss_fn)
-
-    def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
-        params, step = state["params"], state["step"]
-        trainable, frozen = _split(params, where)
+    def update(
+        state: TrainState, grads_list: list[tree.Params], losses_list: list[dict[str, Tensor]]
+    ) -> tuple[TrainState, dict[str, Tensor]]:
+        params, step, count = state["params"], state["step"], len(grads_list)
+        trainable, _ = _split(params, where)
         scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
-        grads_sum: tree.Params | None = None
-        loss_sums: dict[str, Tensor] = {}
-        for batch in batches:
-            num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
-            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, num_boxes, scale)
-            grads_sum = grads if grads_sum is None else tree.map_(torch.add, grads_sum, grads)
-            for key, value in {"loss": total, **losses}.items():
-                loss_sums[key] = loss_sums.get(key, 0.0) + value.detach() / len(batches)
-        grads = grads_sum
-        if len(batches) > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
-            grads = tree.map_(lambda g: g / (len(batches) * scale), grads)
+        grads = grads_list[0]
+        for more in grads_list[1:]:
+            grads = tree.map_(torch.add, grads, more)
+        loss_sums = {k: sum(losses[k] for losses in losses_list) / count for k in losses_list[0]}
+        if count > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
+            grads = tree.map_(lambda g: g / (count * scale), grads)
         if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
             averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
             grads, loss_sums = averaged["grads"], averaged["losses"]
@@ -174,13 +165,50 @@ def make_train_step(
         metrics = {**loss_sums, "grad_norm": grad_norm.detach(), "lr_factor": lr_factor, "finite": finite}
         return new_state, metrics
 
+    return assemble_step(
+        StepPieces(loss=loss, update=update, split=functools.partial(_split, where=where), fp16=precision == "fp16")
+    )
+
+
+@attrs.frozen
+class StepPieces:
+    """The step's pure pieces: `loss(trainable, frozen, batch, scale)`, `update(state, grads_list,
+    losses_list)` and `split(params) -> (trainable, frozen)`."""
+
+    loss: Callable
+    update: Callable
+    split: Callable
+    fp16: bool = False
+
+
+def assemble_step(pieces: StepPieces) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict]]:
+    """The step from its pieces: per micro-batch loss and gradient, then one update.
+
+    Gradient-accumulation micro-batches are unrolled into the update, so its graph depends on
+    grad_accum_steps and the shapes only; the step number, learning rate and EMA decay are tensors.
+    """
+    grad_fn = grad_and_value(pieces.loss)
+
+    def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
+        scale = state["loss_scale"] if pieces.fp16 else torch.ones_like(state["loss_scale"])
+        trainable, frozen = pieces.split(state["params"])
+        grads_list, losses_list = [], []
+        for batch in batches:
+            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, scale)
+            grads_list.append(grads)
+            losses_list.append({"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}})
+        return pieces.update(state, grads_list, losses_list)
+
+    train_step.pieces = pieces  # type: ignore[attr-defined]
     return train_step
 
 
 def grad_and_value(loss_fn: Callable[..., tuple[Tensor, Any]]) -> Callable[..., tuple[tree.Params, tuple]]:
     """`torch.func.grad_and_value(loss_fn, has_aux=True)` over a params tree, by the cheaper mechanism.
 
-    Under torch.compile it is torch.func, which Dynamo traces into the step's one graph. Run eagerly,
+    Under torch.compile (the whole-step mode of `compile_step`) it is torch.func, which Dynamo traces into
+    the step's one graph. The regional mode calls it eagerly around a compiled loss, so autograd runs
+    AOTAutograd's compiled forward and backward. Run eagerly,
     torch.func wraps every op of the forward and backward; plain `torch.autograd.grad` on detached leaf
     views gives the same gradients, for Nano on CPU with a 13 % faster forward+backward and a 0.7 GiB
     lower step peak (benchmarks/RESULTS.md). Unused parameters get zero gradients, as torch.func gives them.
@@ -202,27 +230,34 @@ def grad_and_value(loss_fn: Callable[..., tuple[Tensor, Any]]) -> Callable[..., 
     return dispatch
 
 
-def use_compile(setting: str, device: torch.device) -> bool:
-    """'auto' compiles on CUDA only: on CPU each input size costs minutes of compile for little gain."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
 def compile_step(
-    step_fn: Callable, *, enabled: bool = True, max_shapes: int = 8, backend: str = "inductor"
+    step_fn: Callable,
+    *,
+    enabled: bool = True,
+    max_shapes: int = 8,
+    backend: str = "inductor",
+    regional: bool = True,
+    mode: str | None = None,
 ) -> Callable:
-    """torch.compile the whole step into one graph (fullgraph: a graph break is a bug, not a slowdown).
+    """torch.compile a step from `make_train_step`, by default piece by piece with nested regions.
 
-    Every new input shape (a multi-scale size, a target-slot count) compiles one more graph, and past
-    Dynamo's recompile limit (8 by default) a fullgraph function fails outright; so the process-wide
-    limit is raised to `max_shapes` (never lowered). Nano's multi-scale menu alone has 11 sizes.
+    regional (default): `loss` and `update` are each one fullgraph compiled function and autograd runs
+    between them; AOTAutograd compiles the loss's backward, and the region markers let it trace and
+    compile each block kind once. whole: one fullgraph function with torch.func inside (the markers are
+    switched off process-wide: they do not compose with torch.func under compile); slower to compile.
+    Every new input shape (a multi-scale size) compiles once more; `max_shapes` raises Dynamo's limit.
     """
     if not enabled:
         return step_fn
-    import torch._dynamo.config as dynamo_config
-
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), max_shapes))
-    return torch.compile(step_fn, fullgraph=True, dynamic=False, backend=backend)
+    compile_lib.raise_recompile_limit(max_shapes)
+    pieces = getattr(step_fn, "pieces", None)
+    if regional and pieces is not None:
+        compile_lib.SWITCH.regions = True
+        loss = compile_lib.compile_fn(pieces.loss, backend=backend, mode=mode)
+        update = compile_lib.compile_fn(pieces.update, backend=backend, mode=mode)
+        return assemble_step(attrs.evolve(pieces, loss=loss, update=update))
+    compile_lib.SWITCH.regions = False
+    return compile_lib.compile_fn(step_fn, backend=backend, mode=mode)
 
 
 def all_reduce_mean(grads: tree.Params) -> tree.Params:
@@ -251,13 +286,3 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
 def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
     grown = torch.where((step + 1) % 2000 == 0, scale * 2.0, scale)
     return torch.where(finite, grown, scale * 0.5)
-
-
-def _to_float32(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, dict):
-        return {k: _to_float32(v) for k, v in out.items()}
-    if isinstance(out, list):
-        return [_to_float32(v) for v in out]
-    return out

@@ -25,6 +25,7 @@ from torch import Tensor
 from rfdetr_fn import lora, tree
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.errors import UserError
 from rfdetr_fn.tree import Params
 
 KP_MASK = "_kp_active_mask"  # upstream's non-learned keypoint buffer: dropped on load, empty on save
@@ -38,14 +39,14 @@ _UPSTREAM_FIELDS = (
     "encoder", "out_feature_indexes", "dec_layers", "two_stage", "projector_scale", "hidden_dim",
     "patch_size", "num_windows", "sa_nheads", "ca_nheads", "dec_n_points", "num_queries", "num_select",
     "bbox_reparam", "lite_refpoint_refine", "layer_norm", "num_channels", "num_classes", "resolution",
-    "group_detr", "positional_encoding_size", "segmentation_head", "mask_downsample_ratio",
+    "group_detr", "positional_encoding_size", "segmentation_head", "mask_downsample_ratio", "num_decoder_registers",
 )  # fmt: skip
 # Classes a weights-only unpickler may rebuild: upstream legacy files pickle `args` as a Namespace and
 # sometimes hold paths. Both only set attributes/strings; nothing executes.
 _SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that cannot be used as weights or train state; the message names the file and the reason."""
 
 

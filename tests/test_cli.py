@@ -48,3 +48,19 @@ def test_impossible_config_is_rejected_with_the_field():
 def test_eval_args_parse():
     args = parse(EvalArgs, ["--checkpoint", "w.pth", "--split", "test"])
     assert args.checkpoint == "w.pth" and args.split == "test"
+
+
+def test_no_command_prints_the_commands(capsys):
+    from rfdetr_fn import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main([])
+    assert stop.value.code == 2
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert [words[0] for words in lines] == ["fit", "validate", "test", "predict", "average"] and all(
+        len(w) > 3 for w in lines
+    )
+    assert cli.main(["--help"]) is None and "unknown" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["trian"])
+    assert "unknown command 'trian'" in capsys.readouterr().out

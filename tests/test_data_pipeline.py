@@ -10,6 +10,7 @@ import torch
 
 from rfdetr_fn import DataConfig, TrainConfig, presets
 from rfdetr_fn.data import (
+    augment,
     build_dataset,
     collate,
     epoch_indices,
@@ -79,7 +80,7 @@ def test_train_transform_keeps_boxes_on_masks():
     seen_crop = seen_flip = 0
     for seed in range(24):
         gen = torch.Generator().manual_seed(seed)
-        img, t = T.train_transform(image, target, scales=[96, 128, 160], scale_jitter=True, gen=gen)
+        img, t = augment.train_transform(image, target, scales=[96, 128, 160], scale_jitter=True, gen=gen)
         side = img.shape[-1]
         assert img.shape == (3, side, side) and side in (96, 128, 160) and img.dtype == torch.uint8
         assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
@@ -99,8 +100,12 @@ def test_train_transform_keeps_boxes_on_masks():
 
 def test_transform_is_a_function_of_the_generator_seed():
     image, target = _scene()
-    a = T.train_transform(image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3))
-    b = T.train_transform(image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3))
+    a = augment.train_transform(
+        image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3)
+    )
+    b = augment.train_transform(
+        image, target, scales=[96, 128], scale_jitter=True, gen=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
 
 

@@ -93,7 +93,7 @@ def test_cli_fit_validate_test_predict(tmp_path):
         "last_ema.pth",
         "metrics.csv",
         "training_config.json",
-        "losses.png",
+        "metrics.png",
     ):
         assert (out / name).exists(), name
     saved = torch.load(out / "checkpoint_best_total.pth", weights_only=True)
@@ -101,7 +101,8 @@ def test_cli_fit_validate_test_predict(tmp_path):
     config = json.loads((out / "training_config.json").read_text())
     assert config["model"]["resolution"] == 64 and config["class_names"]
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert "val/mAP_50_95" in rows[0] and "val/ema_loss" in rows[0] and len(rows) >= 3
+    # only the EMA weights were scored: each metric once, under upstream's primary name
+    assert "val/mAP_50_95" in rows[0] and "val/loss" in rows[0] and "val/ema_" not in rows[0] and len(rows) >= 3
 
     common = ["--checkpoint", str(out), *DATA_ARGS]
     val = cli.main(["validate", *common, "--output", str(tmp_path / "val.json")])

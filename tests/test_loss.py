@@ -587,3 +587,30 @@ def test_bad_targets_name_the_field(golden):
         criterion(golden["outputs"], {**bad, "boxes": bad["boxes"][..., :2]}, TINY_DET, TCFG, train=True)
     with pytest.raises(ValueError, match="group_detr"):
         matcher_lib.assign(torch.zeros(1, 7, 2), torch.ones(1, 2, dtype=torch.bool), 2)
+
+
+def test_plain_focal_loss_path(golden):
+    """ia_bce_loss=False: upstream's sigmoid_focal_loss over one-hot targets (no-object column never
+    positive), mean over queries times queries, over num_boxes; the box terms are unchanged."""
+    import attrs
+
+    focal_cfg = attrs.evolve(TCFG, ia_bce_loss=False)
+    targets = pad(golden["targets"])
+    _, focal = criterion(golden["outputs"], targets, TINY_DET, focal_cfg, train=True)
+    _, ia = criterion(golden["outputs"], targets, TINY_DET, TCFG, train=True)
+    assert focal["loss_bbox_0"] == ia["loss_bbox_0"] and focal["loss_ce"] != ia["loss_ce"]
+    layer = layer_of(golden["outputs"], "final")
+    logits = layer["pred_logits"].double()
+    onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=torch.float64)
+    onehot[..., -1] = 1
+    for b, (queries, tgts) in enumerate(ref_match(layer, golden["targets"], 13)):
+        for q, t in zip(queries, tgts):
+            onehot[b, q] = 0
+            onehot[b, q, int(golden["targets"][b]["labels"][t])] = 1
+    target = onehot[..., :-1]
+    prob = logits.sigmoid()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = (ALPHA * target + (1 - ALPHA) * (1 - target)) * ce * (1 - p_t) ** 2
+    ref = loss.mean(1).sum() / 65.0 * logits.shape[1]
+    assert focal["loss_ce"].item() == pytest.approx(ref.item(), rel=1e-5)

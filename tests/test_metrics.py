@@ -14,7 +14,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from rfdetr_fn.metrics import Evaluator, coco_map, detections_to_coco, f1_sweep
+from rfdetr_fn.metrics import (
+    UPSTREAM_IOU_THRESHOLDS,
+    UPSTREAM_RECALL_THRESHOLDS,
+    Detections,
+    Evaluator,
+    coco_map,
+    detections_to_coco,
+    f1_sweep,
+)
+from tests.f1_reference import reference_f1_sweep
 
 STATS = [
     "mAP_50_95",
@@ -109,12 +118,20 @@ def raw_results(preds, label2cat):
     return results
 
 
-def pycocotools_stats(raw_path, results, iou_type="bbox", image_ids=None):
-    """Plain pycocotools on the raw JSON file: default params (maxDets 1, 10, 100), summarize()."""
+# What upstream hands every backend: torchmetrics' default grids, torch.linspace in float32, then .tolist().
+TM_IOU_THRS = torch.linspace(0.5, 0.95, round((0.95 - 0.5) / 0.05) + 1, dtype=torch.float32).tolist()
+TM_REC_THRS = torch.linspace(0.0, 1.00, round(1.00 / 0.01) + 1, dtype=torch.float32).tolist()
+
+
+def pycocotools_stats(raw_path, results, iou_type="bbox", image_ids=None, stock_grids=False):
+    """Plain pycocotools on the raw JSON file: maxDets 1, 10, 100, summarize(); upstream's grids unless stock."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(str(raw_path))
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if not stock_grids:
+            ev.params.iouThrs = np.asarray(TM_IOU_THRS, dtype=np.float64)
+            ev.params.recThrs = np.asarray(TM_REC_THRS, dtype=np.float64)
         if image_ids is not None:
             ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
@@ -185,6 +202,8 @@ def test_no_detections_gives_zero(label_gt):
     gt, _ = label_gt
     out = coco_map(gt, [])
     assert set(out) == set(STATS) and all(v == 0.0 for v in out.values())
+    segm = coco_map(gt, [], iou_type="segm", backend="pycocotools")
+    assert set(segm) == set(STATS) and all(v == 0.0 for v in segm.values())
 
 
 def test_images_without_gt_count_false_positives():
@@ -468,3 +487,343 @@ def test_f1_segm_matches_masks_and_ignores_crowd_rle():
     assert f1_sweep(gt, [hit, on_crowd])["F1"] == 0.0
     off = {**det(1, 0, [0, 0, 1, 1], 0.9), "segmentation": square_rle(35, 10, 40)}  # IoU 15/65 < 0.5
     assert f1_sweep(gt, [off], iou_type="segm")["F1"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# upstream's threshold grids
+
+
+def test_upstream_grids_are_torchmetrics_float32_linspace():
+    assert UPSTREAM_IOU_THRESHOLDS.tolist() == TM_IOU_THRS and UPSTREAM_RECALL_THRESHOLDS.tolist() == TM_REC_THRS
+    assert UPSTREAM_IOU_THRESHOLDS[1] == float(np.float32(0.55)) > 0.55  # 0.550000011920929
+    assert UPSTREAM_RECALL_THRESHOLDS[14] == float(np.float32(0.14)) > 14 / 100
+    # 36 recall steps sit just above k/100, the rest at or below it.
+    assert sum(UPSTREAM_RECALL_THRESHOLDS[k] > k / 100 for k in range(101)) == 36
+
+
+def grid_case():
+    """Two classes where the float32 and float64 grids disagree.
+
+    Class 0: 100 GT, 14 found exactly -> recall 14/100 at every IoU; the float32 recall step 14 lies above
+    0.14, so it reads precision 0 there (AP 14/101), the float64 one reads 1 (15/101). Class 1: one match at
+    IoU exactly 0.55 (5500/10000): counted at the float64 threshold 0.55, not at the float32 one.
+    """
+    anns = []
+    for k in range(100):
+        x, y = 100.0 * (k % 10), 100.0 * (k // 10)
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 0, "bbox": [x, y, 50.0, 50.0], "area": 2500.0})
+    anns.append({"id": 101, "image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, 100.0, 100.0], "area": 1e4})
+    for a in anns:
+        a["iscrowd"] = 0
+    gt = {
+        "images": [{"id": 1, "height": 1000, "width": 1000}, {"id": 2, "height": 200, "width": 200}],
+        "annotations": anns,
+        "categories": [{"id": 0, "name": "many"}, {"id": 1, "name": "one"}],
+    }
+    dets = [{"image_id": 1, "category_id": 0, "bbox": a["bbox"], "score": 0.9} for a in anns[:14]]
+    dets.append({"image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, 55.0, 100.0], "score": 0.8})
+    return gt, dets
+
+
+def direct_stats(gt, dets, *, stock_grids):
+    """pycocotools on the same dicts, maxDets (1, 10, 100), stats from summarize()."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        api = COCO()
+        api.dataset = copy.deepcopy(gt)
+        api.createIndex()
+        ev = COCOeval(api, api.loadRes(copy.deepcopy(dets)), "bbox")
+        if not stock_grids:
+            ev.params.iouThrs = np.asarray(TM_IOU_THRS)
+            ev.params.recThrs = np.asarray(TM_REC_THRS)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(STATS, ev.stats.tolist()))
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_grids_pin_numbers_where_float32_and_float64_disagree(backend):
+    if backend == "faster_coco_eval":
+        pytest.importorskip("faster_coco_eval")
+    gt, dets = grid_case()
+    out = coco_map(gt, dets, backend=backend, per_class=True)
+    assert out["AP/many"] == pytest.approx(14 / 101, abs=1e-12)
+    assert out["AP/one"] == pytest.approx(0.1, abs=1e-12)  # matched at IoU 0.5 only
+    assert out["mAP_50_95"] == pytest.approx((14 / 101 + 0.1) / 2, abs=1e-12)
+    assert out["mAP_50"] == pytest.approx((14 / 101 + 1.0) / 2, abs=1e-12)
+    assert out["mAP_75"] == pytest.approx(14 / 101 / 2, abs=1e-12)
+    assert out["mAR"] == pytest.approx((0.14 + 0.1) / 2, abs=1e-12)
+    # Upstream's grids through plain pycocotools agree; stock pycocotools reads the other points.
+    assert_stats_close(out, direct_stats(gt, dets, stock_grids=False), tol=1e-12)
+    stock = direct_stats(gt, dets, stock_grids=True)
+    assert stock["mAP_50_95"] == pytest.approx((15 / 101 + 0.2) / 2, abs=1e-12)
+    assert stock["mAP_50"] == pytest.approx((15 / 101 + 1.0) / 2, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# vectorised F1 sweep == the loop it replaced (tests/f1_reference.py)
+
+
+def random_f1_case(seed, *, masks=False, size=64):
+    """Small crowded images: overlapping GT, crowd regions, boxes past the border, score and IoU ties."""
+    rng = np.random.default_rng(seed)
+    n_images, n_classes = int(rng.integers(1, 6)), 3
+    anns, dets = [], []
+    for image_id in range(1, n_images + 1):
+        for _ in range(int(rng.integers(0, 9))):
+            x, y = rng.integers(-8, size - 4, 2).tolist()
+            w, h = rng.integers(2, 30, 2).tolist()
+            crowd = int(rng.random() < 0.15)
+            anns.append((image_id, int(rng.integers(n_classes)), [x, y, w, h], crowd))
+            for _ in range(int(rng.integers(0, 3))):  # found, possibly several times (duplicates)
+                jx, jy = rng.integers(-3, 4, 2).tolist()
+                c = anns[-1][1] if rng.random() < 0.8 else int(rng.integers(n_classes))
+                dets.append((image_id, c, [x + jx, y + jy, w, h], float(np.round(rng.random(), 2))))
+        for _ in range(int(rng.integers(0, 6))):  # background detections, some on crowd regions
+            x, y = rng.integers(0, size - 4, 2).tolist()
+            w, h = rng.integers(2, 30, 2).tolist()
+            dets.append((image_id, int(rng.integers(n_classes)), [x, y, w, h], float(np.round(rng.random(), 2))))
+    gt = small_gt(anns, n_images=n_images, n_classes=n_classes)
+    for img in gt["images"]:
+        img["height"] = img["width"] = size
+    out = [det(*d) for d in dets]
+    if masks:
+        for a in gt["annotations"]:
+            x, y, w, h = a["bbox"]
+            if a["iscrowd"]:
+                a["segmentation"] = box_rle(x, y, w, h, size)
+            else:  # a polygon, clipped to the image by the rasteriser
+                a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        for d in out:
+            d["segmentation"] = box_rle(*d["bbox"], size)
+    return gt, out
+
+
+def box_rle(x, y, w, h, size):
+    m = np.zeros((size, size), np.uint8)
+    m[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_f1_sweep_equals_reference_loop(seed):
+    gt, dets = random_f1_case(seed)
+    assert f1_sweep(gt, dets) == reference_f1_sweep(gt, dets)
+    assert f1_sweep(gt, dets, iou=0.3, thresholds=11) == reference_f1_sweep(gt, dets, iou=0.3, thresholds=11)
+    # Columns and dicts are one input.
+    assert f1_sweep(gt, Detections.from_coco(dets)) == reference_f1_sweep(gt, dets)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_f1_sweep_segm_equals_reference_loop(seed):
+    gt, dets = random_f1_case(seed, masks=True)
+    assert f1_sweep(gt, dets, iou_type="segm") == reference_f1_sweep(gt, dets, iou_type="segm")
+
+
+def test_f1_random_cases_exercise_the_rules():
+    """The random cases above hold what makes greedy matching hard, so their agreement means something."""
+    seen = {"crowd ignored": 0, "groups of several": 0, "score ties": 0, "F1 strictly between": 0}
+    for seed in range(40):
+        gt, dets = random_f1_case(seed)
+        scores = [d["score"] for d in dets]
+        seen["score ties"] += len(scores) != len(set(scores))
+        out = reference_f1_sweep(gt, dets, thresholds=[0.0])
+        no_crowd = {**gt, "annotations": [a for a in gt["annotations"] if not a["iscrowd"]]}
+        seen["crowd ignored"] += out["precision"] != reference_f1_sweep(no_crowd, dets, thresholds=[0.0])["precision"]
+        seen["F1 strictly between"] += 0.0 < reference_f1_sweep(gt, dets)["F1"] < 1.0
+        keys = [(d["image_id"], d["category_id"]) for d in dets]
+        seen["groups of several"] += len(keys) != len(set(keys))
+    assert all(count >= 3 for count in seen.values()), seen
+
+
+def test_f1_greedy_ties_follow_upstream():
+    # An IoU tie goes to the GT first in annotation order: d1 is 0.6 from both A and B and takes A, so d2 (which
+    # only fits A) is left an FP. Taking B would have made both TPs.
+    a, b = [0, 0, 10, 10], [5, 0, 10, 10]
+    gt = small_gt([(1, 0, a, 0), (1, 0, b, 0)], n_images=1, n_classes=1)
+    tied = [det(1, 0, [2.5, 0, 10, 10], 0.9), det(1, 0, a, 0.8)]
+    assert f1_sweep(gt, tied, thresholds=[0.0]) == reference_f1_sweep(gt, tied, thresholds=[0.0])
+    assert f1_sweep(gt, tied, thresholds=[0.0])["precision"] == 0.5
+    # Scores are ranked as float32: 0.9 and 0.9 + 1e-9 tie, so input order decides. d1 (on A and the crowd
+    # region) goes first and takes A; d2 (on A only) becomes an FP. In float64, d2 would take A and d1 be ignored.
+    gt = small_gt([(1, 0, a, 0), (1, 0, [0, 0, 10, 25], 1)], n_images=1, n_classes=1)
+    dets = [det(1, 0, [0, 0, 10, 14], 0.9), det(1, 0, a, 0.9 + 1e-9)]
+    assert f1_sweep(gt, dets, thresholds=[0.0])["precision"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# segm: our Evaluator against the COCO segm path upstream takes (torchmetrics -> faster_coco_eval)
+
+
+def segm_case(seed=0, size=96, n_images=4):
+    """Polygon objects from 3 to 40 px (small and medium), crowd regions as RLE, masks predicted with shifts,
+    misses, false positives and detections sitting on the crowd regions."""
+    rng = np.random.default_rng(seed)
+    gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in range(2)]}
+    preds = {}
+    for image_id in range(1, n_images + 1):
+        gt["images"].append({"id": image_id, "height": size, "width": size})
+        masks, scores, labels = [], [], []
+        for k in range(int(rng.integers(4, 9))):
+            side = int(rng.choice([3, 5, 8, 12, 20, 40]))
+            x, y = rng.integers(0, size - side, 2).tolist()
+            crowd = k == 0 and image_id % 2 == 1
+            label = int(rng.integers(2))
+            m = np.zeros((size, size), np.uint8)
+            m[y : y + side, x : x + side] = 1
+            if side > 5:  # cut a corner: a real polygon, not a box
+                m[y : y + side // 3, x : x + side // 3] = 0
+            rle = mask_utils.encode(np.asfortranarray(m))
+            if crowd:
+                seg = {"size": rle["size"], "counts": rle["counts"].decode()}
+            else:
+                c = side // 3 if side > 5 else 0
+                seg = [[x + c, y, x + side, y, x + side, y + side, x, y + side, x, y + c, x + c, y + c]]
+                m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, size, size)))
+            area = float(m.sum())
+            gt["annotations"].append(
+                {"image_id": image_id, "category_id": label, "bbox": [x, y, side, side], "area": area,
+                 "iscrowd": int(crowd), "segmentation": seg}
+            )  # fmt: skip
+            if rng.random() < 0.2 and not crowd:
+                continue  # missed
+            shifted = np.roll(m, tuple(rng.integers(-1, 2, 2).tolist()), axis=(0, 1))
+            masks.append(shifted.astype(bool))
+            labels.append(label if rng.random() < 0.9 else 1 - label)
+            scores.append(float(rng.uniform(0.05, 1.0)))
+        for _ in range(2):  # false positives
+            m = np.zeros((size, size), bool)
+            x, y = rng.integers(0, size - 10, 2).tolist()
+            m[y : y + int(rng.integers(2, 10)), x : x + int(rng.integers(2, 10))] = True
+            masks.append(m)
+            labels.append(int(rng.integers(2)))
+            scores.append(float(rng.uniform(0.05, 1.0)))
+        preds[image_id] = {
+            "boxes": torch.zeros(len(masks), 4),  # boxes play no part in segm
+            "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels),
+            "masks": torch.from_numpy(np.stack(masks))[:, None],
+        }
+    for i, ann in enumerate(gt["annotations"]):
+        ann["id"] = i + 1
+    return gt, preds
+
+
+def upstream_segm_stats(gt, preds):
+    """What upstream's OnePassCocoMeanAveragePrecision does with mask tensors: GT masks (decoded at image size)
+    and predicted masks encoded to RLE, areas from the masks, crowd rows with iscrowd=1, faster_coco_eval's
+    COCOeval with torchmetrics' float32 grids and maxDets [1, 10, 500], stats from summarize()."""
+    from faster_coco_eval import COCO as FCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    sizes = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
+    target, results = [], []
+    for ann in gt["annotations"]:
+        h, w = sizes[ann["image_id"]]
+        seg = ann["segmentation"]
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else dict(seg)
+        rle = mask_utils.encode(np.asfortranarray(mask_utils.decode(rle)))  # the tensor upstream holds
+        target.append({"id": len(target) + 1, "image_id": ann["image_id"], "category_id": ann["category_id"],
+                       "segmentation": rle, "area": float(mask_utils.area(rle)), "iscrowd": ann["iscrowd"],
+                       "bbox": ann["bbox"]})  # fmt: skip
+    for image_id, p in preds.items():
+        encoded = mask_utils.encode(np.asfortranarray(p["masks"][:, 0].numpy().transpose(1, 2, 0).astype(np.uint8)))
+        for rle, score, label in zip(encoded, p["scores"].tolist(), p["labels"].tolist()):
+            results.append({"id": len(results) + 1, "image_id": image_id, "category_id": label, "segmentation": rle,
+                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
+                            "score": score, "iscrowd": 0})  # fmt: skip
+    apis = []
+    for anns in (target, results):
+        api = FCOCO()
+        api.dataset = {"images": gt["images"], "annotations": anns, "categories": gt["categories"]}
+        api.createIndex()
+        apis.append(api)
+    ev = COCOeval_faster(apis[0], apis[1], iouType="segm", print_function=lambda *a, **k: None)
+    params = ev.params
+    params.iouThrs = np.asarray(TM_IOU_THRS, dtype=np.float64)
+    params.recThrs = np.asarray(TM_REC_THRS, dtype=np.float64)
+    params.maxDets = [1, 10, 500]
+    ev.params = params
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(["mAP_50_95", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large", "mAR_1", "mAR_10",
+                     "mAR", "mAR_small", "mAR_medium", "mAR_large"], ev.stats.tolist()))  # fmt: skip
+
+
+def our_segm(gt, preds, backend="pycocotools"):
+    ev = Evaluator(gt, backend=backend)
+    ids = list(preds)
+    ev.update([preds[i] for i in ids[:2]], ids[:2])  # two batches
+    ev.update([preds[i] for i in ids[2:]], ids[2:])
+    return {k[len("segm_") :]: v for k, v in ev.compute().items() if k.startswith("segm_")}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segm_metrics_equal_upstream_path_with_crowd_and_small_objects(seed):
+    pytest.importorskip("faster_coco_eval")
+    gt, preds = segm_case(seed)
+    ref = upstream_segm_stats(gt, preds)
+    assert 0.1 < ref["mAP_50_95"] < 0.95 and ref["mAP_small"] > -1 and ref["mAP_medium"] > -1
+    for backend in ("pycocotools", "faster_coco_eval"):
+        assert_stats_close(our_segm(gt, preds, backend), ref, tol=1e-12)
+    # Crowd regions and small objects both move the numbers here, so the agreement covers them.
+    no_crowd = {**gt, "annotations": [a for a in gt["annotations"] if not a["iscrowd"]]}
+    assert upstream_segm_stats(no_crowd, preds)["mAP_50_95"] != ref["mAP_50_95"]
+    assert ref["mAP_small"] != ref["mAP_medium"]
+
+
+def test_evaluator_keeps_rle_not_masks_and_merges_ranks():
+    gt, preds = segm_case(1)
+    ids = list(preds)
+    single = Evaluator(gt)
+    single.update([preds[i] for i in ids], ids)
+    state = single.state()
+    # What the evaluator keeps is columns and RLE strings: no tensor, nothing of size H*W per detection.
+    kept = state["detections"]
+    assert isinstance(kept, Detections) and all(isinstance(r["counts"], str) for r in kept.rles)
+    assert not any(torch.is_tensor(v) for v in vars(kept).values())
+    # Two "ranks", the second repeating an image of the first (sampler padding): merged like one pass.
+    rank0, rank1 = Evaluator(gt), Evaluator(gt)
+    rank0.update([preds[i] for i in ids[:3]], ids[:3])
+    rank1.update([preds[i] for i in ids[2:]], ids[2:])
+    assert rank1.num_detections > single.num_detections - rank0.num_detections  # it holds the repeat
+    rank0.merge([rank1.state()])
+    assert rank0.num_detections == single.num_detections
+    assert rank0.compute() == single.compute()
+
+
+def test_evaluate_frees_each_batch_of_masks(monkeypatch):
+    """validate.evaluate hands every batch to the Evaluator (RLE) and keeps no mask tensors: when compute()
+    starts, the masks of every batch but the last (still a local of the loop) are garbage."""
+    import gc
+    import weakref
+
+    import rfdetr_fn as rf
+    from rfdetr_fn import validate
+    from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
+    from rfdetr_fn.data import build_dataset
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64, segmentation_head=True)
+    dcfg = DataConfig(synthetic_images=24, synthetic_classes=2, synthetic_size=64, num_workers=0)
+    dataset = build_dataset(dcfg, "valid", cfg, TrainConfig(), train=False)  # 6 images
+    batches: list[list[weakref.ref]] = []
+    alive_at_compute: list[int] = []
+    update, compute = Evaluator.update, Evaluator.compute
+
+    def spy_update(self, predictions, image_ids):
+        batches.append([weakref.ref(p["masks"]) for p in predictions])
+        update(self, predictions, image_ids)
+
+    def spy_compute(self, timings=None):
+        gc.collect()
+        alive_at_compute.extend(i for i, refs in enumerate(batches) if any(r() is not None for r in refs))
+        return compute(self, timings)
+
+    monkeypatch.setattr(Evaluator, "update", spy_update)
+    monkeypatch.setattr(Evaluator, "compute", spy_compute)
+    metrics = validate.evaluate(rf.init(cfg, seed=0), cfg, dataset, batch_size=2, ecfg=EvalConfig())
+    assert len(batches) == 3 and "segm_mAP_50_95" in metrics
+    assert alive_at_compute in ([], [2])

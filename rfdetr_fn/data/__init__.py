@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from rfdetr_fn.config import DataConfig, ModelConfig, TrainConfig
+from rfdetr_fn.data import augment
 from rfdetr_fn.data.coco import ROBOFLOW_ANNOTATIONS, coco2017_source, filter_parent_categories, roboflow_source
 from rfdetr_fn.data.dataset import DetectionDataset, Pipeline
 from rfdetr_fn.data.loader import (
@@ -129,12 +130,18 @@ def build_dataset(
 
     train=True enables augmentation and the multi-scale mode of train_cfg; masks are decoded when the
     model has a segmentation head."""
+    if model_cfg.num_channels != 3:
+        raise DatasetError(
+            f"model.num_channels={model_cfg.num_channels}: the dataset readers decode RGB images (3 channels); "
+            "other channel counts are for batches you build and pass to rfdetr_fn.apply yourself"
+        )
     source = load_source(data_cfg, split)
     pipeline = Pipeline(
         train=train,
         resolution=model_cfg.resolution,
         scales=train_scales(model_cfg, train_cfg) if train else (model_cfg.resolution,),
         scale_jitter=train_cfg.scale_jitter,
+        augmentations=augment.resolve(train_cfg.aug_preset, train_cfg.aug_config),
     )
     ds = DetectionDataset(
         source,

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from rfdetr_fn import imageio
+from rfdetr_fn.data import augment
 from rfdetr_fn.data import transforms as T
 from rfdetr_fn.data.masks import decode_masks
 from rfdetr_fn.data.source import DatasetError, Source, check_source
@@ -25,6 +27,7 @@ class Pipeline:
     resolution: int
     scales: tuple[int, ...]
     scale_jitter: bool = True
+    augmentations: dict | None = None  # an aug_config; None = the default preset (horizontal flip)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -43,19 +46,15 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(
         self, source: Source, pipeline: Pipeline, *, masks: bool = False, seed: int = 0, block_size: int = 32
     ) -> None:
-        images, records, problems, clipped = check_source(source)
+        images, records, problems, boxes_report = check_source(source)
         if problems:
             shown = "\n  ".join(problems[:200])
             more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
             raise DatasetError(f"{source.name}: {len(problems)} problem(s):\n  {shown}{more}")
         if not images:
             raise DatasetError(f"{source.name}: empty split (no images)")
-        if clipped:
-            head = "; ".join(clipped[:5])
-            warnings.warn(
-                f"{source.name}: {len(clipped)} box(es) outside their image were clipped: {head}",
-                stacklevel=2,
-            )
+        if boxes_report:
+            warnings.warn(f"{source.name}: {boxes_report}", stacklevel=2)
         self.source_name = source.name
         self.images = images
         self.records = records
@@ -85,21 +84,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         path = self.image_path(index)
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DatasetError(f"{path}: unreadable image ({exc})") from exc
+                return imageio.to_rgb(im)
+        except imageio.READ_ERRORS as exc:
+            raise DatasetError(imageio.read_error(path, exc)) from exc
 
     def verify_images(self) -> None:
-        """Decode every image header once; report all unreadable files together."""
-        bad = []
-        for i in range(len(self)):
-            if self.render is not None:
-                continue
-            try:
-                with Image.open(self.image_path(i)) as im:
-                    im.verify()
-            except Exception as exc:  # PIL raises many types for corrupt files
-                bad.append(f"{self.image_path(i)}: {exc}")
+        """Read every image header once (threads); report all unreadable files together."""
+        if self.render is not None:
+            return
+        bad, _ = imageio.check_headers([(self.image_path(i), None, None) for i in range(len(self))])
         if bad:
             raise DatasetError(f"{self.source_name}: {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
 
@@ -129,7 +122,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         p = self.pipeline
         if p.train:
             gen = torch.Generator().manual_seed(seed)
-            image, target = T.train_transform(image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen)
+            image, target = augment.train_transform(
+                image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen, config=p.augmentations
+            )
         else:
             image, target = T.eval_transform(image, target, p.resolution)
         image, target = T.finalize(image, target)

@@ -145,19 +145,18 @@ def random_crop_window(h: int, w: int, gen: torch.Generator) -> tuple[int, int, 
     return top, left, ch, cw
 
 
-def train_transform(
+def jitter_resize(
     image: Tensor, target: Target, *, scales: Sequence[int], scale_jitter: bool, gen: torch.Generator
 ) -> tuple[Tensor, Target]:
-    """Scale jitter (square resize vs resize-crop-resize, p=0.5 each) then a horizontal flip with p=0.5."""
+    """Scale jitter: square resize, or (p=0.5) resize-crop-resize, to a side drawn from `scales`.
+
+    The rest of the training transform (flips and the other presets) is `augment.train_transform`."""
     side = scales[randint(gen, 0, len(scales) - 1)]
     if scale_jitter and rand(gen) >= 0.5:
         short = JITTER_SHORT_SIDES[randint(gen, 0, len(JITTER_SHORT_SIDES) - 1)]
         image, target = resize(image, target, short_side_size(*image.shape[-2:], short))
         image, target = crop(image, target, *random_crop_window(*image.shape[-2:], gen))
-    image, target = resize(image, target, (side, side))
-    if rand(gen) < 0.5:
-        image, target = hflip(image, target)
-    return image, target
+    return resize(image, target, (side, side))
 
 
 def eval_transform(image: Tensor, target: Target, resolution: int) -> tuple[Tensor, Target]:

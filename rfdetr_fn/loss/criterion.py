@@ -110,6 +110,19 @@ def ia_bce_loss(logits: Tensor, pairs: dict, num_boxes: Tensor, alpha: float) ->
     return loss.sum() / num_boxes
 
 
+def focal_loss(logits: Tensor, pairs: dict, num_boxes: Tensor, alpha: float) -> Tensor:
+    """Plain sigmoid focal loss (upstream's `ia_bce_loss=False` path): one-hot targets at matched (query,
+    class), zeros elsewhere (the no-object column is never a positive); summed, divided by num_boxes."""
+    position = pairs["query"] * logits.shape[-1] + pairs["labels"]
+    hits = torch.zeros_like(logits).flatten(1).scatter_add(1, position, pairs["matched"].to(logits.dtype))
+    target = (hits.view_as(logits) > 0).to(logits.dtype)
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return (alpha_t * ce * (1 - p_t) ** FOCAL_GAMMA).sum() / num_boxes
+
+
 def class_error(logits: Tensor, pairs: dict) -> Tensor:
     """100 - top-1 accuracy (%) over matched pairs (logging only)."""
     with torch.no_grad():
@@ -249,7 +262,8 @@ def criterion(
     losses: dict[str, Tensor] = {}
     for (suffix, layer), idx in zip(matched_layers, indices):
         pairs = gather_pairs(layer, targets, idx)
-        losses["loss_ce" + suffix] = ia_bce_loss(layer["pred_logits"], pairs, num_boxes, tcfg.focal_alpha)
+        classification = ia_bce_loss if tcfg.ia_bce_loss else focal_loss
+        losses["loss_ce" + suffix] = classification(layer["pred_logits"], pairs, num_boxes, tcfg.focal_alpha)
         if not suffix:
             losses["class_error"] = class_error(layer["pred_logits"], pairs)
         for key, value in box_losses(pairs, num_boxes).items():

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import nn
+from rfdetr_fn.compile import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.tree import Params
 
@@ -118,8 +119,8 @@ def _embed(p: Params, images: Tensor, cfg: ModelConfig) -> Tensor:
 def _attention(p: Params, x: Tensor, num_heads: int) -> Tensor:
     n, t, d = x.shape
 
-    def heads(y: Tensor) -> Tensor:
-        return y.reshape(n, t, num_heads, d // num_heads).transpose(1, 2)
+    def heads(y: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+        return y.reshape(n, t, num_heads, d // num_heads).transpose(1, 2).contiguous()
 
     a = p["attention"]
     q, k, v = (heads(nn.linear(a[name], x)) for name in ("query", "key", "value"))
@@ -136,6 +137,7 @@ def _drop_path(x: Tensor, rate: Tensor | None) -> Tensor:
     return x / keep * mask
 
 
+@region
 def _block(p: Params, x: Tensor, cfg: ModelConfig, full: bool, rate: Tensor | None) -> Tensor:
     """Pre-norm ViT block. Full-attention blocks let all windows of an image attend jointly."""
     n, t, d = x.shape

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import nn
+from rfdetr_fn.compile import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.kernels import ms_deform_attn
 from rfdetr_fn.model.position import sine_for_boxes
@@ -125,12 +126,12 @@ def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -
     w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
     b_q, b_k, b_v = p["in_proj_bias"].chunk(3)
 
-    def heads_view(t: Tensor) -> Tensor:
-        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2)
+    def heads_view(t: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2).contiguous()
 
-    q = heads_view(qk @ w_q.T + b_q)
-    k = heads_view(qk @ w_k.T + b_k)
-    v = heads_view(x @ w_v.T + b_v)
+    q = heads_view(qk @ w_q.t() + b_q)
+    k = heads_view(qk @ w_k.t() + b_k)
+    v = heads_view(x @ w_v.t() + b_v)
     out = F.scaled_dot_product_attention(q, k, v)
     out = out.transpose(1, 2).reshape(b, n, d)
     return nn.linear(p["out_proj"], out)
@@ -155,6 +156,7 @@ def deformable_attention(
 # ---------------------------------------------------------------- decoder
 
 
+@region
 def decoder_layer(
     p: Params,
     tgt: Tensor,
@@ -195,6 +197,21 @@ def decoder(
     return torch.stack(hs)
 
 
+def with_registers(x: Tensor, rows: Tensor, groups: int) -> Tensor:
+    """Append the register rows (R, c) to every query group of x (B, G*Q, c) -> (B, G*(Q+R), c), so group
+    self-attention sees them in each group (upstream's num_decoder_registers)."""
+    b, n, c = x.shape
+    per_group = x.reshape(b, groups, n // groups, c)
+    extra = rows.to(x.dtype)[None, None].expand(b, groups, -1, -1)
+    return torch.cat([per_group, extra], 2).reshape(b, -1, c)
+
+
+def drop_registers(hs: Tensor, groups: int, registers: int) -> Tensor:
+    """Remove the register rows from decoder states (L, B, G*(Q+R), d) -> (L, B, G*Q, d)."""
+    layers, b, n, d = hs.shape
+    return hs.reshape(layers, b, groups, n // groups, d)[:, :, :, : n // groups - registers].reshape(layers, b, -1, d)
+
+
 def check_supported(cfg: ModelConfig) -> None:
     for field in ("two_stage", "bbox_reparam", "lite_refpoint_refine"):
         if not getattr(cfg, field):
@@ -225,7 +242,14 @@ def apply(
     learned = refpoint_embed[None].expand(b, -1, -1)
     n_ts = boxes_ts.shape[1]
     ref = torch.cat([apply_deltas(learned[:, :n_ts], boxes_ts.detach()), learned[:, n_ts:]], 1)
-    hs = decoder(p["decoder"], tgt, ref, memory, mask, shapes, ratios, cfg, groups)
+    registers = cfg.num_decoder_registers
+    if registers:
+        tgt_r = with_registers(tgt, p["register_tokens"], groups)
+        ref_r = with_registers(ref, p["register_ref_points"], groups)
+        hs = decoder(p["decoder"], tgt_r, ref_r, memory, mask, shapes, ratios, cfg, groups)
+        hs = drop_registers(hs, groups, registers)
+    else:
+        hs = decoder(p["decoder"], tgt, ref, memory, mask, shapes, ratios, cfg, groups)
     return {
         "hs": hs,
         "ref": ref,
@@ -289,7 +313,14 @@ def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
     """Decoder and per-group encoder projections; the encoder class/box heads are added by the detector
     (upstream makes them deep copies of `class_embed` / `bbox_embed`)."""
     d = cfg.hidden_dim
+    registers = {}
+    if cfg.num_decoder_registers:
+        registers = {
+            "register_tokens": torch.randn(cfg.num_decoder_registers, d, generator=gen),
+            "register_ref_points": torch.zeros(cfg.num_decoder_registers, 4),
+        }
     return {
+        **registers,
         "decoder": {
             "layers": {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)},
             "norm": nn.norm_init(d),
@@ -329,6 +360,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "norm3.bias": (d,),
     }
     out: dict[str, tuple[int, ...]] = {}
+    if cfg.num_decoder_registers:  # module-level parameters come first in upstream's state dict
+        out.update(
+            {"register_tokens": (cfg.num_decoder_registers, d), "register_ref_points": (cfg.num_decoder_registers, 4)}
+        )
     for i in range(cfg.dec_layers):
         out.update({f"decoder.layers.{i}.{k}": v for k, v in layer.items()})
     out.update({"decoder.norm.weight": (d,), "decoder.norm.bias": (d,)})

@@ -1,0 +1,233 @@
+"""Everything torch.compile: region markers, the compiled-function factory and the on-disk compile cache.
+
+Regional compilation: `region` marks a repeated block (a ViT block, a decoder layer) with
+`torch.compiler.nested_compile_region`, so Dynamo traces and AOTAutograd compile one copy per distinct
+block kind and stamp it out for every layer. Outside torch.compile the marker is a plain call. The
+markers do not compose with `torch.func.grad_and_value` under compile (torch 2.13 fails with "Expected
+FakeTensor"), which is why the compiled train step differentiates with autograd around a compiled loss
+(see `rfdetr_fn.step.compile_step`) instead of tracing torch.func inside one graph.
+
+Two torch 2.13 workarounds live in the marked blocks: linears use `w.t()` (Dynamo lifts a region input's
+`.T` out of the region and fails to map it back), and attention heads are made contiguous before SDPA
+(inside a region's backward, inductor's SDPA gradient comes back in another layout than traced and the
+head-merging `view` fails: "Cannot view a tensor with shape [B, T, heads, hd]").
+
+The cache: inductor's FX-graph cache and AOTAutograd's cache are switched on, and
+`torch.compiler.save_cache_artifacts` bundles what a run compiled into a file under
+`<cache dir>/<key>/`, where the key hashes everything that shapes the graph (model config, the train
+fields that enter the step, precision, torch/triton versions, device). A later run with the same key
+loads those files before its first call and skips AOTAutograd and inductor; a changed config gets
+another key and never sees them (the caches inside are content-addressed too).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+# TrainConfig fields that never enter the compiled step; every other field is part of the cache key, so a
+# field added later is keyed by default (a stale artifact is worse than a recompile).
+LOOP_ONLY_FIELDS = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "pretrain_weights",
+        "seed",
+        "log_every_n_steps",
+        "tensorboard",
+        "progress_bar",
+        "checkpoint_interval",
+        "eval_interval",
+        "early_stopping",
+        "early_stopping_patience",
+        "early_stopping_min_delta",
+        "early_stopping_use_ema",
+        "best_model_metric",
+        "skip_best_epochs",
+        "smooth_alpha",
+        "eval_base_model",
+        "compute_val_loss",
+        "run_test",
+        "eval_batch_size",
+        "compile",
+        "compile_cache",
+        "scale_jitter",
+    }
+)
+
+# Measured first-compile times (benchmarks/RESULTS.md, shared 2-core CPU, torch 2.13): used by `auto` to
+# decide and by `announce` to say how long the wait is. None = not measured there: auto stays off.
+FIRST_COMPILE_S = {"cpu": None, "cuda": None}
+
+
+class _Switch:
+    """Trace-time switch for the region markers (Dynamo guards on it, so flipping it retraces)."""
+
+    regions: bool = True
+
+
+SWITCH = _Switch()
+
+
+def region(fn: F) -> F:
+    """Mark `fn` as a nested compile region (a no-op eagerly and when `SWITCH.regions` is off)."""
+    marked = torch.compiler.nested_compile_region(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (marked if SWITCH.regions else fn)(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def compile_fn(fn: F, *, backend: str = "inductor", mode: str | None = None) -> F:
+    """torch.compile one pure function: fullgraph (a graph break is a bug), static shapes."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)  # type: ignore[return-value]
+
+
+def raise_recompile_limit(max_shapes: int) -> None:
+    """Make room for `max_shapes` graphs per function (never lowers it): past Dynamo's limit (8) a
+    fullgraph function fails outright, and Nano's multi-scale menu alone has 11 sizes."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), max_shapes))
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """'auto' compiles where benchmarks/compile.py measured a win on that device type (FIRST_COMPILE_S)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"compile={setting!r}: expected auto, on or off")
+    return setting == "on" or (setting == "auto" and FIRST_COMPILE_S.get(device.type) is not None)
+
+
+def default_cache_dir() -> Path:
+    """$RFDETR_FN_CACHE, else $XDG_CACHE_HOME/rfdetr_fn/compile, else ~/.cache/rfdetr_fn/compile."""
+    if os.environ.get("RFDETR_FN_CACHE"):
+        return Path(os.environ["RFDETR_FN_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "rfdetr_fn" / "compile"
+
+
+def cache_key(model_cfg: Any, train_cfg: Any = None, *, device: torch.device | str, **extra: Any) -> str:
+    """A short hash of everything that shapes the compiled graphs; `extra` adds call-site facts
+    (precision, steps per epoch, world size, what is compiled)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    record = {
+        "model": attrs.asdict(model_cfg),
+        "train": None
+        if train_cfg is None
+        else {k: v for k, v in attrs.asdict(train_cfg).items() if k not in LOOP_ONLY_FIELDS},
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "device": _device_name(torch.device(device)),
+        **extra,
+    }
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{torch.cuda.get_device_name(index)}:{torch.cuda.get_device_capability(index)}"
+    return device.type
+
+
+@attrs.define
+class CompileCache:
+    """The artifacts of one cache key: `load` before the first compiled call, `save_if_new` after calls."""
+
+    directory: Path
+    key: str
+    saved_graphs: int = 0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory) / self.key
+
+    def load(self) -> int:
+        """Load every artifact file of this key into torch's caches; returns how many loaded."""
+        enable_disk_caches()
+        loaded = 0
+        for file in sorted(self.path.glob("*.bin")) if self.path.is_dir() else []:
+            try:  # torch logs and returns None for a corrupt file; a failed read raises
+                info = torch.compiler.load_cache_artifacts(file.read_bytes())
+            except Exception as e:
+                info, why = None, f"{type(e).__name__}: {e}"
+            else:
+                why = "not a torch compile-cache artifact (corrupt or from another torch)"
+            if info is None:  # a bad file costs a recompile, never the run
+                print(f"compile cache: ignoring {file}: {why}")
+            loaded += info is not None
+        self.saved_graphs = _graph_count()
+        return loaded
+
+    def save_if_new(self) -> Path | None:
+        """Write what was compiled since the last save (one file per content hash, atomically)."""
+        graphs = _graph_count()
+        if graphs <= self.saved_graphs:
+            return None
+        self.saved_graphs = graphs
+        result = torch.compiler.save_cache_artifacts()
+        if result is None:
+            return None
+        data = result[0]
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / f"{hashlib.sha256(data).hexdigest()[:16]}.bin"
+        if not target.exists():
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return target
+
+
+def enable_disk_caches() -> None:
+    """Inductor's FX-graph cache and AOTAutograd's cache (both on by default in 2.13; made explicit)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def announce(
+    what: str, device: torch.device, cache: CompileCache | None, loaded: int, switch: str = "--train.compile off"
+) -> None:
+    """Say once what the first compiled call costs, so nobody waits minutes silently."""
+    expected = FIRST_COMPILE_S.get(device.type)
+    if loaded:
+        print(f"compiling {what}: reusing {loaded} cached artifact file(s) from {cache.path}")
+        return
+    guess = f"about {expected / 60:.0f} min" if expected else "minutes on CPU"
+    where = f"; later runs reuse {cache.path}" if cache is not None else ""
+    print(f"compiling {what}: the first call at each input size takes {guess}{where} ({switch} skips it)")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds) for benchmarks and the first-compile report."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start

@@ -1,0 +1,166 @@
+"""Compilation: the regional step equals the eager one, the cache key tracks the graph, artifacts survive."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+import rfdetr_fn as rf
+from rfdetr_fn import compile as compile_lib
+from rfdetr_fn import tree
+from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
+from tests.test_train import _run, _tiny_setup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cache_key_follows_graph_shaping_fields_only():
+    cfg, tcfg = rf.presets.tiny(), TrainConfig()
+    key = compile_lib.cache_key(cfg, tcfg, device="cpu", precision="fp32")
+    assert key == compile_lib.cache_key(cfg, tcfg, device="cpu", precision="fp32")
+    changed = [
+        compile_lib.cache_key(attrs.evolve(cfg, resolution=256), tcfg, device="cpu", precision="fp32"),
+        compile_lib.cache_key(cfg, attrs.evolve(tcfg, batch_size=8), device="cpu", precision="fp32"),
+        compile_lib.cache_key(cfg, attrs.evolve(tcfg, lr=2e-4), device="cpu", precision="fp32"),  # a graph constant
+        compile_lib.cache_key(cfg, attrs.evolve(tcfg, grad_accum_steps=2), device="cpu", precision="fp32"),
+        compile_lib.cache_key(cfg, attrs.evolve(tcfg, epochs=3), device="cpu", precision="fp32"),  # schedule
+        compile_lib.cache_key(cfg, tcfg, device="cpu", precision="fp16"),
+        compile_lib.cache_key(cfg, tcfg, device="meta", precision="fp32"),
+    ]
+    assert len({key, *changed}) == len(changed) + 1
+    loop_only = attrs.evolve(tcfg, output_dir="elsewhere", seed=7, compile="on", compile_cache="/x")
+    assert compile_lib.cache_key(cfg, loop_only, device="cpu", precision="fp32") == key
+    assert {f.name for f in attrs.fields(TrainConfig)} >= compile_lib.LOOP_ONLY_FIELDS
+
+
+def test_cache_reads_only_its_own_key(tmp_path, capsys):
+    """Artifacts of another config are never loaded; a corrupt file costs a recompile, not the run."""
+    mine = compile_lib.CompileCache(tmp_path, "key_a")
+    other = tmp_path / "key_b"
+    other.mkdir()
+    (other / "0.bin").write_bytes(b"not an artifact")
+    assert mine.load() == 0
+    (tmp_path / "key_a").mkdir()
+    (tmp_path / "key_a" / "1.bin").write_bytes(b"corrupt")
+    assert mine.load() == 0
+    assert f"ignoring {tmp_path / 'key_a' / '1.bin'}" in capsys.readouterr().out
+    assert mine.save_if_new() is None  # nothing compiled since the load
+
+
+def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RFDETR_FN_CACHE", str(tmp_path / "c"))
+    assert compile_lib.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("RFDETR_FN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_lib.default_cache_dir() == tmp_path / "rfdetr_fn" / "compile"
+
+
+def test_use_compile_auto_follows_measurements(monkeypatch):
+    monkeypatch.setitem(compile_lib.FIRST_COMPILE_S, "cpu", None)
+    assert not compile_lib.use_compile("auto", torch.device("cpu"))
+    monkeypatch.setitem(compile_lib.FIRST_COMPILE_S, "cpu", 120.0)
+    assert compile_lib.use_compile("auto", torch.device("cpu"))
+    assert compile_lib.use_compile("on", torch.device("cpu")) and not compile_lib.use_compile(
+        "off", torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match="compile='yes'"):
+        compile_lib.use_compile("yes", torch.device("cpu"))
+
+
+def test_regional_step_matches_eager_without_recompiles():
+    """aot_eager traces the graphs inductor compiles: the loss (with its nested regions) and the update."""
+    import torch._dynamo.utils as dutils
+
+    cfg, tcfg, batch = _tiny_setup()
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10)
+    eager_state, eager = _run(step, init_state(rf.init(cfg, 0), tcfg), batch, 3)
+    torch._dynamo.reset()
+    compiled = compile_step(step, backend="aot_eager")
+    state, first = _run(compiled, init_state(rf.init(cfg, 0), tcfg), batch, 1)
+    graphs = dutils.counters["stats"]["unique_graphs"]
+    state, rest = _run(compiled, state, batch, 2)
+    assert dutils.counters["stats"]["unique_graphs"] == graphs, "the step recompiled after warm-up"
+    assert dict(dutils.counters["graph_break"]) == {}
+    assert first + rest == pytest.approx(eager, rel=1e-5)
+    for key, want in tree.flatten(eager_state).items():
+        got = tree.flatten(state)[key]
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_inductor_step_equals_eager_losses_grads_and_state():
+    """One inductor-compiled step (regional): loss terms, every gradient and the new state equal eager."""
+    cfg, tcfg, batch = _tiny_setup()
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10)
+    compiled = compile_step(step)
+    state = init_state(rf.init(cfg, 0), tcfg)
+    scale = torch.ones(())
+    trainable, frozen = step.pieces.split(state["params"])
+    got_g, (_, (_, got_l)) = grad_and_value(compiled.pieces.loss)(trainable, frozen, batch, scale)
+    want_g, (_, (_, want_l)) = grad_and_value(step.pieces.loss)(trainable, frozen, batch, scale)
+    for key in want_l:
+        assert got_l[key].item() == pytest.approx(want_l[key].item(), rel=1e-5, abs=1e-7), key
+    for key, want in tree.flatten(want_g).items():
+        bound = 1e-4 * want.abs().max().item() + 1e-9
+        assert (tree.flatten(got_g)[key] - want).abs().max().item() <= bound, key
+    new_c, _ = compiled(state, [batch])
+    new_e, _ = step(init_state(rf.init(cfg, 0), tcfg), [batch])
+    for key, want in tree.flatten(new_e).items():
+        assert torch.allclose(tree.flatten(new_c)[key], want, rtol=1e-4, atol=1e-6), key
+
+
+_SECOND_PROCESS = """
+import json, sys, time
+import torch
+import rfdetr_fn as rf
+from rfdetr_fn import compile as compile_lib
+from rfdetr_fn.inference import forward_fn
+cfg = rf.presets.tiny(num_classes=3, resolution=64)
+cache_dir = sys.argv[1]
+params = rf.init(cfg, 0)
+x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
+out = forward_fn(cfg, "cpu", compile=True, cache_dir=cache_dir)(params, x, None)
+seconds = time.perf_counter() - start
+want = rf.apply(params, x, None, cfg, train=False)
+from torch._dynamo.utils import counters
+print(json.dumps({
+    "seconds": seconds,
+    "diff": (out["pred_boxes"] - want["pred_boxes"]).abs().max().item(),
+    "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
+    "aot_hits": counters["aot_autograd"]["autograd_cache_hit"],
+    "files": len(list(__import__("pathlib").Path(cache_dir).rglob("*.bin"))),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_second_process_loads_the_compiled_artifacts(tmp_path):
+    """Process 1 compiles the forward and saves artifacts; process 2, with empty inductor caches of its
+    own, loads them and hits the caches instead of compiling."""
+
+    def run(name: str) -> dict:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name), "TRITON_CACHE_DIR": str(tmp_path / name)}
+        done = subprocess.run(
+            [sys.executable, "-c", _SECOND_PROCESS, str(tmp_path / "artifacts")],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold, warm = run("first"), run("second")
+    assert cold["files"] >= 1 and cold["diff"] < 1e-4 and warm["diff"] < 1e-4
+    assert cold["fx_hits"] == 0 and warm["fx_hits"] >= 1
+    assert warm["seconds"] < cold["seconds"]
