@@ -1,13 +1,17 @@
-"""Eager vs compiled train-step throughput and peak memory, printed as a table with ratios.
+"""Eager vs compiled vs CUDA-graphed train-step throughput and peak memory, printed as a table with ratios.
 
     python benchmarks/train_step.py --preset nano --resolution 384 --batch-size 2 --device cpu
     python benchmarks/train_step.py --preset nano --batch-size 4 16 --device cuda --precision bf16 --gpu-report
+    python benchmarks/train_step.py --device cuda --precision bf16 --modes eager graphed --gpu-report
+    python benchmarks/train_step.py --device cuda --precision bf16 --parity 20   # graphed vs eager, 20 steps
 
 Each mode runs in its own subprocess so peak RSS (CPU) or peak allocated memory (CUDA) belongs to that mode
 alone. Timings are medians over --steps steps after --warmup steps (the compiled mode's first call,
 which compiles, is reported separately). On CUDA, --gpu-report also counts host syncs per step
 (torch.cuda.set_sync_debug_mode), kernels launched per step (profiler) and recompiles while stepping
-through the multi-scale menu after warm-up.
+through the multi-scale menu after warm-up (for the graphed mode: new graph captures). "graphed" is the
+eager step replayed from one CUDA graph per input size (`rfdetr_fn.graphs`, `--train.cuda-graphs`); it needs
+the device matcher, which --matcher auto picks on CUDA.
 """
 
 from __future__ import annotations
@@ -40,25 +44,42 @@ def synthetic_batch(cfg, batch_size: int, resolution: int, device, *, targets: i
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_mode(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict:
-    """One mode in this process: returns timings and peak memory."""
+def build_step(args: argparse.Namespace, batch_size: int, mode: str):
+    """(cfg, step, state, batch) for one mode: eager, compiled or graphed."""
     import rfdetr_fn as rf
     from rfdetr_fn import tree
     from rfdetr_fn.config import TrainConfig
+    from rfdetr_fn.graphs import graphed_step
     from rfdetr_fn.step import compile_step, init_state, make_train_step
 
-    torch.set_num_threads(args.threads) if args.device == "cpu" else None
     device = torch.device(args.device)
     cfg = rf.presets.get(args.preset, resolution=args.resolution or rf.presets.get(args.preset).resolution)
     tcfg = TrainConfig(
-        batch_size=batch_size, multi_scale="off", compile="on" if compiled else "off", precision=args.precision
+        batch_size=batch_size,
+        multi_scale="off",
+        compile="on" if mode == "compiled" else "off",
+        precision=args.precision,
+        matcher_backend=args.matcher,
+        cuda_graphs=mode == "graphed",
     )
     params = tree.map_(lambda t: t.to(device), rf.init(cfg, seed=0))
     state = init_state(params, tcfg)
     step = compile_step(
-        make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision), enabled=compiled, max_shapes=32
+        make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision),
+        enabled=mode == "compiled",
+        max_shapes=32,
     )
-    batch = synthetic_batch(cfg, batch_size, cfg.resolution, device)
+    step = graphed_step(step, tcfg, device, max_graphs=32)
+    if mode == "graphed" and not hasattr(step, "graphs"):
+        raise SystemExit("graphed mode could not start (see the message above)")
+    return cfg, step, state, synthetic_batch(cfg, batch_size, cfg.resolution, device)
+
+
+def run_mode(args: argparse.Namespace, batch_size: int, mode: str) -> dict:
+    """One mode in this process: returns timings and peak memory."""
+    torch.set_num_threads(args.threads) if args.device == "cpu" else None
+    device = torch.device(args.device)
+    cfg, step, state, batch = build_step(args, batch_size, mode)
 
     def one(state):
         t0 = time.perf_counter()
@@ -76,7 +97,7 @@ def run_mode(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict:
         state, dt = one(state)
         times.append(dt)
     result = {
-        "mode": "compiled" if compiled else "eager",
+        "mode": mode,
         "batch": batch_size,
         "first_s": first,
         "median_s": statistics.median(times),
@@ -109,19 +130,48 @@ def gpu_report(step, state, batch, cfg, args) -> dict:
     kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
     import torch._dynamo.utils as dutils
 
+    def compiled_count() -> int:  # graphs compiled by Dynamo, or captured by the graphed step
+        return len(step.graphs) if hasattr(step, "graphs") else dutils.counters["stats"]["unique_graphs"]
+
     scales = multi_scale_scales(cfg.resolution, True, cfg.patch_size, cfg.num_windows)[: args.report_scales]
     for s in scales:  # warm every scale once
         state, _ = step(state, [resize_batch(batch, s)])
-    before = dutils.counters["stats"]["unique_graphs"]
+    before = compiled_count()
     for s in scales:
         state, _ = step(state, [resize_batch(batch, s)])
-    recompiles = dutils.counters["stats"]["unique_graphs"] - before
+    recompiles = compiled_count() - before
     return {
         "host_syncs_per_step": syncs,
         "kernels_per_step": kernels,
         "recompiles_after_warmup": recompiles,
         "scales": len(scales),
     }
+
+
+def parity(args: argparse.Namespace) -> None:
+    """Eager and graphed steps from the same weights over the same batches and seeds: loss and parameter gaps."""
+    from rfdetr_fn import tree
+    from rfdetr_fn.step import seed_for_step
+
+    bs = args.batch_size[0]
+    _, eager, eager_state, batch = build_step(args, bs, "eager")
+    _, graphed, graph_state, _ = build_step(args, bs, "graphed")
+    worst_loss = 0.0
+    for i in range(args.parity):
+        torch.manual_seed(seed_for_step(0, i))
+        eager_state, want = eager(eager_state, [batch])
+        torch.manual_seed(seed_for_step(0, i))
+        graph_state, got = graphed(graph_state, [batch])
+        worst_loss = max(worst_loss, abs(float(got["loss"]) - float(want["loss"])) / abs(float(want["loss"])))
+    flat_want, flat_got = tree.flatten(eager_state["params"]), tree.flatten(graph_state["params"])
+    worst_param = max(
+        float((flat_got[k] - w).abs().max()) / max(float(w.abs().max()), 1e-12) for k, w in flat_want.items()
+    )
+    print(f"\nparity: {args.parity} steps, preset={args.preset} batch={bs} precision={args.precision}")
+    print("| steps | max rel loss gap | max rel param gap (per tensor, vs its max) | final loss eager | graphed |")
+    print("|---|---|---|---|---|")
+    losses = f"{float(want['loss']):.5f} | {float(got['loss']):.5f}"
+    print(f"| {args.parity} | {worst_loss:.2e} | {worst_param:.2e} | {losses} |")
 
 
 def main() -> None:
@@ -134,14 +184,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled", "graphed"])
+    parser.add_argument("--matcher", default="auto", choices=["auto", "scipy", "device"])
+    parser.add_argument("--parity", type=int, default=0, help="compare N graphed steps with N eager steps instead")
     parser.add_argument("--gpu-report", action="store_true")
     parser.add_argument("--report-scales", type=int, default=None, help="multi-scale sizes to cycle (default all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parity:
+        parity(args)
+        return
     if args.child:
         mode, bs = args.child.split(":")
-        print("RESULT " + json.dumps(run_mode(args, int(bs), mode == "compiled")))
+        print("RESULT " + json.dumps(run_mode(args, int(bs), mode)))
         return
     rows = []
     for bs in args.batch_size:
@@ -156,7 +211,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(
         f"\ntrain step: preset={args.preset} res={args.resolution or 'preset'} precision={args.precision} "
-        f"device={name} torch={torch.__version__}"
+        f"device={name} torch={torch.__version__} matcher={args.matcher}"
     )
     head = "| mode | batch | first call s | step s (median) | images/s | speed-up | peak mem GiB |"
     extra = any("kernels_per_step" in r for r in rows)

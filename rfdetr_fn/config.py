@@ -325,6 +325,12 @@ class TrainConfig:
     """Matcher weight of the GIoU cost."""
     focal_alpha: float = 0.25
     """Focal/IA-BCE alpha."""
+    matcher_backend: Literal["auto", "scipy", "device"] = "auto"
+    """Hungarian matching solver: scipy on the host, or the exact device solver (no host round trip,
+    required by cuda_graphs); auto = device on CUDA, scipy on CPU."""
+    cuda_graphs: bool = False
+    """Capture the whole train step as one CUDA graph per input size and replay it (CUDA only; needs the
+    device matcher; falls back to the plain step with a message where it cannot)."""
     ia_bce_loss: bool = True
     """IoU-aware BCE classification loss; false = plain sigmoid focal loss (upstream's ModelConfig field)."""
     eval_interval: int = attrs.field(default=1, validator=_positive)

@@ -51,6 +51,7 @@ from rfdetr_fn.data import (
 )
 from rfdetr_fn.errors import TrainingDiverged
 from rfdetr_fn.flags import parse, run_or_exit
+from rfdetr_fn.graphs import graphed_step
 from rfdetr_fn.model import detector
 from rfdetr_fn.precision import resolve_precision
 from rfdetr_fn.step import compile_step, init_state, make_train_step
@@ -104,9 +105,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
         print(f"dataset grids: {len(written)} PNG files in {out_dir / 'dataset_grids'}")
     compiled = compile_lib.use_compile(tcfg.compile, world.device)
-    # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
-    # (one per multi-scale entry) as the only shapes that vary.
-    slots = target_slots(train_ds) if compiled else None
+    # A compiled or graphed step specialises on input shapes: fix the target axis for the run, leaving image
+    # sizes (one per multi-scale entry) as the only shapes that vary.
+    slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
     if world.main:  # only now that the data is known to load
@@ -145,6 +146,14 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         ),
         enabled=compiled,
         max_shapes=len(scales) + 1,
+    )
+    step_fn = graphed_step(
+        step_fn,
+        tcfg,
+        world.device,
+        world_size=world.size,
+        max_graphs=len(scales) + 1,
+        log=print if world.main else None,
     )
     cache = None
     if compiled:  # every rank loads the artifacts of this exact graph-shaping configuration

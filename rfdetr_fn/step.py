@@ -7,8 +7,8 @@ same structure:
      "loss_scale": float 0-dim, "good_steps": int64 0-dim}
 
 The step has two pure pieces around the gradient. `loss` runs, per micro-batch, the forward pass, the
-Hungarian matching (an opaque custom op, so it does not split the graph; on CUDA it copies the cost
-matrix to the host, the step's only syncs) and the criterion; autograd differentiates it (see
+Hungarian matching (an opaque custom op, so it does not split the graph; the scipy backend copies the
+costs to the host, the step's only sync) and the criterion; autograd differentiates it (see
 `grad_and_value`). `update` sums the micro-batch gradients, averages them across ranks (one functional
 all-reduce over a flat buffer), clips by global norm, applies the scheduled AdamW update and the EMA.
 `compile_step` compiles each piece as one fullgraph function (the loss with nested regions per block

@@ -16,8 +16,9 @@ from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss import matcher as matcher_lib
+from rfdetr_fn.loss.assignment import hungarian, sanitize_cost
 from rfdetr_fn.loss.criterion import criterion, mask_losses, uncertain_points, weight_dict
-from rfdetr_fn.loss.matcher import hungarian, match, match_costs, sanitize_cost
+from rfdetr_fn.loss.matcher import MatchCosts, match, match_costs
 
 TINY_DET = ModelConfig(
     name="tiny_det",
@@ -96,13 +97,8 @@ def golden(golden_dir):
     }
 
 
-def cost_kwargs() -> dict:
-    return dict(
-        cost_class=TCFG.set_cost_class,
-        cost_bbox=TCFG.set_cost_bbox,
-        cost_giou=TCFG.set_cost_giou,
-        focal_alpha=TCFG.focal_alpha,
-    )
+def cost_kwargs(**changes) -> MatchCosts:
+    return MatchCosts.from_train(TCFG)._replace(**changes)
 
 
 # ---------------------------------------------- independent loop-based reference (upstream semantics)
@@ -251,7 +247,7 @@ def test_config_matches_golden_loss_settings(golden):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_matcher_costs_equal_golden(golden, name):
-    costs = match_costs(layer_of(golden["outputs"], name), pad(golden["targets"]), **cost_kwargs())
+    costs = match_costs(layer_of(golden["outputs"], name), pad(golden["targets"]), cost_kwargs())
     start = 0
     for b, t in enumerate(golden["targets"]):
         n = len(t["labels"])
@@ -263,7 +259,7 @@ def test_matcher_costs_equal_golden(golden, name):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_matcher_indices_equal_golden_every_group(golden, name):
-    idx = match(layer_of(golden["outputs"], name), pad(golden["targets"]), group_detr=13, **cost_kwargs())
+    idx = match(layer_of(golden["outputs"], name), pad(golden["targets"]), cost_kwargs(), group_detr=13)
     assert idx.shape == (2, 13, 3) and idx.dtype == torch.int64
     for b, image in enumerate(golden["matcher"]["layers"][name]):
         for g, group in enumerate(image["groups"]):
@@ -375,7 +371,7 @@ def test_padding_slots_anywhere_give_the_same_loss(golden):
     assert total.item() == pytest.approx(base_total.item(), rel=1e-6)
     for key, value in base.items():
         assert losses[key].item() == pytest.approx(value.item(), rel=1e-6), key
-    idx = match(golden["outputs"], targets, group_detr=13, **cost_kwargs())
+    idx = match(golden["outputs"], targets, cost_kwargs(), group_detr=13)
     slot_to_target = [{s: j for j, s in enumerate(p)} for p in positions]
     for b, image in enumerate(golden["matcher"]["layers"]["final"]):
         qs, ts = pairs_from_idx(idx, slot_to_target)[b]
@@ -421,7 +417,7 @@ def test_eval_mode_uses_one_group(golden):
     ref = ref_layer_losses(sliced, golden["targets"], ref_match(sliced, golden["targets"], 1), 5.0)
     for key, value in ref.items():
         assert losses[key].item() == pytest.approx(value.item(), rel=1e-5), key
-    idx = match(sliced, pad(golden["targets"]), group_detr=1, **cost_kwargs())
+    idx = match(sliced, pad(golden["targets"]), cost_kwargs(), group_detr=1)
     for b, image in enumerate(golden["matcher"]["layers"]["final"]):
         assert pairs_from_idx(idx)[b] == (image["groups"][0]["pred"], image["groups"][0]["tgt"])
 
@@ -520,7 +516,7 @@ def test_matcher_mask_costs_match_direct_computation():
         "boxes": torch.rand(2, 3, 4) * 0.5 + 0.25,
         "masks": masks,
     }
-    costs = match_costs(layer, targets, **cost_kwargs(), mask_points=12, key=7)
+    costs = match_costs(layer, targets, cost_kwargs(mask_points=12), key=7)
     coords = rng.uniform(7, (1, 12, 2))[0]
     grid = (coords * 2 - 1)[None, :, None, :]
     for i in range(2):

@@ -1,6 +1,7 @@
-"""Compile the deformable-attention kernels for a CUDA target on a machine without a GPU.
+"""Compile the Triton kernels for a CUDA target on a machine without a GPU.
 
     python tests/triton_ptx_worker.py ARCH DTYPE   ->  one JSON line {kernel: {instruction: count}}
+    python tests/triton_ptx_worker.py 80,90 assign ->  {arch: {kernel: {instruction: count}}} for the assignment solver
 
 Run as its own process: the kernels must be decorated with the interpreter off (tests turn it on), and
 triton is imported first so `msda_triton` leaves TRITON_INTERPRET alone.
@@ -19,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rfdetr_fn.kernels import msda_triton  # noqa: E402
+from rfdetr_fn.kernels import assign_triton, msda_triton  # noqa: E402
 
 RUNTIME_INTS = {"R", "Q", "S"}
 # the real launches' shapes: Nano's 16 heads x 16 channels, one level, two points per level
@@ -60,5 +61,22 @@ def main(arch: int, dtype: str) -> None:
     print(json.dumps(result))
 
 
+def assign_main(archs: list[int]) -> None:
+    """The solver at Nano's matching shape (300 queries per group, up to 64 target slots), for each arch."""
+    kernel = assign_triton._sap_kernel
+    sig = {"cost_ptr": "*fp64", "count_ptr": "*i32", "out_ptr": "*i64", "Q": "i32", "T": "i32"}
+    sig |= {"BLOCK_Q": "constexpr", "BLOCK_T": "constexpr"}
+    block_q, block_t = assign_triton.block_sizes(300, 64)
+    result = {}
+    for arch in archs:
+        source = ASTSource(fn=kernel, signature=sig, constexprs={"BLOCK_Q": block_q, "BLOCK_T": block_t})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+        result[str(arch)] = {kernel.fn.__name__: instruction_counts(compiled.asm["ptx"])}
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    if sys.argv[2] == "assign":
+        assign_main([int(arch) for arch in sys.argv[1].split(",")])
+    else:
+        main(int(sys.argv[1]), sys.argv[2])

@@ -17,7 +17,8 @@ from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss.matcher import (
     FOCAL_GAMMA,
-    match,
+    MatchCosts,
+    match_layers,
     nearest_index,
     point_sample,
     safe_target_boxes,
@@ -225,8 +226,9 @@ def match_all(
     use_masks = cfg.segmentation_head
     groups = cfg.group_detr if train else 1
     match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
-    indices = []
-    for j, (suffix, layer) in enumerate(layers(outputs)):
+    matched_layers = layers(outputs)
+    costs = []
+    for suffix, layer in matched_layers:
         points = None
         if use_masks:
             if layer.get("pred_masks") is None:
@@ -234,22 +236,10 @@ def match_all(
             source = unpack_pred_masks(layer["pred_masks"])
             source = source[0] if isinstance(source, tuple) else source
             points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
-        indices.append(
-            match(
-                layer,
-                match_targets,
-                group_detr=groups,
-                cost_class=tcfg.set_cost_class,
-                cost_bbox=tcfg.set_cost_bbox,
-                cost_giou=tcfg.set_cost_giou,
-                focal_alpha=tcfg.focal_alpha,
-                cost_mask_ce=tcfg.mask_ce_loss_coef,
-                cost_mask_dice=tcfg.mask_dice_loss_coef,
-                mask_points=points,
-                key=rng.mix(key, j, 0) if use_masks else 0,
-            )
-        )
-    return indices
+        costs.append(MatchCosts.from_train(tcfg, mask_points=points))
+    layer_outputs = [layer for _, layer in matched_layers]
+    keys = [rng.mix(key, j, 0) if use_masks else 0 for j in range(len(layer_outputs))]
+    return match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=tcfg.matcher_backend, keys=keys)
 
 
 def criterion(

@@ -1,7 +1,8 @@
 """Hungarian matching of queries to padded targets, in one traceable graph.
 
 Costs are computed batched over images on padded targets (no per-image Python loop, no
-data-dependent shapes) and the assignment is solved by scipy inside an opaque custom op, so
+data-dependent shapes) and the assignments of every layer, image and group are solved in one call of an
+opaque custom op (`assignment.solve`: scipy on the host, or the device solver), so
 `torch.compile(fullgraph=True)` and `torch.func.grad` see a single node with a fixed output shape.
 
 Targets: `labels` int64 (B, T) with -1 in padding slots, `boxes` float (B, T, 4) normalised cxcywh,
@@ -11,58 +12,51 @@ optionally `masks` bool (B, T, H, W). Result: (B, G, T) query indices into the (
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
+from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.loss.assignment import solve
 
 FOCAL_GAMMA = 2.0
 # Padding target boxes become (cx, cy, w, h) = (0.5, 0.5, 1, 1), so no cost or loss divides by a zero area.
 _DUMMY_CENTRE, _DUMMY_SIZE = 0.5, 1.0
 
 
-def sanitize_cost(cost: np.ndarray) -> np.ndarray:
-    """Replace non-finite entries by a finite value above every real cost (scipy rejects inf/NaN)."""
-    finite = np.isfinite(cost)
-    if finite.all():
-        return cost
-    real = cost[finite]
-    fill = real.max() + np.abs(real).max() + 1.0 if real.size else 0.0
-    return np.where(finite, cost, fill)
+class MatchCosts(NamedTuple):
+    """Weights of the matching cost terms (upstream's set_cost_* and focal alpha) and mask points.
 
-
-@torch.library.custom_op("rfdetr_fn::hungarian", mutates_args=())
-def hungarian(cost: Tensor, n_valid: Tensor) -> Tensor:
-    """Solve N independent assignments; cost (N, Q, T) uses columns [0, n_valid[i]) of problem i.
-
-    Returns (N, T) int64: the query matched to each target column, -1 for padding (or for targets
-    left over when a problem has more targets than queries). Runs on the host: CUDA costs are
-    copied over, which is a sync point, as in any scipy-based matcher. It is the only one: costs and
-    counts travel in one copy, and the answer goes back from pinned memory without waiting.
+    A NamedTuple rather than an attrs class: the criterion builds one per layer inside the traced step,
+    and Dynamo cannot trace a frozen attrs `__init__` (it sets fields through `object.__setattr__`).
     """
-    packed = torch.cat([cost.detach().reshape(-1).to(torch.float64), n_valid.detach().to(torch.float64)])
-    host = packed.cpu().numpy()
-    cost_np = host[: cost.numel()].reshape(cost.shape)
-    out = np.full((cost.shape[0], cost.shape[2]), -1, dtype=np.int64)
-    for i, count in enumerate(host[cost.numel() :].tolist()):
-        count = min(int(count), cost.shape[2])
-        if count <= 0:
-            continue
-        rows, cols = linear_sum_assignment(sanitize_cost(cost_np[i, :, :count]))
-        out[i, cols] = rows
-    answer = torch.from_numpy(out)
-    if cost.device.type != "cuda":
-        return answer.to(cost.device)
-    return answer.pin_memory().to(cost.device, non_blocking=True)
 
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    cost_mask_ce: float = 5.0
+    cost_mask_dice: float = 5.0
+    mask_points: int | None = None
+    """Points sampled for the mask costs; None = h*w/16 of the predicted masks."""
 
-@hungarian.register_fake
-def _(cost: Tensor, n_valid: Tensor) -> Tensor:
-    return cost.new_empty((cost.shape[0], cost.shape[2]), dtype=torch.int64)
+    @classmethod
+    def from_train(cls, tcfg: TrainConfig, mask_points: int | None = None) -> MatchCosts:
+        """Upstream builds its matcher from the train args: set_cost_*, focal_alpha, mask loss weights."""
+        return cls(
+            cost_class=tcfg.set_cost_class,
+            cost_bbox=tcfg.set_cost_bbox,
+            cost_giou=tcfg.set_cost_giou,
+            focal_alpha=tcfg.focal_alpha,
+            cost_mask_ce=tcfg.mask_ce_loss_coef,
+            cost_mask_dice=tcfg.mask_dice_loss_coef,
+            mask_points=mask_points,
+        )
 
 
 def point_sample(features: Tensor, coords: Tensor) -> Tensor:
@@ -132,19 +126,7 @@ def mask_costs(
     return ce, dice
 
 
-def match_costs(
-    outputs_layer: dict,
-    targets: dict,
-    *,
-    cost_class: float,
-    cost_bbox: float,
-    cost_giou: float,
-    focal_alpha: float,
-    cost_mask_ce: float = 5.0,
-    cost_mask_dice: float = 5.0,
-    mask_points: int | None = None,
-    key: rng.IntLike = 0,
-) -> dict[str, Tensor]:
+def match_costs(outputs_layer: dict, targets: dict, costs: MatchCosts, key: rng.IntLike = 0) -> dict[str, Tensor]:
     """Per-image cost terms (B, Nq, T) and their weighted total; masks count when both sides have them."""
     with torch.no_grad():
         logits = outputs_layer["pred_logits"].detach()
@@ -152,26 +134,27 @@ def match_costs(
         labels, valid = targets["labels"], targets["labels"] >= 0
         tgt = safe_target_boxes(targets["boxes"].to(pred.dtype), valid)
         gather = labels.clamp(min=0)[:, None, :].expand(-1, logits.shape[1], -1)
-        costs = {
-            "class": focal_class_cost(logits.gather(2, gather), focal_alpha),
+        terms = {
+            "class": focal_class_cost(logits.gather(2, gather), costs.focal_alpha),
             "bbox": (pred[:, :, None, :] - tgt[:, None, :, :]).abs().sum(-1),
             "giou": -box_ops.pairwise_giou(box_ops.cxcywh_to_xyxy(pred), box_ops.cxcywh_to_xyxy(tgt)),
         }
-        total = cost_bbox * costs["bbox"] + cost_class * costs["class"] + cost_giou * costs["giou"]
+        total = costs.cost_bbox * terms["bbox"] + costs.cost_class * terms["class"] + costs.cost_giou * terms["giou"]
         if "masks" in targets and outputs_layer.get("pred_masks") is not None:
             pm = outputs_layer["pred_masks"]
             pm = {k: v.detach() for k, v in pm.items()} if isinstance(pm, dict) else pm.detach()
-            costs["mask_ce"], costs["mask_dice"] = mask_costs(pm, targets["masks"], mask_points, key)
-            total = total + cost_mask_ce * costs["mask_ce"] + cost_mask_dice * costs["mask_dice"]
-        costs["total"] = total.float()
-        return costs
+            terms["mask_ce"], terms["mask_dice"] = mask_costs(pm, targets["masks"], costs.mask_points, key)
+            total = total + costs.cost_mask_ce * terms["mask_ce"] + costs.cost_mask_dice * terms["mask_dice"]
+        terms["total"] = total.float()
+        return terms
 
 
-def assign(total: Tensor, valid: Tensor, group_detr: int) -> Tensor:
+def assign(total: Tensor, valid: Tensor, group_detr: int, backend: str = "auto") -> Tensor:
     """Solve every (image, group) block of a (B, G*Q, T) cost: (B, G, T) query indices, -1 = none.
 
     Valid targets may sit anywhere in the T axis: columns are stably reordered valid-first for the
     solver (which reads a prefix of n_valid columns) and the answer is put back in slot order.
+    `backend`: "scipy", "device" or "auto" (see `assignment.resolve_backend`).
     """
     batch, num_queries, slots = total.shape
     if num_queries % group_detr:
@@ -181,38 +164,50 @@ def assign(total: Tensor, valid: Tensor, group_detr: int) -> Tensor:
     cost = total.gather(2, order[:, None, :].expand(-1, num_queries, -1))
     cost = cost.reshape(batch * group_detr, per_group, slots)
     n_valid = valid.sum(1).repeat_interleave(group_detr)
-    solved = hungarian(cost, n_valid).view(batch, group_detr, slots)
+    solved = solve(cost, n_valid, backend).view(batch, group_detr, slots)
     idx = torch.full_like(solved, -1).scatter(2, order[:, None, :].expand(-1, group_detr, -1), solved)
     offset = (torch.arange(group_detr, device=idx.device) * per_group)[None, :, None]
     return torch.where(idx >= 0, idx + offset, idx)
 
 
+def match_layers(
+    layers: Sequence[dict],
+    targets: dict,
+    costs: Sequence[MatchCosts],
+    *,
+    group_detr: int,
+    backend: str = "auto",
+    keys: Sequence[rng.IntLike] | None = None,
+) -> list[Tensor]:
+    """(B, G, T) query indices (offset by g*Q) per layer, -1 for padding, with one solve per query count.
+
+    The costs of every layer are built first (`keys`, one per layer, drive their random mask points),
+    then all layers x images x groups go to the solver as one batch (the encoder proposals form a second
+    batch only when the image has fewer tokens than num_queries).
+    """
+    keys = [0] * len(layers) if keys is None else keys
+    totals = [match_costs(layer, targets, c, key=k)["total"] for layer, c, k in zip(layers, costs, keys, strict=True)]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, total in enumerate(totals):
+        by_shape.setdefault(tuple(total.shape), []).append(i)
+    found: dict[int, Tensor] = {}
+    with torch.no_grad():
+        valid = targets["labels"] >= 0
+        for members in by_shape.values():
+            stacked = torch.cat([totals[i] for i in members])
+            idx = assign(stacked, valid.repeat(len(members), 1), group_detr, backend)
+            found.update(zip(members, idx.split(valid.shape[0])))
+    return [found[i] for i in range(len(totals))]
+
+
 def match(
     outputs_layer: dict,
     targets: dict,
+    costs: MatchCosts,
     *,
     group_detr: int,
-    cost_class: float,
-    cost_bbox: float,
-    cost_giou: float,
-    focal_alpha: float,
-    cost_mask_ce: float = 5.0,
-    cost_mask_dice: float = 5.0,
-    mask_points: int | None = None,
+    backend: str = "auto",
     key: rng.IntLike = 0,
 ) -> Tensor:
     """(B, G, T) query indices (already offset by g*Q) matched to each target slot, -1 for padding."""
-    costs = match_costs(
-        outputs_layer,
-        targets,
-        cost_class=cost_class,
-        cost_bbox=cost_bbox,
-        cost_giou=cost_giou,
-        focal_alpha=focal_alpha,
-        cost_mask_ce=cost_mask_ce,
-        cost_mask_dice=cost_mask_dice,
-        mask_points=mask_points,
-        key=key,
-    )
-    with torch.no_grad():
-        return assign(costs["total"], targets["labels"] >= 0, group_detr)
+    return match_layers([outputs_layer], targets, [costs], group_detr=group_detr, backend=backend, keys=[key])[0]
