@@ -63,6 +63,22 @@ LOOP_ONLY_FIELDS = frozenset(
         "compile",
         "compile_cache",
         "scale_jitter",
+        "overwrite",
+        "resume_allow_changes",
+        "save_every_n_steps",
+        "save_dataset_grids",
+        "compute_test_loss",
+        "cuda_graphs",
+        "wandb",
+        "mlflow",
+        "project",
+        "run",
+        "notes",
+        "aug_preset",
+        "aug_config",
+        "auto_batch_ema_headroom",
+        "auto_batch_max_targets_per_image",
+        "auto_batch_target_effective",
     }
 )
 
