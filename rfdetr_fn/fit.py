@@ -9,8 +9,6 @@ continues exactly where the saved one stopped.
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import sys
 import time
 import warnings
@@ -29,6 +27,7 @@ from rfdetr_fn import (
     loggers,
     lora,
     presets,
+    rundir,
     runlog,
     summary,
     trackers,
@@ -38,8 +37,7 @@ from rfdetr_fn import (
 )
 from rfdetr_fn import compile as compile_lib
 from rfdetr_fn.adapt import load_weights
-from rfdetr_fn.atomic import atomic_write
-from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
     build_dataset,
@@ -87,7 +85,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     out_dir = Path(tcfg.output_dir)
     resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
     if resume_dir is None and not tcfg.overwrite:
-        _refuse_used_dir(out_dir)
+        rundir.refuse_used_dir(out_dir)
     torch.manual_seed(tcfg.seed)
 
     # ---- data: the train split fixes the label space for every split ----
@@ -114,7 +112,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(dirlock.exclusive(out_dir))
         if resume_dir is None and tcfg.overwrite:
-            _clear_run(out_dir)
+            rundir.clear_run(out_dir)
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
@@ -134,8 +132,8 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     if world.main:
         record = _config_record(args, cfg, class_names)
         if resume_dir is not None:
-            _check_resume_changes(out_dir, record, tcfg, int(state["step"]))
-        _write_json(out_dir / "training_config.json", record)
+            rundir.check_resume_changes(out_dir, record, tcfg, int(state["step"]))
+        rundir.write_json(out_dir / "training_config.json", record)
         sinks = loggers.make_loggers(tcfg, out_dir, record)
 
     precision = resolve_precision(tcfg.precision, world.device)
@@ -325,37 +323,6 @@ def _check_images(datasets: list) -> None:
         raise DatasetError(f"{len(bad)} unusable image(s) found before training (all splits checked):\n  {shown}")
 
 
-# What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
-RUN_FILES = (
-    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "metrics.png", "dataset_grids",
-    "mlruns", "wandb", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
-    ".training_config.json.*", ".metrics.csv.*",
-)  # fmt: skip
-
-
-def _run_files(out_dir: Path) -> list[Path]:
-    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)})
-
-
-def _refuse_used_dir(out_dir: Path) -> None:
-    """A fresh run must not mix with an earlier one (its best weights would be taken for the new run's)."""
-    found = _run_files(out_dir) if out_dir.is_dir() else []
-    if found:
-        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-        raise dirlock.OutputDirError(
-            f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
-            "--train.overwrite (deletes those files), or pick another --train.output-dir"
-        )
-
-
-def _clear_run(out_dir: Path) -> None:
-    for path in _run_files(out_dir):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
 def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
     """Resolve batch_size auto on rank 0 (a probe of real steps on a synthetic worst-case batch) for all ranks."""
     choice = None
@@ -413,62 +380,6 @@ def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> d
         "class_names": class_names,
         "command": sys.argv,
     }
-
-
-# Fields a resumed run may change freely: stopping, evaluation, logging and I/O, not the optimisation path.
-RESUME_SAFE = {
-    "train": {
-        "epochs", "max_steps", "eval_interval", "checkpoint_interval", "eval_base_model", "compute_val_loss",
-        "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
-        "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
-        "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
-        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
-    },
-    "model": {"gradient_checkpointing"},  # the same numbers, less memory
-    "data": {"num_workers", "check_images"},
-    "eval": {"backend", "max_dets", "per_class", "threshold"},
-}  # fmt: skip
-
-
-def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
-    """{"section.field": [old, new]} for the trajectory-changing fields that differ between two config
-    records (a cosine schedule's length depends on epochs and max_steps, so then those count too)."""
-    new = json.loads(json.dumps(new, default=str))
-    changes = {}
-    for section in ("model", "train", "data", "eval"):
-        safe = RESUME_SAFE.get(section, set()) - ({"epochs", "max_steps"} if cosine else set())
-        before, after = old.get(section, {}), new.get(section, {})
-        for key in sorted(set(before) | set(after)):
-            if key not in safe and before.get(key) != after.get(key):
-                changes[f"{section}.{key}"] = [before.get(key), after.get(key)]
-    if old.get("class_names") != new.get("class_names"):
-        changes["class_names"] = [old.get("class_names"), new.get("class_names")]
-    return changes
-
-
-def _check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
-    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
-    path = out_dir / "training_config.json"
-    if not path.is_file():
-        return
-    previous = json.loads(path.read_text())
-    changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")
-    if not changes:
-        return
-    lines = "\n  ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
-    if not tcfg.resume_allow_changes:
-        raise ConfigError(
-            f"{path}: resuming with settings that change the training trajectory:\n  {lines}\n"
-            "Resume with the saved values, or pass --train.resume-allow-changes to continue with the new ones"
-        )
-    print(f"resuming at step {step} with changed settings (recorded in config_history.jsonl):\n  {lines}")
-    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes, "previous": previous}
-    with open(out_dir / "config_history.jsonl", "a") as f:
-        f.write(json.dumps(entry, default=str) + "\n")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
 
 
 def _progress(tcfg: TrainConfig, world, total: int, epoch: int):

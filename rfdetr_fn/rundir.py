@@ -1,0 +1,100 @@
+"""A run's output directory: what a run writes there, refusing to mix two runs, and the config record
+a resume is checked against (trajectory-changing edits are refused unless allowed, then logged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rfdetr_fn import dirlock
+from rfdetr_fn.atomic import atomic_write
+from rfdetr_fn.config import ConfigError, TrainConfig
+
+# What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
+RUN_FILES = (
+    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "metrics.png", "dataset_grids",
+    "mlruns", "wandb", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
+    ".training_config.json.*", ".metrics.csv.*",
+)  # fmt: skip
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+
+
+def refuse_used_dir(out_dir: Path) -> None:
+    """A fresh run must not mix with an earlier one (its best weights would be taken for the new run's)."""
+    found = run_files(out_dir) if out_dir.is_dir() else []
+    if found:
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise dirlock.OutputDirError(
+            f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
+            "--train.overwrite (deletes those files), or pick another --train.output-dir"
+        )
+
+
+def clear_run(out_dir: Path) -> None:
+    for path in run_files(out_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# Fields a resumed run may change freely: stopping, evaluation, logging and I/O, not the optimisation path.
+RESUME_SAFE = {
+    "train": {
+        "epochs", "max_steps", "eval_interval", "checkpoint_interval", "eval_base_model", "compute_val_loss",
+        "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
+        "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
+        "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
+        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
+    },
+    "model": {"gradient_checkpointing"},  # the same numbers, less memory
+    "data": {"num_workers", "check_images"},
+    "eval": {"backend", "max_dets", "per_class", "threshold"},
+}  # fmt: skip
+
+
+def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
+    """{"section.field": [old, new]} for the trajectory-changing fields that differ between two config
+    records (a cosine schedule's length depends on epochs and max_steps, so then those count too)."""
+    new = json.loads(json.dumps(new, default=str))
+    changes = {}
+    for section in ("model", "train", "data", "eval"):
+        safe = RESUME_SAFE.get(section, set()) - ({"epochs", "max_steps"} if cosine else set())
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if key not in safe and before.get(key) != after.get(key):
+                changes[f"{section}.{key}"] = [before.get(key), after.get(key)]
+    if old.get("class_names") != new.get("class_names"):
+        changes["class_names"] = [old.get("class_names"), new.get("class_names")]
+    return changes
+
+
+def check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
+    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
+    path = out_dir / "training_config.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")
+    if not changes:
+        return
+    lines = "\n  ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+    if not tcfg.resume_allow_changes:
+        raise ConfigError(
+            f"{path}: resuming with settings that change the training trajectory:\n  {lines}\n"
+            "Resume with the saved values, or pass --train.resume-allow-changes to continue with the new ones"
+        )
+    print(f"resuming at step {step} with changed settings (recorded in config_history.jsonl):\n  {lines}")
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes, "previous": previous}
+    with open(out_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
