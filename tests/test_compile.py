@@ -97,16 +97,17 @@ def test_regional_step_matches_eager_without_recompiles():
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_inductor_step_equals_eager_losses_grads_and_state():
     """One inductor-compiled step (regional): loss terms, every gradient and the new state equal eager."""
     cfg, tcfg, batch = _tiny_setup()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
     compiled = compile_step(step)
     state = init_state(rf.init(cfg, 0), tcfg)
-    scale = torch.ones(())
+    scale, key = torch.ones(()), state["seed"]
     trainable, frozen = step.pieces.split(state["params"])
-    got_g, (_, (_, got_l)) = grad_and_value(compiled.pieces.loss)(trainable, frozen, batch, scale)
-    want_g, (_, (_, want_l)) = grad_and_value(step.pieces.loss)(trainable, frozen, batch, scale)
+    got_g, (_, (_, got_l)) = grad_and_value(compiled.pieces.loss)(trainable, frozen, batch, scale, key)
+    want_g, (_, (_, want_l)) = grad_and_value(step.pieces.loss)(trainable, frozen, batch, scale, key)
     for key in want_l:
         assert got_l[key].item() == pytest.approx(want_l[key].item(), rel=1e-5, abs=1e-7), key
     for key, want in tree.flatten(want_g).items():
@@ -144,6 +145,7 @@ print(json.dumps({
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_second_process_loads_the_compiled_artifacts(tmp_path):
     """Process 1 compiles the forward and saves artifacts; process 2, with empty inductor caches of its
     own, loads them and hits the caches instead of compiling."""
