@@ -34,6 +34,7 @@ UPSTREAM_NAMES = {
     "seg_large": "RFDETRSegLarge",
     "seg_xlarge": "RFDETRSegXLarge",
     "seg_2xlarge": "RFDETRSeg2XLarge",
+    "keypoint_preview": "RFDETRKeypointPreview",
 }
 
 
@@ -114,6 +115,24 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    use_grouppose_keypoints: bool = False
+    """Adds upstream's GroupPose keypoint branch (needs num_keypoints_per_class)."""
+    num_keypoints_per_class: tuple[int, ...] = ()
+    """Keypoint schema: keypoints of class 0, 1, ... (classes past the end have none)."""
+    keypoint_names: tuple[str, ...] = ()
+    """Names of every keypoint, class after class (sum(num_keypoints_per_class) of them), or empty."""
+    dual_projector: bool = False
+    """A second projector (`backbone.0.cross_attn_projector`) feeds cross-attention."""
+    dual_projector_kp_only: bool = False
+    """With dual_projector: only the keypoint cross-attention reads the second projector."""
+    keypoint_cross_attn: bool = True
+    """Keypoint tokens cross-attend (deformable) to the image features in every decoder layer."""
+    inter_instance_kp_attn: bool = False
+    """Upstream's attention across instances per keypoint (not supported: upstream never enables it)."""
+    grouppose_keypoint_dim_downscale: int = attrs.field(default=1, validator=_positive)
+    """Keypoint token width = hidden_dim / this (only 1 is supported, upstream's only setting)."""
+    postprocess_trace_alpha: float = attrs.field(default=0.2, validator=_non_negative)
+    """Keypoint models: detection score fused with exp(-alpha * log trace of the keypoint covariance)."""
 
     def __attrs_post_init__(self) -> None:
         block = self.patch_size * self.num_windows
@@ -139,12 +158,41 @@ class ModelConfig:
                 f"num_select={self.num_select} exceeds num_queries*(num_classes+1)="
                 f"{self.num_queries * (self.num_classes + 1)}"
             )
+        self._check_keypoints()
         if self.segmentation_head and self.resolution % (self.mask_downsample_ratio):
             raise ValueError(
                 f"resolution={self.resolution} must be divisible by mask_downsample_ratio={self.mask_downsample_ratio}"
             )
 
+    def _check_keypoints(self) -> None:
+        schema = self.num_keypoints_per_class
+        if any(k < 0 for k in schema):
+            raise ValueError(f"num_keypoints_per_class={schema} must not be negative")
+        if not self.use_grouppose_keypoints:
+            return
+        if not schema or sum(schema) == 0:
+            raise ValueError("use_grouppose_keypoints=True needs num_keypoints_per_class with at least one keypoint")
+        if len(schema) > self.num_classes:
+            raise ValueError(f"num_keypoints_per_class has {len(schema)} classes but num_classes={self.num_classes}")
+        if self.keypoint_names and len(self.keypoint_names) != sum(schema):
+            raise ValueError(
+                f"keypoint_names has {len(self.keypoint_names)} names but num_keypoints_per_class={schema} "
+                f"has {sum(schema)} keypoints"
+            )
+        if self.inter_instance_kp_attn or self.grouppose_keypoint_dim_downscale != 1:
+            raise ValueError(
+                "inter_instance_kp_attn=True and grouppose_keypoint_dim_downscale != 1 are not supported "
+                "(upstream's keypoint preview uses False and 1)"
+            )
+        if self.segmentation_head:
+            raise ValueError("a keypoint model cannot also have segmentation_head=True")
+
     # Derived quantities: one place for every formula that other modules need.
+    @property
+    def keypoints(self) -> bool:
+        """The model predicts keypoints (GroupPose branch on)."""
+        return self.use_grouppose_keypoints
+
     @property
     def vit_width(self) -> int:
         return self.vit_hidden_size or _ENCODER_DEFAULTS[self.encoder.rsplit("_", 1)[1]][0]

@@ -32,6 +32,7 @@ def golden_config(case: Path) -> ModelConfig:
 def golden_params(case: Path, dtype: torch.dtype = torch.float32) -> tree.Params:
     flat = load_file(case / "weights.safetensors")
     flat.pop("_kp_active_mask", None)
+    flat.pop("transformer.decoder.keypoint_class_mask", None)
     return tree.unflatten({k: v.to(dtype) for k, v in flat.items()})
 
 

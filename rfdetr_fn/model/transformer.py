@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import nn
+from rfdetr_fn import nn, tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.kernels import ms_deform_attn
+from rfdetr_fn.model import keypoints
 from rfdetr_fn.model.position import sine_for_boxes
 from rfdetr_fn.tree import Params
 
@@ -115,10 +116,13 @@ def two_stage(p: Params, memory: Tensor, mask: Tensor, shapes: Shapes, cfg: Mode
 # ---------------------------------------------------------------- attention
 
 
-def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -> Tensor:
+def self_attention(
+    p: Params, x: Tensor, pos: Tensor, heads: int, groups: int, attn_bias: Tensor | None = None
+) -> Tensor:
     """nn.MultiheadAttention(batch_first) with q = k = x + pos, v = x, restricted to each query group.
 
     The (B, G*Q, d) queries are viewed as (B*G, Q, d): attention never crosses a group boundary.
+    `attn_bias` (Q, Q) is added to the scores (-inf blocks a pair), like MHA's float attn_mask.
     """
     b, n, d = x.shape
     qk = x + pos
@@ -131,7 +135,7 @@ def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -
     q = heads_view(qk @ w_q.T + b_q)
     k = heads_view(qk @ w_k.T + b_k)
     v = heads_view(x @ w_v.T + b_v)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
     out = out.transpose(1, 2).reshape(b, n, d)
     return nn.linear(p["out_proj"], out)
 
@@ -184,15 +188,26 @@ def decoder(
     ratios: Tensor,
     cfg: ModelConfig,
     groups: int,
-) -> Tensor:
-    """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm."""
+    kp: Tensor | None = None,
+    kp_memory: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm.
+
+    With keypoint tokens `kp` (B, N, K, d), each layer is followed by the GroupPose block (reading
+    `kp_memory`); their states after every layer come back as (L, B, N, K, d), else None.
+    """
     ref_input = ref[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
     query_pos = nn.mlp(p["ref_point_head"], sine_for_boxes(ref_input[:, :, 0], cfg.hidden_dim // 2), 2)
-    hs = []
+    hs, kp_hs = [], []
     for i in range(cfg.dec_layers):
-        tgt = decoder_layer(p["layers"][str(i)], tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        layer = p["layers"][str(i)]
+        tgt = decoder_layer(layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        if kp is not None:
+            pos = p["keypoint_pos_embed"]
+            tgt, kp = keypoints.block(layer, tgt, kp, pos, query_pos, ref_input, kp_memory, mask, shapes, cfg)
+            kp_hs.append(kp)
         hs.append(nn.layer_norm(p["norm"], tgt))
-    return torch.stack(hs)
+    return torch.stack(hs), (torch.stack(kp_hs) if kp_hs else None)
 
 
 def check_supported(cfg: ModelConfig) -> None:
@@ -209,12 +224,14 @@ def apply(
     query_feat: Tensor,
     cfg: ModelConfig,
     groups: int,
+    cross_feats: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Projector maps + level masks -> decoder states and two-stage outputs.
 
-    `refpoint_embed` (N, 4) and `query_feat` (N, d) are the rows of the groups in use (N = Q*groups).
-    Returns hs (L, B, N, d), ref (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts,
-    boxes_ts, logits_ts and indices.
+    `refpoint_embed` (N, 4) and `query_feat` (N, d) are the rows of the groups in use (N = Q*groups);
+    `cross_feats` are the dual projector's maps (same shapes as `feats`). Returns hs (L, B, N, d), ref
+    (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts, boxes_ts, logits_ts and
+    indices; keypoint models add kp_hs (L, B, N, K, d) and enc_keypoints (B, N, K, 8), compact.
     """
     check_supported(cfg)
     memory, mask, shapes = flatten_levels(feats, masks)
@@ -225,18 +242,40 @@ def apply(
     learned = refpoint_embed[None].expand(b, -1, -1)
     n_ts = boxes_ts.shape[1]
     ref = torch.cat([apply_deltas(learned[:, :n_ts], boxes_ts.detach()), learned[:, n_ts:]], 1)
-    hs = decoder(p["decoder"], tgt, ref, memory, mask, shapes, ratios, cfg, groups)
-    return {
-        "hs": hs,
-        "ref": ref,
-        "memory_ts": memory_ts,
-        "boxes_ts": boxes_ts,
-        "logits_ts": logits_ts,
-        "indices": indices,
-    }
+    out = {"memory_ts": memory_ts, "boxes_ts": boxes_ts, "logits_ts": logits_ts, "indices": indices, "ref": ref}
+    cross = flatten_levels(cross_feats, masks)[0] if cross_feats is not None else None
+    if not cfg.keypoints:
+        dec_memory = memory if cross is None else cross
+        out["hs"] = decoder(p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups)[0]
+        return out
+    # kp_only: detection reads the main projector, keypoints the second one; else both read the second
+    dec_memory = memory if cross is None or cfg.dual_projector_kp_only else cross
+    kp_memory = dec_memory if cross is None else cross
+    kp = keypoints.query_initializer(p["keypoint_query_initializer"], tgt)
+    hs, kp_hs = decoder(p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups, kp, kp_memory)
+    out["hs"], out["kp_hs"] = hs, kp_hs
+    out["enc_keypoints"] = keypoints.encoder_keypoints(p, memory_ts, boxes_ts, groups)
+    return out
 
 
 # ---------------------------------------------------------------- parameters
+
+
+def msda_init(cfg: ModelConfig, gen: torch.Generator) -> Params:
+    """MSDeformAttn's own reset: zero offset/attention weights, direction-pattern offset bias."""
+    d, heads, levels, points = cfg.hidden_dim, cfg.ca_nheads, cfg.num_levels, cfg.dec_n_points
+    return {
+        "sampling_offsets": {
+            "weight": torch.zeros(heads * levels * points * 2, d),
+            "bias": _msda_offset_bias(heads, levels, points),
+        },
+        "attention_weights": {
+            "weight": torch.zeros(heads * levels * points, d),
+            "bias": torch.zeros(heads * levels * points),
+        },
+        "value_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
+        "output_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
+    }
 
 
 def _msda_offset_bias(heads: int, levels: int, points: int) -> Tensor:
@@ -248,7 +287,7 @@ def _msda_offset_bias(heads: int, levels: int, points: int) -> Tensor:
     return grid.flatten()
 
 
-def _xavier_linear(out_dim: int, in_dim: int, gen: torch.Generator) -> Params:
+def xavier_linear(out_dim: int, in_dim: int, gen: torch.Generator) -> Params:
     """xavier_uniform weight (Transformer._reset_parameters) with the default nn.Linear bias."""
     return {
         "weight": nn.xavier_uniform((out_dim, in_dim), gen),
@@ -258,44 +297,35 @@ def _xavier_linear(out_dim: int, in_dim: int, gen: torch.Generator) -> Params:
 
 def _layer_init(cfg: ModelConfig, gen: torch.Generator) -> Params:
     d, ff = cfg.hidden_dim, cfg.dim_feedforward
-    heads, levels, points = cfg.ca_nheads, cfg.num_levels, cfg.dec_n_points
-    return {
+    layer = {
         "self_attn": {
             "in_proj_weight": nn.xavier_uniform((3 * d, d), gen),
             "in_proj_bias": torch.zeros(3 * d),
             "out_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
         },
         "norm1": nn.norm_init(d),
-        "cross_attn": {
-            "sampling_offsets": {
-                "weight": torch.zeros(heads * levels * points * 2, d),
-                "bias": _msda_offset_bias(heads, levels, points),
-            },
-            "attention_weights": {
-                "weight": torch.zeros(heads * levels * points, d),
-                "bias": torch.zeros(heads * levels * points),
-            },
-            "value_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
-            "output_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
-        },
-        "linear1": _xavier_linear(ff, d, gen),
-        "linear2": _xavier_linear(d, ff, gen),
+        "cross_attn": msda_init(cfg, gen),
+        "linear1": xavier_linear(ff, d, gen),
+        "linear2": xavier_linear(d, ff, gen),
         "norm2": nn.norm_init(d),
         "norm3": nn.norm_init(d),
     }
+    return keypoints.layer_params(layer, cfg, gen) if cfg.keypoints else layer
 
 
 def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
     """Decoder and per-group encoder projections; the encoder class/box heads are added by the detector
     (upstream makes them deep copies of `class_embed` / `bbox_embed`)."""
     d = cfg.hidden_dim
+    dec: Params = {}
+    if cfg.keypoints:
+        dec["keypoint_pos_embed"] = nn.xavier_uniform((sum(cfg.num_keypoints_per_class), d), gen)
+    dec["layers"] = {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)}
+    dec["norm"] = nn.norm_init(d)
+    dec["ref_point_head"] = {"layers": {"0": xavier_linear(d, 2 * d, gen), "1": xavier_linear(d, d, gen)}}
     return {
-        "decoder": {
-            "layers": {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)},
-            "norm": nn.norm_init(d),
-            "ref_point_head": {"layers": {"0": _xavier_linear(d, 2 * d, gen), "1": _xavier_linear(d, d, gen)}},
-        },
-        "enc_output": {str(g): _xavier_linear(d, d, gen) for g in range(cfg.group_detr)},
+        "decoder": dec,
+        "enc_output": {str(g): xavier_linear(d, d, gen) for g in range(cfg.group_detr)},
         "enc_output_norm": {str(g): nn.norm_init(d) for g in range(cfg.group_detr)},
     }
 
@@ -329,6 +359,11 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "norm3.bias": (d,),
     }
     out: dict[str, tuple[int, ...]] = {}
+    kp_layer: dict[str, tuple[int, ...]] = {}
+    if cfg.keypoints:
+        out["decoder.keypoint_pos_embed"] = (sum(cfg.num_keypoints_per_class), d)
+        kp_layer = _meta_shapes(lambda gen: keypoints.layer_params({}, cfg, gen))
+        layer = {"instance_kp_layer_scale": kp_layer.pop("instance_kp_layer_scale"), **layer, **kp_layer}
     for i in range(cfg.dec_layers):
         out.update({f"decoder.layers.{i}.{k}": v for k, v in layer.items()})
     out.update({"decoder.norm.weight": (d,), "decoder.norm.bias": (d,)})
@@ -339,11 +374,19 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out.update({f"enc_output.{g}.weight": (d, d), f"enc_output.{g}.bias": (d,)})
     for g in groups:
         out.update({f"enc_output_norm.{g}.weight": (d,), f"enc_output_norm.{g}.bias": (d,)})
+    if cfg.keypoints:
+        out.update(_meta_shapes(lambda gen: keypoints.transformer_params(cfg, gen, keypoints.head_params(cfg, gen))))
     for g in groups:
         out.update({f"enc_out_bbox_embed.{g}.{k}": v for k, v in box_head_shapes(d).items()})
     for g in groups:
         out.update({f"enc_out_class_embed.{g}.weight": (c, d), f"enc_out_class_embed.{g}.bias": (c,)})
     return out
+
+
+def _meta_shapes(make) -> dict[str, tuple[int, ...]]:
+    """Flat shapes of what `make(generator)` builds, without allocating storage."""
+    with torch.device("meta"):
+        return tree.shapes(make(torch.Generator()))
 
 
 def box_head_shapes(d: int) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,158 @@
+"""Keypoint model (upstream's GroupPose keypoint preview): parity with the golden tiny_kp model, layout.
+
+Tolerances as in test_model_parity: 1e-4 in float32, 1e-6 in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rfdetr_fn import presets, tree
+from rfdetr_fn.model import backbone, detector, keypoints, projector, transformer
+from tests.golden import golden_config, golden_params
+from tests.test_model_parity import FP32_TOL, FP64_TOL, flat_outputs, worst_deltas
+
+
+@pytest.fixture(scope="module")
+def kp(golden_dir):
+    d = golden_dir / "tiny_kp"
+    return {
+        "dir": d,
+        "cfg": golden_config(d),
+        "params": golden_params(d),
+        "inputs": load_file(d / "inputs.safetensors"),
+        "info": json.loads((d / "config.json").read_text()),
+    }
+
+
+def _eval(kp, batch: str, dtype=torch.float32, train: bool = False):
+    x = kp["inputs"]
+    params = tree.map_(lambda t: t.to(dtype), kp["params"])
+    with torch.no_grad():
+        return detector.apply(params, x[f"{batch}.images"].to(dtype), x[f"{batch}.mask"], kp["cfg"], train=train)
+
+
+@pytest.mark.parametrize("dtype,tol,file", [(torch.float32, FP32_TOL, ""), (torch.float64, FP64_TOL, "_float64")])
+def test_keypoint_eval_parity(kp, dtype, tol, file):
+    ref = load_file(kp["dir"] / f"outputs_eval{file}.safetensors")
+    for batch in ("batch1", "padded"):
+        out = _eval(kp, batch, dtype)
+        assert out["pred_keypoints"].shape == (2, 20, 8, 8) and out["pred_keypoints"].dtype == dtype
+        deltas = worst_deltas(flat_outputs(out), ref, f"{batch}.")
+        worst = max(deltas.values())
+        print(f"tiny_kp {dtype} eval {batch}: worst |delta| {worst:.3g}")
+        assert worst <= tol, f"{batch}: worst {worst:.3g} ({deltas})"
+        assert not out["pred_keypoints"][..., 7, :].any(), "the unused slot (class 1, k=3) must stay zero"
+
+
+def test_keypoint_train_parity(kp):
+    ref = load_file(kp["dir"] / "outputs_train.safetensors")
+    out = _eval(kp, "batch1", train=True)
+    assert out["pred_keypoints"].shape == (2, 260, 8, 8)
+    deltas = worst_deltas(flat_outputs(out), ref, "")
+    assert max(deltas.values()) <= FP32_TOL, deltas
+    sel = load_file(kp["dir"] / "two_stage_selection.safetensors")
+    cfg, p, x = kp["cfg"], kp["params"], kp["inputs"]
+    bb = p["backbone"]["0"]
+    with torch.no_grad():
+        feats = projector.apply(bb["projector"], backbone.features(bb["encoder"], x["batch1.images"], cfg), cfg)
+        masks = detector._level_masks(x["batch1.mask"], feats)
+        picked = transformer.two_stage(p["transformer"], *transformer.flatten_levels(feats, masks), cfg, 13)[3]
+    assert torch.equal(picked, sel["train.batch1.topk_indices"])
+
+
+def test_keypoint_intermediates(kp):
+    """The keypoint path piece by piece (first divergence), from the eval forward's own inputs."""
+    ref = load_file(kp["dir"] / "intermediates_eval.safetensors")
+    cfg, p, x = kp["cfg"], kp["params"], kp["inputs"]
+    bb = p["backbone"]["0"]
+    with torch.no_grad():
+        vit = backbone.features(bb["encoder"], x["batch1.images"], cfg)
+        feats = projector.apply(bb["projector"], vit, cfg)
+        cross = projector.apply(bb["cross_attn_projector"], vit, cfg)
+        masks = detector._level_masks(x["batch1.mask"], feats)
+        q = p["query_feat"]["weight"][:20]
+        tr = transformer.apply(p["transformer"], feats, masks, p["refpoint_embed"]["weight"][:20], q, cfg, 1, cross)
+        init = keypoints.query_initializer(p["transformer"]["keypoint_query_initializer"], q[None].expand(2, -1, -1))
+    ours = {
+        "projector": feats[0],
+        "cross_attn_projector": cross[0],
+        "keypoint_queries_init": init,
+        "decoder_hs": tr["hs"],
+        "decoder_keypoint_hs": tr["kp_hs"],
+        "enc_keypoint_predictions_compact": tr["enc_keypoints"],
+    }
+    for key, value in ours.items():
+        golden = ref[f"batch1.{key}"]
+        assert value.shape == golden.shape, key
+        assert (value - golden).abs().max() <= FP32_TOL * max(1.0, golden.abs().max().item()), key
+
+
+def test_keypoint_schema_buffers_match_golden(kp):
+    w = load_file(kp["dir"] / "weights.safetensors")
+    buffers = keypoints.buffers(kp["cfg"])
+    assert set(buffers) == {keypoints.ACTIVE_MASK_KEY, keypoints.CLASS_MASK_KEY}
+    for key, value in buffers.items():
+        assert value.dtype == torch.bool and torch.equal(value, w[key]), key
+    assert keypoints.schema_from_active_mask(w[keypoints.ACTIVE_MASK_KEY]) == (4, 3)
+    assert keypoints.class_mask((2, 0, 1)).int().tolist() == [
+        [0, 0, 0, 0],
+        [0, 0, 0, 1],
+        [0, 0, 0, 1],
+        [0, 1, 1, 0],
+    ]
+
+
+def test_keypoint_param_layout_matches_golden(kp):
+    upstream = {k: tuple(v[0]) for k, v in kp["info"]["state_dict_keys"].items() if v[1] != "bool"}
+    ours = detector.param_shapes(kp["cfg"])
+    assert ours == upstream
+    assert list(ours) == list(upstream), "key order differs from upstream's state dict"
+    assert sum(math.prod(s) for s in ours.values()) == kp["info"]["derived"]["num_params"]
+
+
+def test_keypoint_preview_preset_is_upstreams():
+    """Its parameter total is checked with the other presets' in test_model_parity."""
+    cfg = presets.keypoint_preview()
+    assert cfg.model_name == "RFDETRKeypointPreview" and cfg.num_keypoints_per_class == (17,)
+    assert (cfg.resolution, cfg.patch_size, cfg.pe_size, cfg.dec_layers, cfg.num_queries) == (576, 12, 48, 4, 100)
+    assert cfg.dual_projector and cfg.dual_projector_kp_only and cfg.keypoint_cross_attn
+
+
+def test_keypoint_init_and_apply_shapes():
+    cfg = presets.tiny_keypoint()
+    params = detector.init(cfg, seed=1)
+    flat = tree.flatten(params)
+    assert [(k, tuple(v.shape)) for k, v in flat.items()] == list(detector.param_shapes(cfg).items())
+    assert not params["keypoint_embed"]["layers"]["2"]["weight"].any()
+    assert params["transformer"]["decoder"]["layers"]["0"]["instance_kp_layer_scale"].item() == pytest.approx(1e-6)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ev = detector.apply(params, x, None, cfg, train=False)
+        tr = detector.apply(params, x, None, cfg, train=True)
+    slots = len(cfg.num_keypoints_per_class) * max(cfg.num_keypoints_per_class)
+    assert ev["pred_keypoints"].shape == (2, cfg.num_queries, slots, 8)
+    assert tr["enc_outputs"]["pred_keypoints"].shape == (2, cfg.num_queries * cfg.group_detr, slots, 8)
+    assert all(a["pred_keypoints"].shape == ev["pred_keypoints"].shape for a in ev["aux_outputs"])
+    # a fresh head puts every keypoint on its reference box centre
+    active = keypoints.active_mask(cfg.num_keypoints_per_class).flatten()
+    centres = ev["pred_boxes"][:, :, None, :2].expand(-1, -1, int(active.sum()), -1)
+    torch.testing.assert_close(ev["pred_keypoints"][:, :, active, :2], centres)
+    assert not ev["pred_keypoints"][:, :, ~active].any()
+    torch.testing.assert_close(tr["pred_logits"][:, : cfg.num_queries], ev["pred_logits"], rtol=0, atol=1e-5)
+
+
+def test_keypoint_config_errors():
+    with pytest.raises(ValueError, match="needs num_keypoints_per_class"):
+        presets.tiny(use_grouppose_keypoints=True)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        presets.tiny_keypoint(num_keypoints_per_class=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="keypoint_names has 2 names"):
+        presets.tiny_keypoint(keypoint_names=("a", "b"))
+    with pytest.raises(ValueError, match="inter_instance_kp_attn"):
+        presets.tiny_keypoint(inter_instance_kp_attn=True)
