@@ -29,7 +29,8 @@ from rfdetr_fn import presets, tree
 from rfdetr_fn.config import UPSTREAM_NAMES, ModelConfig
 from rfdetr_fn.tree import Params
 
-KP_MASK = "_kp_active_mask"  # upstream's non-learned keypoint buffer: dropped on load, empty on save
+KP_MASK = "_kp_active_mask"  # upstream's schema buffer (classes x max keypoints): dropped on load, rebuilt on save
+KP_CLASS_MASK = "transformer.decoder.keypoint_class_mask"  # the other schema-derived buffer (keypoint models)
 CONFIG_META = "rfdetr_fn_config"
 NAMES_META = "class_names"
 UPSTREAM_FORMAT_VERSION = "1.11.2"  # the upstream release whose best-.pth payload we write
@@ -46,6 +47,8 @@ _UPSTREAM_FIELDS = (
     "patch_size", "num_windows", "sa_nheads", "ca_nheads", "dec_n_points", "num_queries", "num_select",
     "bbox_reparam", "lite_refpoint_refine", "layer_norm", "num_channels", "num_classes", "resolution",
     "group_detr", "positional_encoding_size", "segmentation_head", "mask_downsample_ratio",
+    "use_grouppose_keypoints", "dual_projector", "dual_projector_kp_only", "num_keypoints_per_class",
+    "keypoint_cross_attn", "inter_instance_kp_attn", "grouppose_keypoint_dim_downscale", "postprocess_trace_alpha",
 )  # fmt: skip
 # Classes a weights-only unpickler may rebuild: upstream legacy files pickle `args` as a Namespace and
 # sometimes hold paths. Both only set attributes/strings; nothing executes.
@@ -96,7 +99,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     config = config_from_dict(json.loads(meta[CONFIG_META]), path) if CONFIG_META in meta else None
     names = json.loads(meta[NAMES_META]) if NAMES_META in meta else None
-    return RawCheckpoint(path, _clean_state_dict(flat, path), {}, config, names, None)
+    return RawCheckpoint(path, _clean_state_dict(flat, path), _schema_field(flat), config, names, None)
 
 
 def _read_torch(path: Path) -> RawCheckpoint:
@@ -119,6 +122,7 @@ def _read_torch(path: Path) -> RawCheckpoint:
     model_config = _parse_args(model_config, path) if model_config is not None else {}
     readable = (*_UPSTREAM_FIELDS, "dim_feedforward")
     fields = {k: v for k, v in {**args, **model_config}.items() if k in readable and v is not None}
+    fields.update(_schema_field(flat))
     ours = payload.get(CONFIG_META)
     config = config_from_dict(ours, path) if isinstance(ours, Mapping) else None
     names = args.get("class_names") or model_config.get("class_names")
@@ -188,13 +192,26 @@ def _parse_repr(text: str, path: Path) -> dict[str, Any]:
     return out
 
 
+def _strip(key: str) -> str:
+    while key.startswith(_LIGHTNING_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _schema_field(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The keypoint schema upstream keeps in `_kp_active_mask` (keypoints per class), when non-empty."""
+    mask = next((v for k, v in flat.items() if _strip(k) == KP_MASK), None)
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or not mask.numel():
+        return {}
+    return {"num_keypoints_per_class": tuple(int(n) for n in mask.sum(1).tolist())}
+
+
 def _clean_state_dict(flat: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
-    """Strip Lightning/compile prefixes, drop the keypoint buffer, upcast half floats to float32."""
+    """Strip Lightning/compile prefixes, drop the schema buffers, upcast half floats to float32."""
     out: dict[str, Tensor] = {}
     for key, value in flat.items():
-        while key.startswith(_LIGHTNING_PREFIXES):
-            key = key.split(".", 1)[1]
-        if key == KP_MASK or key.endswith("." + KP_MASK):
+        key = _strip(key)
+        if key in (KP_MASK, KP_CLASS_MASK):
             continue
         if not isinstance(value, Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -259,6 +276,8 @@ def infer_config(raw: RawCheckpoint) -> ModelConfig:
         )
         if attw.shape[0] % per_head == 0:
             fields["ca_nheads"] = attw.shape[0] // per_head
+    if fields.get("dual_projector") and "dual_projector_kp_only" not in raw.fields:
+        fields["dual_projector_kp_only"] = fields.get("use_grouppose_keypoints", False)  # the preview's setting
     if "num_select" not in raw.fields and "num_queries" in fields:
         fields["num_select"] = min(base.num_select, fields["num_queries"])
     fields = _fit_unknowns(base, fields, resolution_known="resolution" in raw.fields)
@@ -313,6 +332,10 @@ def _fields_from_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
         out["group_detr"] = groups
         out["num_queries"] = sd["query_feat.weight"].shape[0] // groups
     out["segmentation_head"] = any(k.startswith("segmentation_head.") for k in sd)
+    out["dual_projector"] = any(k.startswith("backbone.0.cross_attn_projector.") for k in sd)
+    out["use_grouppose_keypoints"] = "keypoint_embed.layers.0.weight" in sd
+    if out["use_grouppose_keypoints"]:
+        out["keypoint_cross_attn"] = any(".kp_cross_attn." in k for k in sd)
     return out
 
 
@@ -354,6 +377,7 @@ def _preset_name(model_name: str | None, fields: Mapping[str, Any], path: Path) 
         cfg = presets.get(name)
         same = sum(fields.get(k) == getattr(cfg, k) for k in keys)
         same += fields.get("positional_encoding_size") == cfg.pe_size
+        same += 10 * (fields.get("use_grouppose_keypoints", False) == cfg.keypoints)
         return same + 10 * (fields.get("segmentation_head", False) == cfg.segmentation_head)
 
     return max(presets.NAMES, key=score)
@@ -428,6 +452,7 @@ def adapt(
         )
         for k in heads:
             out[k] = resize_rows(out[k], cfg.num_logits)
+    _adapt_keypoints(out, cfg)
     for k in _QUERY_KEYS:
         if k in out and out[k].shape[0] != cfg.num_queries * cfg.group_detr:
             out[k] = slice_queries(out[k], src_queries, (cfg.num_queries, cfg.group_detr))
@@ -437,6 +462,21 @@ def adapt(
         if len(parts) > 2 and parts[2].isdigit() and int(parts[2]) >= cfg.group_detr:
             del out[k]
     return out
+
+
+def _adapt_keypoints(sd: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """Upstream's keypoint loading rules: a missing dual projector starts as a copy of the projector;
+    the per-keypoint rows (position embedding, initializer queries) follow the config's schema."""
+    pre, dual = "backbone.0.projector.", "backbone.0.cross_attn_projector."
+    if cfg.dual_projector and not any(k.startswith(dual) for k in sd):
+        sd.update({dual + k[len(pre) :]: v.clone() for k, v in list(sd.items()) if k.startswith(pre)})
+    if not cfg.keypoints:
+        return
+    total = sum(cfg.num_keypoints_per_class)
+    rows = ("decoder.keypoint_pos_embed", "keypoint_query_initializer.queries")
+    for key in (f"transformer.{r}" for r in (*rows, "keypoint_query_initializer_enc.queries")):
+        if key in sd and sd[key].shape[0] != total:
+            sd[key] = resize_rows(sd[key], total)
 
 
 def _is_class_head(key: str) -> bool:
@@ -552,7 +592,7 @@ def save_weights(
         atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
         return
     payload = {
-        "model": _with_kp_mask(flat),
+        "model": _with_buffers(flat, cfg),
         "args": _upstream_args(cfg, names),
         "model_name": cfg.model_name,
         "model_config": {**_upstream_fields(cfg), "model_name": cfg.model_name},
@@ -572,7 +612,7 @@ def write_upstream_best(
     `source` ("ema"/"regular") marks checkpoint_best_total.pth.
     """
     flat = {k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()}
-    model = _with_kp_mask(flat)
+    model = _with_buffers(flat, cfg)
     names = list(class_names) if class_names is not None else None
     payload: dict[str, Any] = {
         "model": model,
@@ -591,8 +631,18 @@ def write_upstream_best(
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
-def _with_kp_mask(flat: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {KP_MASK: torch.zeros((0, 0), dtype=torch.bool), **flat}
+def _with_buffers(flat: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Upstream's state dict: the schema buffers where upstream keeps them (the mask first, the class
+    mask after the keypoint position embedding)."""
+    from rfdetr_fn.model import keypoints
+
+    active, blocked = keypoints.buffers(cfg)
+    out = {KP_MASK: active}
+    for key, value in flat.items():
+        out[key] = value
+        if key == "transformer.decoder.keypoint_pos_embed":
+            out[KP_CLASS_MASK] = blocked
+    return out
 
 
 def _upstream_args(cfg: ModelConfig, names: list[str] | None) -> dict[str, Any]:

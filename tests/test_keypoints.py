@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import math
 
+import attrs
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from rfdetr_fn import checkpoint as ckpt
 from rfdetr_fn import presets, tree
 from rfdetr_fn.model import backbone, detector, keypoints, projector, transformer
 from tests.golden import golden_config, golden_params
@@ -95,11 +97,8 @@ def test_keypoint_intermediates(kp):
 
 def test_keypoint_schema_buffers_match_golden(kp):
     w = load_file(kp["dir"] / "weights.safetensors")
-    buffers = keypoints.buffers(kp["cfg"])
-    assert set(buffers) == {keypoints.ACTIVE_MASK_KEY, keypoints.CLASS_MASK_KEY}
-    for key, value in buffers.items():
+    for key, value in zip((ckpt.KP_MASK, ckpt.KP_CLASS_MASK), keypoints.buffers(kp["cfg"])):
         assert value.dtype == torch.bool and torch.equal(value, w[key]), key
-    assert keypoints.schema_from_active_mask(w[keypoints.ACTIVE_MASK_KEY]) == (4, 3)
     assert keypoints.class_mask((2, 0, 1)).int().tolist() == [
         [0, 0, 0, 0],
         [0, 0, 0, 1],
@@ -156,3 +155,53 @@ def test_keypoint_config_errors():
         presets.tiny_keypoint(keypoint_names=("a", "b"))
     with pytest.raises(ValueError, match="inter_instance_kp_attn"):
         presets.tiny_keypoint(inter_instance_kp_attn=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_keypoint_upstream_checkpoint_loads_with_inferred_schema(kp):
+    with pytest.warns(UserWarning, match="vit_num_heads=1 is assumed"):
+        cfg, params = ckpt.load_weights(kp["dir"] / "checkpoint.pth")
+    assert cfg.keypoints and cfg.num_keypoints_per_class == (4, 3) and cfg.dual_projector_kp_only
+    assert attrs.evolve(cfg, name="nano", vit_num_heads=2, positional_encoding_size=12) == kp["cfg"]
+    assert ckpt.class_names(kp["dir"] / "checkpoint.pth") == ["quad", "tri"]
+    golden = tree.flatten(kp["params"])
+    ours = tree.flatten(params)
+    assert list(ours) == list(detector.param_shapes(cfg)) and all(torch.equal(ours[k], golden[k]) for k in golden)
+
+
+def test_keypoint_missing_dual_projector_is_cloned_from_projector(kp, tmp_path):
+    sd = {k: v for k, v in tree.flatten(kp["params"]).items() if not k.startswith("backbone.0.cross_attn_projector.")}
+    path = tmp_path / "no_dual.pth"
+    torch.save({"model": {ckpt.KP_MASK: keypoints.active_mask((4, 3)), **sd}}, path)
+    _, params = ckpt.load_weights(path, kp["cfg"])
+    bb = params["backbone"]["0"]
+    for key, value in tree.flatten(bb["projector"]).items():
+        assert torch.equal(tree.flatten(bb["cross_attn_projector"])[key], value), key
+
+
+def test_keypoint_saved_pth_has_upstreams_layout(kp, tmp_path):
+    """Our .pth holds upstream's exact state-dict keys, order and dtypes (both bool buffers included)."""
+    path = tmp_path / "kp.pth"
+    flat = tree.flatten(kp["params"])
+    params = tree.unflatten({k: flat[k] for k in detector.param_shapes(kp["cfg"])})  # model order
+    ckpt.save_weights(path, params, kp["cfg"], class_names=["quad", "tri"])
+    raw = torch.load(path, weights_only=True)
+    expected = kp["info"]["state_dict_keys"]
+    assert list(raw["model"]) == list(expected)
+    assert all(str(v.dtype).removeprefix("torch.") == expected[k][1] for k, v in raw["model"].items())
+    for key in ("use_grouppose_keypoints", "dual_projector", "dual_projector_kp_only", "num_keypoints_per_class"):
+        assert raw["args"][key] == kp["info"]["checkpoint_args"][key], key
+    w = load_file(kp["dir"] / "weights.safetensors")
+    assert all(torch.equal(raw["model"][k], w[k]) for k in w)
+    cfg, back = ckpt.load_weights(path)
+    assert cfg == kp["cfg"] and tree.shapes(back) == detector.param_shapes(cfg)
+
+
+def test_keypoint_schema_change_resizes_keypoint_rows(kp):
+    cfg = attrs.evolve(kp["cfg"], num_keypoints_per_class=(4, 4))
+    _, params = ckpt.load_weights(kp["dir"] / "checkpoint.pth", cfg)  # strict: every key still fits
+    rows = params["transformer"]["decoder"]["keypoint_pos_embed"]
+    golden = kp["params"]["transformer"]["decoder"]["keypoint_pos_embed"]
+    assert rows.shape == (8, 32) and torch.equal(rows[:7], golden) and torch.equal(rows[7], golden[0])

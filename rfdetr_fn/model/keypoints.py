@@ -30,8 +30,6 @@ from rfdetr_fn.model import transformer
 from rfdetr_fn.tree import Params
 
 CHANNELS = 8  # x, y, findable, visible, log_l11, l21, log_l22, class
-ACTIVE_MASK_KEY = "_kp_active_mask"
-CLASS_MASK_KEY = "transformer.decoder.keypoint_class_mask"
 _LAYER_SCALE_INIT = 1e-6
 
 
@@ -50,11 +48,6 @@ def class_mask(schema: tuple[int, ...]) -> Tensor:
     owner = torch.tensor([-1] + [c for c, n in enumerate(schema) for _ in range(n)])
     blocked = owner[:, None] != owner[None, :]
     return blocked & (owner[:, None] >= 0) & (owner[None, :] >= 0)
-
-
-def schema_from_active_mask(mask: Tensor) -> tuple[int, ...]:
-    """Inverse of `active_mask` (how upstream reads the schema out of a checkpoint)."""
-    return tuple(int(n) for n in mask.sum(1).tolist())
 
 
 def padded_slots(schema: tuple[int, ...]) -> int:
@@ -215,9 +208,9 @@ def transformer_params(cfg: ModelConfig, gen: torch.Generator, head: Params) -> 
     }
 
 
-def buffers(cfg: ModelConfig) -> dict[str, Tensor]:
-    """Upstream's schema-derived bool buffers for `cfg` (empty `_kp_active_mask` without keypoints)."""
+def buffers(cfg: ModelConfig) -> tuple[Tensor, Tensor | None]:
+    """Upstream's schema-derived bool buffers for `cfg`: `_kp_active_mask` (empty without keypoints)
+    and `transformer.decoder.keypoint_class_mask` (None without keypoints)."""
     if not cfg.keypoints:
-        return {ACTIVE_MASK_KEY: torch.zeros((0, 0), dtype=torch.bool)}
-    schema = cfg.num_keypoints_per_class
-    return {ACTIVE_MASK_KEY: active_mask(schema), CLASS_MASK_KEY: class_mask(schema)}
+        return torch.zeros((0, 0), dtype=torch.bool), None
+    return active_mask(cfg.num_keypoints_per_class), class_mask(cfg.num_keypoints_per_class)
