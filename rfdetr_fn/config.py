@@ -294,8 +294,8 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the whole train step; auto = on for CUDA, off on CPU (there a compile takes minutes per
     input size and gains little for matmul-bound models; see benchmarks/RESULTS.md)."""
-    cls_loss_coef: float = 1.0
-    """Weight of the IA-BCE classification loss."""
+    cls_loss_coef: float | None = None
+    """Weight of the IA-BCE classification loss; None = upstream's per task: 2 for keypoint models, else 1."""
     bbox_loss_coef: float = 5.0
     """Weight of the L1 box loss."""
     giou_loss_coef: float = 2.0
@@ -304,6 +304,14 @@ class TrainConfig:
     """Weight of the mask BCE loss (segmentation)."""
     mask_dice_loss_coef: float = 5.0
     """Weight of the mask dice loss (segmentation)."""
+    keypoint_l1_loss_coef: float = 1.0
+    """Weight of the keypoint L1 loss (also its matcher cost weight, like upstream)."""
+    keypoint_findable_loss_coef: float = 1.0
+    """Weight of the keypoint 'findable' (v > 0) BCE loss and matcher cost."""
+    keypoint_visible_loss_coef: float = 1.0
+    """Weight of the keypoint 'visible' (v = 2) BCE loss and matcher cost."""
+    keypoint_nll_loss_coef: float = 1.0
+    """Weight of the keypoint Gaussian NLL (under the predicted precision) loss and matcher cost."""
     mask_point_sample_ratio: int = attrs.field(default=16, validator=_positive)
     """Mask losses sample H*W/ratio points."""
     set_cost_class: float = 2.0

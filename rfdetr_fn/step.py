@@ -28,13 +28,13 @@ from torch import Tensor
 from rfdetr_fn import ema as ema_lib
 from rfdetr_fn import optim, schedules, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
-from rfdetr_fn.loss.criterion import criterion
+from rfdetr_fn.loss.criterion import criterion, weight_dict
 from rfdetr_fn.model import detector
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
 
-TARGET_KEYS = ("labels", "boxes", "masks")
+TARGET_KEYS = ("labels", "boxes", "masks", "keypoints")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -78,6 +78,7 @@ def make_train_step(
     groups = optim.param_groups(names, cfg, tcfg)
     schedule = schedules.lr_kwargs(tcfg, steps_per_epoch)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    weighted = set(weight_dict(cfg, tcfg))
 
     def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -94,15 +95,19 @@ def make_train_step(
         scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
         grads_sum: tree.Params | None = None
         loss_sums: dict[str, Tensor] = {}
-        for batch in batches:
-            num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
-            grads, (_, (total, losses)) = grad_fn(params, batch, num_boxes, scale)
+        counts = [_num_boxes(batch["labels"], cfg.group_detr, world_size) for batch in batches]
+        window = _window_normaliser(counts) if cfg.keypoints else None
+        for batch, count in zip(batches, counts):
+            grads, (_, (total, losses)) = grad_fn(params, batch, count if window is None else window, scale)
             grads_sum = grads if grads_sum is None else tree.map_(torch.add, grads_sum, grads)
+            if window is not None:  # log what upstream logs: this micro-batch's terms over its own normaliser
+                total, losses = _renormalise(total, losses, window / count, weighted)
             for key, value in {"loss": total, **losses}.items():
                 loss_sums[key] = loss_sums.get(key, 0.0) + value.detach() / len(batches)
         grads = grads_sum
-        if len(batches) > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
-            grads = tree.map_(lambda g: g / (len(batches) * scale), grads)
+        divisor = 1 if window is not None else len(batches)  # the window normaliser already averaged
+        if divisor > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
+            grads = tree.map_(lambda g: g / (divisor * scale), grads)
         if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
             averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
             grads, loss_sums = averaged["grads"], averaged["losses"]
@@ -208,6 +213,20 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
 
         count = fc.all_reduce(count, "sum", dist.group.WORLD) / world_size
     return count.clamp(min=1.0)
+
+
+def _window_normaliser(counts: list[Tensor]) -> Tensor:
+    """Keypoint models (upstream's manual optimisation): every micro-batch of an accumulation window is
+    normalised by the window's total box count, so the step's gradient is the gradient of the summed
+    loss numerators over the whole effective batch, divided by its total count (not a mean of
+    per-micro-batch means). Each count is already clamped to >= 1 and averaged over ranks, as upstream."""
+    return torch.stack(counts).sum()
+
+
+def _renormalise(total: Tensor, losses: dict[str, Tensor], factor: Tensor, weighted: set[str]):
+    """Rescale the normalised loss terms (not the diagnostics) by `factor`."""
+    scaled = {k: v * factor if k in weighted else v for k, v in losses.items()}
+    return total * factor, scaled
 
 
 def _next_loss_scale(scale: Tensor, finite: Tensor, step: Tensor) -> Tensor:
