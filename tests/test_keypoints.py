@@ -18,7 +18,7 @@ from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.loss.criterion import criterion, keypoint_coefs, weight_dict
 from rfdetr_fn.loss.matcher import match, match_costs
-from rfdetr_fn.model import backbone, detector, keypoints, projector, transformer
+from rfdetr_fn.model import backbone, detector, keypoints, postprocess, projector, transformer
 from rfdetr_fn.step import grad_and_value, init_state, make_train_step
 from tests.golden import golden_config, golden_params, golden_targets
 from tests.test_model_parity import FP32_TOL, FP64_TOL, flat_outputs, worst_deltas
@@ -367,3 +367,29 @@ def test_keypoint_step_normalises_over_the_whole_accumulation_window():
         logged.append(criterion(out, targets, cfg, tcfg, train=True)[0].item())
     assert two["loss"].item() == pytest.approx(sum(logged) / 2, rel=1e-5)
     assert abs(two["loss"].item() - one["loss"].item()) > 1e-3  # they differ: 3 vs 1 boxes
+
+
+# ---------------------------------------------------------------- postprocess
+
+
+def test_keypoint_postprocess_equals_golden(kp):
+    """From golden eval outputs (exact ranking) and from ours end to end; NaN positions included."""
+    ref = load_file(kp["dir"] / "postprocess.safetensors")
+    eval_ref = load_file(kp["dir"] / "outputs_eval.safetensors")
+    golden_out = {k[len("batch1.") :]: v for k, v in eval_ref.items() if k.startswith("batch1.") and k.count(".") == 1}
+    sizes = kp["inputs"]["batch1.target_sizes"]
+    for label, out in (("golden", golden_out), ("ours", _eval(kp, "batch1"))):
+        results = postprocess.postprocess(out, sizes, 20, keypoint_schema=(4, 3), trace_alpha=0.2)
+        for i, res in enumerate(results):
+            assert torch.equal(res["labels"], ref[f"{i}.labels"]), (label, i)
+            for key, tol in (
+                ("scores", 1e-6),
+                ("boxes", 1e-3),
+                ("keypoints", 1e-3),
+                ("keypoint_precision_cholesky", 1e-5),
+            ):
+                torch.testing.assert_close(
+                    res[key], ref[f"{i}.{key}"], rtol=0, atol=tol, equal_nan=True, msg=f"{label} {i} {key}"
+                )
+        plain = postprocess.postprocess(out, sizes, 20, keypoint_schema=(4, 3), trace_alpha=0.0)
+        torch.testing.assert_close(plain[0]["scores"], ref["0.scores_before_keypoint_fusion"], rtol=0, atol=1e-6)

@@ -214,3 +214,54 @@ def buffers(cfg: ModelConfig) -> tuple[Tensor, Tensor | None]:
     if not cfg.keypoints:
         return torch.zeros((0, 0), dtype=torch.bool), None
     return active_mask(cfg.num_keypoints_per_class), class_mask(cfg.num_keypoints_per_class)
+
+
+# ---------------------------------------------------------------- postprocess
+
+
+def log_mean_trace(kp: Tensor, active: Tensor) -> Tensor:
+    """(..., K, 8) keypoints -> log of the findability-weighted mean trace of each keypoint's covariance
+    (the inverse of the predicted precision), over the active keypoints; 0 where none is active."""
+    log_l11, l21, log_l22 = kp[..., 4], kp[..., 5], kp[..., 6]
+    t1, t2 = -2.0 * log_l11, -2.0 * log_l22
+    t3 = 2.0 * l21.abs().clamp(min=1e-12).log() + t1 + t2
+    log_trace = torch.stack([t1, t2, t3], -1).logsumexp(-1)
+    log_w = kp[..., 2].sigmoid().clamp(min=1e-12).log()
+    neg = torch.full_like(log_w, float("-inf"))
+    num = torch.where(active, log_trace + log_w, neg).logsumexp(-1)
+    den = torch.where(active, log_w, neg).logsumexp(-1)
+    return torch.where(active.any(-1), num - den, torch.zeros_like(num))
+
+
+def select_keypoints(
+    pred_keypoints: Tensor,
+    queries: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    target_sizes: Tensor,
+    schema: tuple[int, ...],
+    trace_alpha: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keypoints of the selected detections, upstream's PostProcess rules, batched.
+
+    Returns keypoints (B, K, max(schema), 3) = (x, y pixels, sigmoid(findable)) for the label's
+    keypoints and zeros elsewhere (labels without keypoints get all zeros), the raw precision Cholesky
+    (log_l11, l21, log_l22) with NaN where inactive, and the scores: for labels in the schema, fused with
+    the keypoint uncertainty, min(sigmoid(log p - alpha * log mean trace), nextafter(1, 0)).
+    """
+    classes, width = len(schema), max(schema)
+    picked = pred_keypoints.gather(1, queries[..., None, None].expand(-1, -1, *pred_keypoints.shape[2:]))
+    per_class = picked.unflatten(2, (classes, width))  # (B, K, C, W, 8)
+    valid = labels < classes
+    cls = labels.clamp(max=classes - 1)
+    kp = per_class.gather(2, cls[..., None, None, None].expand(-1, -1, 1, width, per_class.shape[-1]))[:, :, 0]
+    active = active_mask(schema).to(kp.device)[cls] & valid[..., None]
+    h, w = target_sizes.to(kp.dtype).unbind(1)
+    xyf = torch.stack([kp[..., 0] * w[:, None, None], kp[..., 1] * h[:, None, None], kp[..., 2].sigmoid()], -1)
+    keypoints = torch.where(active[..., None], xyf, torch.zeros_like(xyf))
+    precision = torch.where(active[..., None], kp[..., 4:7], torch.full_like(kp[..., 4:7], float("nan")))
+    if trace_alpha > 0:
+        fused = torch.sigmoid(scores.log() - trace_alpha * log_mean_trace(kp, active))
+        fused = torch.minimum(fused, torch.nextafter(torch.ones_like(fused), torch.zeros_like(fused)))
+        scores = torch.where(valid, fused, scores)
+    return keypoints, precision, scores
