@@ -338,8 +338,8 @@ class TrainConfig:
     """Smallest improvement that counts."""
     early_stopping_use_ema: bool = True
     """Monitor the EMA metric when available (else the max of regular and EMA)."""
-    best_model_metric: Literal["map", "mar"] = "map"
-    """Metric that picks the best checkpoint."""
+    best_model_metric: Literal["map", "mar", "kp_map", "kp_mar"] = "map"
+    """Metric that picks the best checkpoint (kp_*: keypoint OKS AP/AR, keypoint models)."""
     skip_best_epochs: int = attrs.field(default=0, validator=_non_negative)
     """Ignore epochs before this one for best-model and early-stopping decisions."""
     smooth_alpha: float = attrs.field(default=0.0, validator=_unit_interval)
@@ -398,3 +398,5 @@ class EvalConfig:
     """Report AP per class."""
     threshold: float = attrs.field(default=0.5, validator=_unit_interval)
     """predict: keep detections scoring above this."""
+    keypoint_oks_sigmas: tuple[float, ...] | None = None
+    """Keypoint OKS sigmas; None = COCO's person sigmas for 17 keypoints, else 0.05 each (upstream's rule)."""

@@ -302,7 +302,7 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world) -> dict[str, fl
 
 
 def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
-    key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
+    key = {"map": "mAP_50_95", "mar": "mAR", "kp_map": "kp_mAP_50_95", "kp_mar": "kp_mAR"}[tcfg.best_model_metric]
     base_evaluated = tcfg.eval_base_model or not tcfg.use_ema
     regular = record.get(f"val/{key}") if base_evaluated else None
     ema = record.get(f"val/ema_{key}") if tcfg.use_ema else None

@@ -16,10 +16,11 @@ import torch
 from rfdetr_fn import checkpoint, distributed, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, eval_loader
+from rfdetr_fn.keypoint_metrics import KeypointEvaluator
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
 from rfdetr_fn.model import detector
-from rfdetr_fn.model.postprocess import postprocess
+from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.step import TARGET_KEYS
 
 
@@ -69,20 +70,20 @@ def evaluate(
         if loss_cfg is not None:
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
             losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))
-        preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select)
+        preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select, **postprocess_kwargs(cfg))
         for image_id, pred in zip(batch["image_id"].tolist(), preds):
             results.append((image_id, {k: v.cpu() for k, v in pred.items()}))
     merged = [r for part in distributed.gather_objects(results, world) for r in part]
     all_losses = [x for part in distributed.gather_objects(losses, world) for x in part]
     if not world.main:
         return {}
-    evaluator = Evaluator(
-        dataset.coco_gt(),
-        class_names=dataset.class_names,
-        backend=ecfg.backend,
-        max_dets=ecfg.max_dets,
-        per_class=ecfg.per_class,
+    common = dict(
+        class_names=dataset.class_names, backend=ecfg.backend, max_dets=ecfg.max_dets, per_class=ecfg.per_class
     )
+    if cfg.keypoints:
+        evaluator = KeypointEvaluator(dataset.coco_gt(), sigmas=ecfg.keypoint_oks_sigmas, **common)
+    else:
+        evaluator = Evaluator(dataset.coco_gt(), **common)
     seen: set[int] = set()
     for image_id, pred in merged:  # distributed samplers may repeat images to even out shards
         if image_id not in seen:

@@ -31,6 +31,13 @@ def select(logits: Tensor, num_select: int) -> tuple[Tensor, Tensor, Tensor]:
     return scores, idx % c, idx // c
 
 
+def postprocess_kwargs(cfg) -> dict:
+    """The keypoint arguments of `postprocess` for a ModelConfig (none for box/mask models)."""
+    if not cfg.keypoints:
+        return {}
+    return {"keypoint_schema": cfg.num_keypoints_per_class, "trace_alpha": cfg.postprocess_trace_alpha}
+
+
 def postprocess(
     outputs: dict,
     target_sizes: Tensor,
