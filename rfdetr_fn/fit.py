@@ -62,6 +62,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
+    cfg = _align_keypoints(cfg, train_ds)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     class_names = list(dcfg.class_names or train_ds.class_names)
     compiled = use_compile(tcfg.compile, world.device)
@@ -203,6 +204,15 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
             num_select=min(cfg.num_select, cfg.num_queries * (dataset_classes + 1)),
         )
     return cfg
+
+
+def _align_keypoints(cfg: ModelConfig, dataset) -> ModelConfig:
+    """A keypoint model's schema and keypoint names follow the train split, like its classes."""
+    if not cfg.keypoints:
+        return cfg
+    schema, names = dataset.keypoint_schema, dataset.keypoint_names
+    flat = tuple(n for per_class in names for n in per_class)
+    return attrs.evolve(cfg, num_keypoints_per_class=schema, keypoint_names=flat if len(flat) == sum(schema) else ())
 
 
 def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:

@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data import transforms as T
 
 SPLIT_DIRS = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
@@ -48,6 +49,7 @@ class Source:
     image_dir: Path | None = None
     render: Callable[[dict], Image.Image] | None = None  # in-memory images (synthetic data)
     problems: list[str] = field(default_factory=list)  # found while reading the layout
+    flip_pairs: tuple[int, ...] | None = None  # keypoint swap pairs given by the layout (YOLO flip_idx)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class _Record:
     segmentations: list[Any]  # raw COCO segmentation or None
     ann_ids: list[int]
     areas: list[float]
+    keypoints: np.ndarray | None = None  # (n, max(schema), 3) float32 x, y, v px (keypoint datasets)
 
 
 def _image_problems(source: Source) -> tuple[list[dict], list[str]]:
@@ -200,6 +203,8 @@ def _check_source(source: Source) -> tuple[list[dict], list[_Record], list[str],
     pos = {im["id"]: k for k, im in enumerate(images)}
     listed = {str(im.get("id")) for im in source.images if isinstance(im, dict)}
     declared = {int(c["id"]): str(c.get("name", "")) for c in source.categories}
+    counts = kp.category_counts(source.categories, source.annotations)
+    width = max(counts.values(), default=0)
     rows: list[list[tuple]] = [[] for _ in images]
     clipped: list[str] = []
     for i, a in enumerate(source.annotations):
@@ -232,17 +237,23 @@ def _check_source(source: Source) -> tuple[list[dict], list[_Record], list[str],
         if box[2] <= box[0] or box[3] <= box[1]:
             continue  # degenerate: nothing to learn or match
         area = float(a.get("area") or (box[2] - box[0]) * (box[3] - box[1]))
+        points = kp.parse(a.get("keypoints"), counts.get(cat, 0), width) if width else None
+        if isinstance(points, str):
+            problems.append(f"{where} (category {declared[cat]}): {points}")
+            continue
         rows[pos[image_id]].append(
-            (box, source.cat2label[cat], bool(a.get("iscrowd", 0)), a.get("segmentation") or None, aid, area)
+            (box, source.cat2label[cat], bool(a.get("iscrowd", 0)), a.get("segmentation") or None, aid, area, points)
         )
-    records = [_make_record(r) for r in rows]
+    records = [_make_record(r, width) for r in rows]
     return images, records, problems, clipped
 
 
-def _make_record(rows: list[tuple]) -> _Record:
+def _make_record(rows: list[tuple], keypoint_width: int = 0) -> _Record:
+    no_kps = np.zeros((0, keypoint_width, 3), np.float32) if keypoint_width else None
     if not rows:
-        return _Record(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool), [], [], [])
-    boxes, labels, crowd, segs, ids, areas = zip(*rows)
+        empty = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+        return _Record(*empty, [], [], [], no_kps)
+    boxes, labels, crowd, segs, ids, areas, points = zip(*rows)
     return _Record(
         np.stack(boxes).astype(np.float32),
         np.array(labels, np.int64),
@@ -250,6 +261,7 @@ def _make_record(rows: list[tuple]) -> _Record:
         list(segs),
         list(ids),
         list(areas),
+        np.stack(points) if keypoint_width else None,
     )
 
 
@@ -289,7 +301,14 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, source: Source, pipeline: Pipeline, *, masks: bool = False, seed: int = 0, block_size: int = 32
+        self,
+        source: Source,
+        pipeline: Pipeline,
+        *,
+        masks: bool = False,
+        seed: int = 0,
+        block_size: int = 32,
+        keypoints: bool = False,
     ) -> None:
         images, records, problems, clipped = _check_source(source)
         if problems:
@@ -318,6 +337,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.masks = masks
         self.seed = seed
         self.block_size = block_size
+        self.keypoint_schema, self.keypoint_names = kp.label_schema(
+            source.categories, source.annotations, self.cat2label
+        )
+        self.keypoints = keypoints
+        if keypoints and not self.keypoint_schema:
+            raise DatasetError(f"{source.name}: a keypoint model needs keypoint annotations; this split has none")
+        flip = source.flip_pairs
+        self.flip_pairs = flip if flip is not None else kp.merged_flip_pairs(self.keypoint_schema, self.keypoint_names)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -359,6 +386,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         target = {"boxes": boxes, "labels": torch.from_numpy(rec.labels[keep])}
+        if self.keypoints:
+            target["keypoints"] = kp.clean(torch.from_numpy(rec.keypoints[keep]).clone(), height, width)
         if self.masks:
             segs = [s for s, k in zip(rec.segmentations, keep) if k]
             target["masks"] = decode_masks(segs, height, width)
@@ -377,7 +406,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         p = self.pipeline
         if p.train:
             gen = torch.Generator().manual_seed(seed)
-            image, target = T.train_transform(image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen)
+            image, target = T.train_transform(
+                image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen, flip_pairs=self.flip_pairs
+            )
         else:
             image, target = T.eval_transform(image, target, p.resolution)
         image, target = T.finalize(image, target)
@@ -402,10 +433,23 @@ class DetectionDataset(torch.utils.data.Dataset):
                 }
                 if rec.segmentations[k]:
                     ann["segmentation"] = rec.segmentations[k]
+                if rec.keypoints is not None:
+                    count = (
+                        self.keypoint_schema[ann["category_id"]]
+                        if ann["category_id"] < len(self.keypoint_schema)
+                        else 0
+                    )
+                    points = rec.keypoints[k, :count]
+                    ann["keypoints"] = [float(v) for v in points.reshape(-1)]
+                    ann["num_keypoints"] = int((points[:, 2] > 0).sum())
                 anns.append(ann)
                 next_id += 1
         categories = [
             {"id": label, "name": self.class_names[label] if label < len(self.class_names) else str(label)}
             for label in sorted(self.label2cat)
         ]
+        for cat in categories:  # keypoint datasets: the names give evaluation each category's keypoint count
+            if cat["id"] < len(self.keypoint_schema) and self.keypoint_schema[cat["id"]]:
+                count, names = self.keypoint_schema[cat["id"]], self.keypoint_names[cat["id"]]
+                cat["keypoints"] = names or [f"keypoint_{i}" for i in range(count)]
         return {"images": [dict(im) for im in self.images], "annotations": anns, "categories": categories}
