@@ -353,7 +353,7 @@ def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
 
 def _summary(record: dict) -> str:
     """The headline numbers of an evaluation (EMA twins when both models were scored)."""
-    names = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "F1")
+    names = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "kp_mAP_50_95", "kp_mAR", "F1")
     keys = [f"{prefix}{n}" for prefix in ("val/", "val/ema_", "test/") for n in names]
     return f"epoch {record.get('epoch')}: " + ", ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
 

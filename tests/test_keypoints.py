@@ -9,8 +9,10 @@ import json
 import math
 
 import attrs
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from rfdetr_fn import checkpoint as ckpt
@@ -393,3 +395,31 @@ def test_keypoint_postprocess_equals_golden(kp):
                 )
         plain = postprocess.postprocess(out, sizes, 20, keypoint_schema=(4, 3), trace_alpha=0.0)
         torch.testing.assert_close(plain[0]["scores"], ref["0.scores_before_keypoint_fusion"], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_keypoint_predict_json_and_skeleton_drawing(tmp_path):
+    """rf.predict returns keypoints; predictions.json lists [x, y, score] per keypoint of the label; the
+    drawing marks the keypoints (white dots) on the image."""
+    import rfdetr_fn as rf
+    from rfdetr_fn.predict import main
+
+    cfg = presets.tiny_keypoint(resolution=64, group_detr=1, vit_num_layers=1, out_feature_indexes=(1,))
+    params = detector.init(cfg, seed=0)
+    params["keypoint_embed"]["layers"]["2"]["bias"][2] = 5.0  # every keypoint confidently findable
+    weights = tmp_path / "kp.pth"
+    ckpt.save_weights(weights, params, cfg, class_names=["rect", "ellipse", "tri"])
+    image = np.full((48, 64, 3), 90, np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    (det,) = rf.predict(params, cfg, [image], threshold=0.0)
+    assert det["keypoints"].shape == (cfg.num_select, 4, 3)
+    records = main(["--checkpoint", str(weights), "--images", str(tmp_path / "a.png"), "--output-dir",
+                    str(tmp_path / "out"), "--threshold", "0.0"])  # fmt: skip
+    for d in records[0]["detections"]:
+        points = d["keypoints"]
+        assert len(points) == cfg.num_keypoints_per_class[d["label"]] if d["label"] < 3 else points == []
+        assert all(s >= 0.99 for _, _, s in points)  # sigmoid(findable logit 5), rounded to 2 places
+    drawn = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert (drawn == 255).all(-1).any(), "keypoint dots are drawn"
