@@ -2,9 +2,11 @@
 
 `params` is a nested dict whose flattened dotted keys are exactly upstream's state-dict keys, in
 upstream's order: `transformer.*`, `class_embed.*`, `bbox_embed.*`, [`segmentation_head.*`],
-`refpoint_embed.weight`, `query_feat.weight`, `backbone.0.encoder.*`, `backbone.0.projector.*`.
-The one upstream entry we do not store is the non-learned, always-empty bool buffer
-`_kp_active_mask` (shape (0, 0)); checkpoint I/O adds it on save and drops it on load.
+`refpoint_embed.weight`, `query_feat.weight`, `backbone.0.encoder.*`, `backbone.0.projector.*`
+[, `backbone.0.cross_attn_projector.*`, `keypoint_embed.*` for keypoint models, see `keypoints`].
+The upstream entries we do not store are the non-learned bool buffers derived from the keypoint schema:
+`_kp_active_mask` (empty, shape (0, 0), without keypoints) and `transformer.decoder.keypoint_class_mask`;
+checkpoint I/O rebuilds them on save and drops them on load.
 """
 
 from __future__ import annotations
