@@ -32,14 +32,7 @@ def _class_head(cfg: ModelConfig, gen: torch.Generator) -> Params:
 
 
 def _box_head(cfg: ModelConfig, gen: torch.Generator) -> Params:
-    d = cfg.hidden_dim
-    return {
-        "layers": {
-            "0": nn.linear_init(d, d, gen),
-            "1": nn.linear_init(d, d, gen),
-            "2": {"weight": torch.zeros(4, d), "bias": torch.zeros(4)},  # first boxes = the reference boxes
-        }
-    }
+    return nn.head_init(cfg.hidden_dim, 4, gen)  # first boxes = the reference boxes
 
 
 def init(cfg: ModelConfig, seed: int | torch.Generator = 0, *, dtype: torch.dtype = torch.float32) -> Params:

@@ -189,14 +189,7 @@ def initializer_params(cfg: ModelConfig, gen: torch.Generator) -> Params:
 
 def head_params(cfg: ModelConfig, gen: torch.Generator) -> Params:
     """`keypoint_embed`: d -> d -> d -> 8 with a zero last layer (keypoints start on the box centre)."""
-    d = cfg.hidden_dim
-    return {
-        "layers": {
-            "0": nn.linear_init(d, d, gen),
-            "1": nn.linear_init(d, d, gen),
-            "2": {"weight": torch.zeros(CHANNELS, d), "bias": torch.zeros(CHANNELS)},
-        }
-    }
+    return nn.head_init(cfg.hidden_dim, CHANNELS, gen)
 
 
 def transformer_params(cfg: ModelConfig, gen: torch.Generator, head: Params) -> Params:
