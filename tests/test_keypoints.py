@@ -423,3 +423,22 @@ def test_keypoint_predict_json_and_skeleton_drawing(tmp_path):
         assert all(s >= 0.99 for _, _, s in points)  # sigmoid(findable logit 5), rounded to 2 places
     drawn = np.asarray(Image.open(tmp_path / "out" / "a.png"))
     assert (drawn == 255).all(-1).any(), "keypoint dots are drawn"
+
+
+@pytest.mark.slow
+def test_keypoint_model_and_loss_trace_fullgraph():
+    """Keypoint forward + matcher + losses: one graph (backend="eager" checks tracing without codegen)."""
+    torch._dynamo.reset()
+    cfg = presets.tiny_keypoint(resolution=64, group_detr=2, vit_num_layers=1, out_feature_indexes=(1,))
+    params = detector.init(cfg, seed=0)
+    batch = _kp_batch([[0, 2, 1], [1]])
+    targets = {k: batch[k] for k in ("labels", "boxes", "keypoints")}
+    tcfg = TrainConfig()
+
+    def loss(p, images):
+        out = detector.apply(p, images, None, cfg, train=True)
+        return criterion(out, targets, cfg, tcfg, train=True)[0]
+
+    fn = torch.compile(loss, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(fn(params, batch["images"]), loss(params, batch["images"]))
