@@ -18,7 +18,9 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, presets, runlog, trackers, tree
+from rfdetr_fn import distributed, presets, runlog, trackers, train_state, tree, weights
+from rfdetr_fn.adapt import load_weights
+from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     build_dataset,
@@ -28,6 +30,7 @@ from rfdetr_fn.data import (
     target_slots,
     train_loader,
 )
+from rfdetr_fn.flags import parse
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
@@ -74,13 +77,13 @@ def fit(args: FitArgs) -> dict[str, Any]:
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
-        _, params = checkpoint.load_weights(tcfg.pretrain_weights, cfg)
+        _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
     params = tree.to(params, world.device)
     state = init_state(params, tcfg)
     loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
-    resume_dir = _resume_dir(tcfg, out_dir)
+    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
@@ -185,7 +188,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
     if tcfg.run_test and world.main:
         from rfdetr_fn.validate import run_split
 
-        _, best = checkpoint.load_weights(out_dir / "checkpoint_best_total.pth", cfg)
+        _, best = load_weights(out_dir / "checkpoint_best_total.pth", cfg)
         record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
         print(_summary(record))
     distributed.teardown(world)
@@ -215,17 +218,6 @@ def _align_keypoints(cfg: ModelConfig, dataset) -> ModelConfig:
     return attrs.evolve(cfg, num_keypoints_per_class=schema, keypoint_names=flat if len(flat) == sum(schema) else ())
 
 
-def _resume_dir(tcfg: TrainConfig, out_dir: Path) -> Path | None:
-    if tcfg.resume is None:
-        return None
-    path = out_dir / "last" if tcfg.resume == "auto" else Path(tcfg.resume)
-    if not path.exists():
-        if tcfg.resume == "auto":
-            return None
-        raise FileNotFoundError(f"train.resume={tcfg.resume}: no checkpoint directory there")
-    return path
-
-
 def _state_tree(state: dict, loop: dict) -> dict:
     return {
         "state": state,
@@ -236,11 +228,11 @@ def _state_tree(state: dict, loop: dict) -> dict:
 
 
 def _save_state(path: Path, state: dict, loop: dict) -> None:
-    checkpoint.save_state(path, _state_tree(state, loop))
+    train_state.save_state(path, _state_tree(state, loop))
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
-    restored = checkpoint.load_state(path, _state_tree(state, loop))
+    restored = train_state.load_state(path, _state_tree(state, loop))
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
         "batch": int(restored["loop"]["batch"]),
@@ -262,7 +254,7 @@ def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> d
 
 
 def _write_json(path: Path, value: Any) -> None:
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
 
 
 def _progress(tcfg: TrainConfig, world, total: int, epoch: int):
@@ -322,7 +314,7 @@ def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | N
 def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
     """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth)."""
     args = {**attrs.asdict(tcfg), "class_names": class_names}
-    checkpoint.write_upstream_best(
+    weights.write_upstream_best(
         out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
     )
 
@@ -346,7 +338,7 @@ def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
     source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
     winner = out_dir / f"checkpoint_best_{source}.pth"
     if winner.exists():
-        _, params = checkpoint.load_weights(winner, cfg)
+        _, params = load_weights(winner, cfg)
         _write_weights("checkpoint_best_total.pth", params, cfg, tcfg, epoch, class_names, out_dir, source=source)
     _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
 
@@ -359,8 +351,6 @@ def _summary(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from rfdetr_fn.cli import parse
-
     with warnings.catch_warnings():
         return fit(parse(FitArgs, argv))
 

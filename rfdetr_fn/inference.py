@@ -1,6 +1,6 @@
 """Inference on raw images: `predict(params, cfg, images)` -> boxes in original pixels, scores, labels.
 
-The command line around it lives in `rfdetr_fn.predict`.
+The command line around it lives in `rfdetr_fn.predict_cli` (`rfdetr_fn predict`).
 
 Preprocessing is upstream's `RFDETR.predict`: uint8 RGB -> float [0, 1] (a true division by 255),
 square bilinear resize to `cfg.resolution` without antialiasing, ImageNet normalisation. The

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from rfdetr_fn.checkpoint import atomic_write
+from rfdetr_fn.atomic import atomic_write
 
 
 class RunLog:

@@ -28,13 +28,12 @@ from torch import Tensor
 from rfdetr_fn import ema as ema_lib
 from rfdetr_fn import optim, schedules, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion, weight_dict
 from rfdetr_fn.model import detector
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
-
-TARGET_KEYS = ("labels", "boxes", "masks", "keypoints")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -13,15 +13,17 @@ from typing import Literal
 import attrs
 import torch
 
-from rfdetr_fn import checkpoint, distributed, tree
+from rfdetr_fn import distributed, tree
+from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from rfdetr_fn.data import build_dataset, eval_loader
+from rfdetr_fn.data import TARGET_KEYS, build_dataset, eval_loader
+from rfdetr_fn.flags import parse
 from rfdetr_fn.keypoint_metrics import KeypointEvaluator
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
 from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
-from rfdetr_fn.step import TARGET_KEYS
+from rfdetr_fn.weights import resolve_checkpoint
 
 
 @attrs.frozen(kw_only=True)
@@ -121,22 +123,9 @@ def run_split(
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A weights file, or a training output directory (its best_total, else last_ema)."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("checkpoint_best_total.pth", "last_ema.pth", "checkpoint_best_ema.pth"):
-            if (p / name).exists():
-                return p / name
-        raise FileNotFoundError(f"{p} holds no checkpoint_best_total.pth, last_ema.pth or checkpoint_best_ema.pth")
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return p
-
-
 def run(args: EvalArgs) -> dict[str, float]:
     world = distributed.setup(args.device)
-    cfg, params = checkpoint.load_weights(resolve_checkpoint(args.checkpoint))
+    cfg, params = load_weights(resolve_checkpoint(args.checkpoint))
     params = tree.to(params, world.device)
     metrics = run_split(params, cfg, args.data, args.eval, None, args.split, world, batch_size=args.batch_size)
     if world.main:
@@ -149,8 +138,6 @@ def run(args: EvalArgs) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None, *, split: str = "valid") -> dict[str, float]:
-    from rfdetr_fn.cli import parse
-
     args = parse(EvalArgs, argv)
     if split != "valid" and args.split == "valid":
         args = attrs.evolve(args, split=split)

@@ -18,9 +18,9 @@ import torch
 
 import rfdetr_fn as rf
 from rfdetr_fn import distributed, tree
-from rfdetr_fn.checkpoint import load_state, save_state
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.step import init_state, make_train_step, seed_for_step
+from rfdetr_fn.train_state import load_state, save_state
 
 STEPS = 3
 SEED = 0

@@ -14,8 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rfdetr_fn import checkpoint as ckpt
-from rfdetr_fn import presets, tree
+from rfdetr_fn import adapt, presets, train_state, tree, weights
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model.backbone import resize_pos_embed
 from tests.golden import reference_shapes
@@ -29,7 +28,7 @@ def golden(golden_dir: Path) -> dict:
     d = golden_dir / "tiny_det"
     info = json.loads((d / "config.json").read_text())
     mc = info["model_config"]
-    shared = {k: mc[k] for k in ckpt._UPSTREAM_FIELDS}
+    shared = {k: mc[k] for k in weights._UPSTREAM_FIELDS}
     shared = {k: tuple(v) if isinstance(v, list) else v for k, v in shared.items()}
     enc = info["encoder_overrides"]
     cfg = ModelConfig(
@@ -37,9 +36,9 @@ def golden(golden_dir: Path) -> dict:
         vit_num_heads=enc["num_attention_heads"], vit_mlp_ratio=enc["mlp_ratio"],
         dim_feedforward=info["model_defaults"]["dim_feedforward"],
     )  # fmt: skip
-    weights = load_file(str(d / "weights.safetensors"))
-    weights.pop(ckpt.KP_MASK)
-    return {"dir": d, "cfg": cfg, "weights": weights, "names": info["class_names"], "info": info}
+    flat = load_file(str(d / "weights.safetensors"))
+    flat.pop(weights.KP_MASK)
+    return {"dir": d, "cfg": cfg, "weights": flat, "names": info["class_names"], "info": info}
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -51,7 +50,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def upstream_file(path: Path, sd: dict, **payload) -> Path:
-    torch.save({"model": {ckpt.KP_MASK: torch.zeros(0, 0, dtype=torch.bool), **sd}, **payload}, path)
+    torch.save({"model": {weights.KP_MASK: torch.zeros(0, 0, dtype=torch.bool), **sd}, **payload}, path)
     return path
 
 
@@ -60,12 +59,12 @@ def upstream_file(path: Path, sd: dict, **payload) -> Path:
 
 def test_golden_checkpoint_equals_weights_and_config(golden):
     with pytest.warns(UserWarning, match="vit_num_heads=1 is assumed"):
-        cfg, params = ckpt.load_weights(golden["dir"] / "checkpoint.pth")
+        cfg, params = adapt.load_weights(golden["dir"] / "checkpoint.pth")
     # Head count is the one thing the file cannot tell (2 in the golden model; DINOv2 convention gives 1).
     assert attrs.evolve(cfg, vit_num_heads=2) == golden["cfg"]
     assert_same(tree.flatten(params), golden["weights"])
-    assert ckpt.class_names(golden["dir"] / "checkpoint.pth") == golden["names"]
-    cfg2, params2 = ckpt.load_weights(golden["dir"] / "checkpoint.pth", golden["cfg"])
+    assert weights.class_names(golden["dir"] / "checkpoint.pth") == golden["names"]
+    cfg2, params2 = adapt.load_weights(golden["dir"] / "checkpoint.pth", golden["cfg"])
     assert cfg2 is golden["cfg"]
     assert_same(tree.flatten(params2), golden["weights"])
     assert len(tree.flatten(params2)) == 321  # 322 upstream entries minus _kp_active_mask
@@ -77,18 +76,18 @@ def test_lightning_ckpt_prefixes_and_repr_args(golden, tmp_path):
     text = "Namespace(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ", output_dir=PosixPath('x'))"
     torch.save({"state_dict": sd, "args": text, "epoch": 3}, tmp_path / "last.ckpt")
     with pytest.warns(UserWarning, match="vit_num_heads"):
-        cfg, params = ckpt.load_weights(tmp_path / "last.ckpt")
+        cfg, params = adapt.load_weights(tmp_path / "last.ckpt")
     assert attrs.evolve(cfg, vit_num_heads=2) == golden["cfg"]
     assert_same(tree.flatten(params), golden["weights"])
-    assert ckpt.class_names(tmp_path / "last.ckpt") == golden["names"]
+    assert weights.class_names(tmp_path / "last.ckpt") == golden["names"]
 
 
 def test_namespace_args_load_weights_only(golden, tmp_path):
     args = argparse.Namespace(**golden["info"]["checkpoint_args"])
     path = upstream_file(tmp_path / "legacy.pth", golden["weights"], args=args, optimizer={}, epoch=9)
-    cfg, params = ckpt.load_weights(path, golden["cfg"])
+    cfg, params = adapt.load_weights(path, golden["cfg"])
     assert_same(tree.flatten(params), golden["weights"])
-    assert ckpt.class_names(path) == golden["names"]
+    assert weights.class_names(path) == golden["names"]
 
 
 def test_model_name_maps_to_preset(golden, tmp_path):
@@ -97,7 +96,7 @@ def test_model_name_maps_to_preset(golden, tmp_path):
         model_config={**golden["info"]["model_config"], "model_name": "RFDETRSmall"},
     )  # fmt: skip
     with pytest.warns(UserWarning, match="vit_num_heads"):
-        cfg, _ = ckpt.load_weights(path)
+        cfg, _ = adapt.load_weights(path)
     assert cfg.name == "small" and cfg.model_name == "RFDETRSmall"
 
 
@@ -105,9 +104,9 @@ def test_shape_only_inference_matches_presets(golden_dir):
     """A bare upstream state dict (no args) gives back the preset it was built from."""
     for tsv, name in (("nano", "nano"), ("segnano", "seg_nano")):
         sd = {key: torch.empty(shape) for key, shape in reference_shapes(golden_dir.parent, tsv).items()}
-        sd.pop(ckpt.KP_MASK)
-        raw = ckpt.RawCheckpoint(Path(tsv), sd, {}, None, None, None)
-        assert ckpt.infer_config(raw) == presets.get(name)
+        sd.pop(weights.KP_MASK)
+        raw = weights.RawCheckpoint(Path(tsv), sd, {}, None, None, None)
+        assert adapt.infer_config(raw) == presets.get(name)
 
 
 # ---------------------------------------------------------------- adapting to a config
@@ -116,7 +115,7 @@ def test_shape_only_inference_matches_presets(golden_dir):
 def test_pe_interpolated_to_config(golden, tmp_path):
     path = upstream_file(tmp_path / "w.pth", golden["weights"], args=golden["info"]["checkpoint_args"])
     cfg = attrs.evolve(golden["cfg"], resolution=256, positional_encoding_size=None)  # table 10x10 -> 16x16
-    _, params = ckpt.load_weights(path, cfg)
+    _, params = adapt.load_weights(path, cfg)
     table = tree.flatten(params)[PE_KEY]
     assert table.shape == (1, 16 * 16 + 1, 64)
     assert torch.equal(table, resize_pos_embed(golden["weights"][PE_KEY], (16, 16)))
@@ -126,7 +125,7 @@ def test_pe_interpolated_to_config(golden, tmp_path):
 def test_91_row_head_truncates_to_4_classes(golden, tmp_path):
     gen = torch.Generator().manual_seed(0)
     sd = dict(golden["weights"])
-    heads = [k for k in sd if ckpt._is_class_head(k)]
+    heads = [k for k in sd if adapt._is_class_head(k)]
     assert len(heads) == 2 * 14  # class_embed + 13 encoder heads, weight and bias
     for k in heads:
         sd[k] = torch.randn(91, *sd[k].shape[1:], generator=gen)
@@ -134,7 +133,7 @@ def test_91_row_head_truncates_to_4_classes(golden, tmp_path):
     path = upstream_file(tmp_path / "coco.pth", sd, args=args)
     cfg = attrs.evolve(golden["cfg"], num_classes=4)
     with pytest.warns(UserWarning, match="from 90 to 4 classes"):
-        _, params = ckpt.load_weights(path, cfg)
+        _, params = adapt.load_weights(path, cfg)
     flat = tree.flatten(params)
     for k in heads:
         assert torch.equal(flat[k], sd[k][:5]), k
@@ -142,22 +141,22 @@ def test_91_row_head_truncates_to_4_classes(golden, tmp_path):
 
 def test_head_grows_by_tiling():
     rows = torch.arange(6.0).reshape(6, 1).expand(6, 3)
-    grown = ckpt.resize_rows(rows, 14)
+    grown = adapt.resize_rows(rows, 14)
     assert grown[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1]
 
 
 def test_query_slicing_per_group_and_flat(golden, tmp_path):
     path = upstream_file(tmp_path / "w.pth", golden["weights"], args=golden["info"]["checkpoint_args"])
     cfg = attrs.evolve(golden["cfg"], num_queries=10, num_select=10, group_detr=2)
-    _, params = ckpt.load_weights(path, cfg)
+    _, params = adapt.load_weights(path, cfg)
     flat = tree.flatten(params)
-    for k in ckpt._QUERY_KEYS:
+    for k in adapt._QUERY_KEYS:
         src = golden["weights"][k]
         assert torch.equal(flat[k], src.reshape(13, 30, -1)[:2, :10].reshape(20, -1)), k
     assert not any(k.startswith("transformer.enc_output.2.") for k in flat)  # groups 2..12 dropped
     t = torch.arange(12.0)[:, None]
-    assert ckpt.slice_queries(t, (None, None), (2, 2))[:, 0].tolist() == [0, 1, 2, 3]  # layout unknown: flat
-    assert ckpt.slice_queries(t, (None, 3), (2, 2))[:, 0].tolist() == [0, 1, 4, 5]  # Q inferred from rows
+    assert adapt.slice_queries(t, (None, None), (2, 2))[:, 0].tolist() == [0, 1, 2, 3]  # layout unknown: flat
+    assert adapt.slice_queries(t, (None, 3), (2, 2))[:, 0].tolist() == [0, 1, 4, 5]  # Q inferred from rows
 
 
 # ---------------------------------------------------------------- saving
@@ -166,29 +165,29 @@ def test_query_slicing_per_group_and_flat(golden, tmp_path):
 def test_pth_round_trip_is_bit_identical_and_upstream_readable(golden, tmp_path):
     params = tree.unflatten(golden["weights"])
     path = tmp_path / "out.pth"
-    ckpt.save_weights(path, params, golden["cfg"], class_names=golden["names"], extra={"epoch": 4})
+    weights.save_weights(path, params, golden["cfg"], class_names=golden["names"], extra={"epoch": 4})
     raw = torch.load(path, weights_only=True)  # no allow-listed classes needed
-    assert raw["model"][ckpt.KP_MASK].shape == (0, 0) and raw["model"][ckpt.KP_MASK].dtype == torch.bool
+    assert raw["model"][weights.KP_MASK].shape == (0, 0) and raw["model"][weights.KP_MASK].dtype == torch.bool
     assert raw["model_name"] == "RFDETRNano" and raw["epoch"] == 4
     for key in ("num_classes", "class_names", "num_queries", "group_detr", "patch_size", "resolution",
                 "segmentation_head", "hidden_dim", "dec_layers"):  # fmt: skip
         assert raw["args"][key] == golden["info"]["checkpoint_args"][key], key
-    assert set(raw["model_config"]) <= {*ckpt._UPSTREAM_FIELDS, "model_name"}  # upstream forbids extras
-    cfg, back = ckpt.load_weights(path)
+    assert set(raw["model_config"]) <= {*weights._UPSTREAM_FIELDS, "model_name"}  # upstream forbids extras
+    cfg, back = adapt.load_weights(path)
     assert cfg == golden["cfg"]
     assert_same(tree.flatten(back), golden["weights"])
-    assert ckpt.class_names(path) == golden["names"]
+    assert weights.class_names(path) == golden["names"]
 
 
 def test_safetensors_round_trip(golden, tmp_path):
     path = tmp_path / "out.safetensors"
-    ckpt.save_weights(path, tree.unflatten(golden["weights"]), golden["cfg"], class_names=golden["names"])
+    weights.save_weights(path, tree.unflatten(golden["weights"]), golden["cfg"], class_names=golden["names"])
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        assert ckpt.KP_MASK not in set(f.keys())  # noqa: SIM118
-    assert ckpt.config_from_dict(json.loads(meta["rfdetr_fn_config"])) == golden["cfg"]
+        assert weights.KP_MASK not in set(f.keys())  # noqa: SIM118
+    assert weights.config_from_dict(json.loads(meta["rfdetr_fn_config"])) == golden["cfg"]
     assert json.loads(meta["class_names"]) == golden["names"]
-    cfg, back = ckpt.load_weights(path)
+    cfg, back = adapt.load_weights(path)
     assert cfg == golden["cfg"]
     assert_same(tree.flatten(back), golden["weights"])
 
@@ -196,18 +195,18 @@ def test_safetensors_round_trip(golden, tmp_path):
 def test_upstream_best_payload(golden, tmp_path):
     path = tmp_path / "checkpoint_best_total.pth"
     train_args = {"lr": 1e-4, "betas": (0.9, 0.999), "output_dir": Path("out"), "resume": None}
-    ckpt.write_upstream_best(
+    weights.write_upstream_best(
         path, tree.unflatten(golden["weights"]), golden["cfg"], epoch=7, class_names=golden["names"],
         train_args=train_args, source="ema",
     )  # fmt: skip
     raw = torch.load(path, weights_only=True)
     assert raw["epoch"] == 7 and raw["best_total_source"] == "ema" and raw["model_name"] == "RFDETRNano"
-    assert raw["rfdetr_version"] == ckpt.UPSTREAM_FORMAT_VERSION
+    assert raw["rfdetr_version"] == weights.UPSTREAM_FORMAT_VERSION
     assert raw["args"]["class_names"] == golden["names"] and raw["args"]["betas"] == [0.9, 0.999]
     assert raw["args"]["output_dir"] == repr(Path("out"))  # not weights-only readable -> repr, like upstream
     assert raw["model_config"]["num_classes"] == 5 and raw["model_config"]["positional_encoding_size"] == 10
     assert torch.equal(raw["state_dict"]["model.class_embed.weight"], golden["weights"]["class_embed.weight"])
-    cfg, back = ckpt.load_weights(path)
+    cfg, back = adapt.load_weights(path)
     assert cfg == golden["cfg"]
     assert_same(tree.flatten(back), golden["weights"])
     assert path.stat().st_size < 1.2 * (golden["dir"] / "checkpoint.pth").stat().st_size  # state_dict shares
@@ -216,7 +215,7 @@ def test_upstream_best_payload(golden, tmp_path):
 def test_failed_save_keeps_previous_file(golden, tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     params = tree.unflatten(golden["weights"])
-    ckpt.save_weights(path, params, golden["cfg"])
+    weights.save_weights(path, params, golden["cfg"])
     before = path.read_bytes()
 
     def crash(obj, f, *a, **k):
@@ -225,7 +224,7 @@ def test_failed_save_keeps_previous_file(golden, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_weights(path, params, golden["cfg"])
+        weights.save_weights(path, params, golden["cfg"])
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temp file left behind
 
@@ -234,26 +233,26 @@ def test_failed_save_keeps_previous_file(golden, tmp_path, monkeypatch):
 
 
 def test_bad_files_give_clear_errors(golden, tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="nope.pth: no such checkpoint"):
-        ckpt.load_weights(tmp_path / "nope.pth")
+    with pytest.raises(weights.CheckpointError, match="nope.pth: no such checkpoint"):
+        adapt.load_weights(tmp_path / "nope.pth")
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    with pytest.raises(ckpt.CheckpointError, match="notes.pth: not a readable torch checkpoint"):
-        ckpt.load_weights(text)
+    with pytest.raises(weights.CheckpointError, match="notes.pth: not a readable torch checkpoint"):
+        adapt.load_weights(text)
     cut = tmp_path / "cut.pth"
     cut.write_bytes((golden["dir"] / "checkpoint.pth").read_bytes()[:100_000])
-    with pytest.raises(ckpt.CheckpointError, match="cut.pth: not a readable torch checkpoint"):
-        ckpt.load_weights(cut)
+    with pytest.raises(weights.CheckpointError, match="cut.pth: not a readable torch checkpoint"):
+        adapt.load_weights(cut)
     cut_st = tmp_path / "cut.safetensors"
     cut_st.write_bytes((golden["dir"] / "weights.safetensors").read_bytes()[:50_000])
-    with pytest.raises(ckpt.CheckpointError, match="cut.safetensors: not a readable safetensors"):
-        ckpt.load_weights(cut_st)
+    with pytest.raises(weights.CheckpointError, match="cut.safetensors: not a readable safetensors"):
+        adapt.load_weights(cut_st)
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(ckpt.CheckpointError, match="list.pth: not a checkpoint"):
-        ckpt.load_weights(tmp_path / "list.pth")
+    with pytest.raises(weights.CheckpointError, match="list.pth: not a checkpoint"):
+        adapt.load_weights(tmp_path / "list.pth")
     torch.save({"optimizer": {}, "epoch": 1}, tmp_path / "opt.pth")
-    with pytest.raises(ckpt.CheckpointError, match="opt.pth: not a checkpoint: no 'model'"):
-        ckpt.load_weights(tmp_path / "opt.pth")
+    with pytest.raises(weights.CheckpointError, match="opt.pth: not a checkpoint: no 'model'"):
+        adapt.load_weights(tmp_path / "opt.pth")
 
 
 class Payload:
@@ -262,42 +261,42 @@ class Payload:
 
 def test_untrusted_pickle_is_refused(golden, tmp_path):
     path = upstream_file(tmp_path / "evil.pth", golden["weights"], args=Payload())
-    with pytest.raises(ckpt.CheckpointError, match=r"evil.pth: refused to load.*weights-only"):
-        ckpt.load_weights(path)
+    with pytest.raises(weights.CheckpointError, match=r"evil.pth: refused to load.*weights-only"):
+        adapt.load_weights(path)
 
 
 def test_wrong_architecture_is_refused(golden, tmp_path):
     path = upstream_file(tmp_path / "p16.pth", golden["weights"], args=golden["info"]["checkpoint_args"])
-    with pytest.raises(ckpt.CheckpointError, match="p16.pth: patch size 16 .* patch_size=14"):
-        ckpt.load_weights(path, attrs.evolve(golden["cfg"], patch_size=14, resolution=196 + 28))
-    with pytest.raises(ckpt.CheckpointError, match="has no segmentation head"):
-        ckpt.load_weights(path, attrs.evolve(golden["cfg"], segmentation_head=True))
+    with pytest.raises(weights.CheckpointError, match="p16.pth: patch size 16 .* patch_size=14"):
+        adapt.load_weights(path, attrs.evolve(golden["cfg"], patch_size=14, resolution=196 + 28))
+    with pytest.raises(weights.CheckpointError, match="has no segmentation head"):
+        adapt.load_weights(path, attrs.evolve(golden["cfg"], segmentation_head=True))
     with pytest.raises(
-        ckpt.CheckpointError,
+        weights.CheckpointError,
         match=r"shape mismatch \(6\): transformer.decoder.layers.0.linear1.bias: \(256,\) vs \(64,\)",
     ):
-        ckpt.load_weights(path, attrs.evolve(golden["cfg"], dim_feedforward=64))
+        adapt.load_weights(path, attrs.evolve(golden["cfg"], dim_feedforward=64))
 
 
 def test_strict_key_check_lists_differences(golden):
-    expected = {k: tuple(v[0]) for k, v in golden["info"]["state_dict_keys"].items() if k != ckpt.KP_MASK}
+    expected = {k: tuple(v[0]) for k, v in golden["info"]["state_dict_keys"].items() if k != weights.KP_MASK}
     sd = dict(golden["weights"])
     sd.pop("class_embed.bias")
     sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ckpt.CheckpointError, match=r"missing \(1\): class_embed.bias[\s\S]*unexpected \(1\)"):
-        ckpt.check_keys(sd, expected, where="f.pth")
+    with pytest.raises(weights.CheckpointError, match=r"missing \(1\): class_embed.bias[\s\S]*unexpected \(1\)"):
+        adapt.check_keys(sd, expected, where="f.pth")
     with pytest.warns(UserWarning, match="extra.weight"):
-        ckpt.check_keys(sd, expected, strict=False, where="f.pth")
-    ckpt.check_keys(golden["weights"], expected)  # the golden file matches exactly
+        adapt.check_keys(sd, expected, strict=False, where="f.pth")
+    adapt.check_keys(golden["weights"], expected)  # the golden file matches exactly
 
 
 def test_non_strict_fills_missing_from_init(golden, tmp_path):
     sd = {k: v for k, v in golden["weights"].items() if k != "bbox_embed.layers.2.bias"}
     path = upstream_file(tmp_path / "w.pth", sd, args=golden["info"]["checkpoint_args"])
-    with pytest.raises(ckpt.CheckpointError, match="missing"):
-        ckpt.load_weights(path, golden["cfg"])
+    with pytest.raises(weights.CheckpointError, match="missing"):
+        adapt.load_weights(path, golden["cfg"])
     with pytest.warns(UserWarning, match="bbox_embed.layers.2.bias"):
-        _, params = ckpt.load_weights(path, golden["cfg"], strict=False)
+        _, params = adapt.load_weights(path, golden["cfg"], strict=False)
     assert tree.flatten(params)["bbox_embed.layers.2.bias"].shape == (4,)
 
 
@@ -326,7 +325,7 @@ def _state(seed: int) -> dict:
 
 
 def _assert_state_equal(a: dict, b: dict) -> None:
-    flat_a, flat_b = ckpt._flat_state(a), ckpt._flat_state(b)
+    flat_a, flat_b = train_state._flat_state(a), train_state._flat_state(b)
     assert list(flat_a) == list(flat_b)
     for k, v in flat_a.items():
         if isinstance(v, torch.Tensor):
@@ -337,23 +336,23 @@ def _assert_state_equal(a: dict, b: dict) -> None:
 
 def test_state_round_trip_is_exact(tmp_path):
     saved = _state(3)
-    ckpt.save_state(tmp_path / "last", saved, keep="checkpoint_0003")
+    train_state.save_state(tmp_path / "last", saved, keep="checkpoint_0003")
     template = _state(0)
     snapshot = tree.clone({k: v for k, v in tree.flatten(template).items() if isinstance(v, torch.Tensor)})
-    restored = ckpt.load_state(tmp_path / "last", template)
+    restored = train_state.load_state(tmp_path / "last", template)
     _assert_state_equal(restored, saved)
     assert restored["state"]["ema_state"] == {}
     assert all(torch.equal(v, tree.flatten(template)[k]) for k, v in snapshot.items())  # template untouched
-    _assert_state_equal(ckpt.load_state(tmp_path / "checkpoint_0003", template), saved)
-    ckpt.save_state(tmp_path / "last", _state(5))  # overwrite in place
-    _assert_state_equal(ckpt.load_state(tmp_path / "last", template), _state(5))
+    _assert_state_equal(train_state.load_state(tmp_path / "checkpoint_0003", template), saved)
+    train_state.save_state(tmp_path / "last", _state(5))  # overwrite in place
+    _assert_state_equal(train_state.load_state(tmp_path / "last", template), _state(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0003", "last"]  # no temp dirs left
 
 
 def test_crash_during_state_save_keeps_previous(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    ckpt.save_state(tmp_path / "last", _state(1))
+    train_state.save_state(tmp_path / "last", _state(1))
     real = dcp.save
 
     def crash(state, *, checkpoint_id, **kw):
@@ -362,35 +361,35 @@ def test_crash_during_state_save_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dcp, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_state(tmp_path / "last", _state(2))
+        train_state.save_state(tmp_path / "last", _state(2))
     monkeypatch.undo()
-    _assert_state_equal(ckpt.load_state(tmp_path / "last", _state(0)), _state(1))
-    ckpt.save_state(tmp_path / "last", _state(2))  # the next save cleans the debris
+    _assert_state_equal(train_state.load_state(tmp_path / "last", _state(0)), _state(1))
+    train_state.save_state(tmp_path / "last", _state(2))  # the next save cleans the debris
     assert [p.name for p in tmp_path.iterdir()] == ["last"]
 
 
 def test_crash_between_renames_recovers(tmp_path):
-    ckpt.save_state(tmp_path / "last", _state(1))
+    train_state.save_state(tmp_path / "last", _state(1))
     (tmp_path / "last").rename(tmp_path / "last.old-999")  # killed after moving the old one aside
     with pytest.warns(UserWarning, match="restoring from last.old-999"):
-        restored = ckpt.load_state(tmp_path / "last", _state(0))
+        restored = train_state.load_state(tmp_path / "last", _state(0))
     _assert_state_equal(restored, _state(1))
 
 
 def test_state_errors(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="nowhere: no such train-state"):
-        ckpt.load_state(tmp_path / "nowhere", _state(0))
+    with pytest.raises(weights.CheckpointError, match="nowhere: no such train-state"):
+        train_state.load_state(tmp_path / "nowhere", _state(0))
     (tmp_path / "junk").mkdir()
-    with pytest.raises(ckpt.CheckpointError, match="junk: not a complete train-state"):
-        ckpt.load_state(tmp_path / "junk", _state(0))
-    ckpt.save_state(tmp_path / "s", _state(1))
+    with pytest.raises(weights.CheckpointError, match="junk: not a complete train-state"):
+        train_state.load_state(tmp_path / "junk", _state(0))
+    train_state.save_state(tmp_path / "s", _state(1))
     bad = _state(0)
     bad["state"]["params"]["b"] = torch.zeros(6)
     bad["new"] = torch.zeros(1)
-    with pytest.raises(ckpt.CheckpointError, match=r"params/b: saved \(5,\).*missing new"):
-        ckpt.load_state(tmp_path / "s", bad)
+    with pytest.raises(weights.CheckpointError, match=r"params/b: saved \(5,\).*missing new"):
+        train_state.load_state(tmp_path / "s", bad)
     with pytest.raises(TypeError, match="leaf 'x' is a object"):
-        ckpt.save_state(tmp_path / "t", {"x": object()})
+        train_state.save_state(tmp_path / "t", {"x": object()})
 
 
 def test_state_in_gloo_group(tmp_path):
@@ -401,21 +400,21 @@ def test_state_in_gloo_group(tmp_path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "assuming single process" warnings in a real group
-            ckpt.save_state(tmp_path / "last", _state(4))
-        _assert_state_equal(ckpt.load_state(tmp_path / "last", _state(0)), _state(4))
+            train_state.save_state(tmp_path / "last", _state(4))
+        _assert_state_equal(train_state.load_state(tmp_path / "last", _state(0)), _state(4))
     finally:
         dist.destroy_process_group()
 
 
 _TWO_RANKS = """
 import sys, torch, torch.distributed as dist
-from rfdetr_fn import checkpoint as ckpt
+from rfdetr_fn import train_state
 dist.init_process_group("gloo")
 out = sys.argv[1]
 state = {"params": {"w": torch.arange(6.0).reshape(2, 3)}, "step": torch.tensor(11), "epoch": 3}
-ckpt.save_state(out + "/last", state, keep="checkpoint_0003")
+train_state.save_state(out + "/last", state, keep="checkpoint_0003")
 template = {"params": {"w": torch.zeros(2, 3)}, "step": torch.tensor(0), "epoch": 0}
-back = ckpt.load_state(out + "/checkpoint_0003", template)
+back = train_state.load_state(out + "/checkpoint_0003", template)
 assert torch.equal(back["params"]["w"], state["params"]["w"])
 assert int(back["step"]) == 11 and back["epoch"] == 3
 open(f"{out}/rank{dist.get_rank()}.ok", "w").close()  # a file per rank: stdout lines interleave

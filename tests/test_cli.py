@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rfdetr_fn import presets
-from rfdetr_fn.cli import parse
 from rfdetr_fn.fit import FitArgs
+from rfdetr_fn.flags import parse
 from rfdetr_fn.validate import EvalArgs
 
 

@@ -21,7 +21,7 @@ from rfdetr_fn.data import (
     detect_format,
     filter_parent_categories,
 )
-from rfdetr_fn.data.coco import decode_masks
+from rfdetr_fn.data.masks import decode_masks
 from rfdetr_fn.data.synthetic import synthetic_source
 from rfdetr_fn.data.transforms import MEAN, STD
 

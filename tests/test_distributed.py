@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rfdetr_fn.checkpoint import load_state, save_state
 from rfdetr_fn.step import make_train_step
+from rfdetr_fn.train_state import load_state, save_state
 from tests import dist_worker as w
 
 LAUNCH_TIMEOUT_S = 150  # the eager launch takes ~10-15 s on 2 cores

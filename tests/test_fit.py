@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import rfdetr_fn as rf
-from rfdetr_fn import checkpoint, cli, tree
+from rfdetr_fn import adapt, cli, train_state, tree
 from rfdetr_fn.boxes import cxcywh_to_xyxy, pairwise_iou
 from rfdetr_fn.config import DataConfig, TrainConfig
 from rfdetr_fn.data import build_dataset
@@ -167,13 +167,13 @@ def test_resume_is_exact(tmp_path):
             ),
         ]
     )
-    _, a = checkpoint.load_weights(straight / "last_ema.pth")
-    _, b = checkpoint.load_weights(split / "last_ema.pth")
+    _, a = adapt.load_weights(straight / "last_ema.pth")
+    _, b = adapt.load_weights(split / "last_ema.pth")
     for key, value in tree.flatten(a).items():
         assert torch.equal(value, tree.flatten(b)[key]), key
     template = init_state(rf.init(rf.presets.tiny(resolution=64), 0), TrainConfig())
-    state_a = checkpoint.load_state(straight / "last", {"state": template})
-    state_b = checkpoint.load_state(split / "last", {"state": template})
+    state_a = train_state.load_state(straight / "last", {"state": template})
+    state_b = train_state.load_state(split / "last", {"state": template})
     assert int(state_a["state"]["step"]) == int(state_b["state"]["step"]) > 4
     for key, value in tree.flatten(state_a["state"]["opt_state"]).items():
         assert torch.equal(value, tree.flatten(state_b["state"]["opt_state"])[key]), key

@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from rfdetr_fn import checkpoint as ckpt
 from rfdetr_fn import presets, tree
+from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.loss.criterion import criterion, keypoint_coefs, weight_dict
 from rfdetr_fn.loss.matcher import match, match_costs
 from rfdetr_fn.model import backbone, detector, keypoints, postprocess, projector, transformer
 from rfdetr_fn.step import grad_and_value, init_state, make_train_step
+from rfdetr_fn.weights import KP_CLASS_MASK, KP_MASK, class_names, save_weights
 from tests.golden import golden_config, golden_params, golden_targets
 from tests.test_model_parity import FP32_TOL, FP64_TOL, flat_outputs, worst_deltas
 
@@ -106,7 +107,7 @@ def test_keypoint_intermediates(kp):
 
 def test_keypoint_schema_buffers_match_golden(kp):
     w = load_file(kp["dir"] / "weights.safetensors")
-    for key, value in zip((ckpt.KP_MASK, ckpt.KP_CLASS_MASK), keypoints.buffers(kp["cfg"])):
+    for key, value in zip((KP_MASK, KP_CLASS_MASK), keypoints.buffers(kp["cfg"])):
         assert value.dtype == torch.bool and torch.equal(value, w[key]), key
     assert keypoints.class_mask((2, 0, 1)).int().tolist() == [
         [0, 0, 0, 0],
@@ -171,10 +172,10 @@ def test_keypoint_config_errors():
 
 def test_keypoint_upstream_checkpoint_loads_with_inferred_schema(kp):
     with pytest.warns(UserWarning, match="vit_num_heads=1 is assumed"):
-        cfg, params = ckpt.load_weights(kp["dir"] / "checkpoint.pth")
+        cfg, params = load_weights(kp["dir"] / "checkpoint.pth")
     assert cfg.keypoints and cfg.num_keypoints_per_class == (4, 3) and cfg.dual_projector_kp_only
     assert attrs.evolve(cfg, name="nano", vit_num_heads=2, positional_encoding_size=12) == kp["cfg"]
-    assert ckpt.class_names(kp["dir"] / "checkpoint.pth") == ["quad", "tri"]
+    assert class_names(kp["dir"] / "checkpoint.pth") == ["quad", "tri"]
     golden = tree.flatten(kp["params"])
     ours = tree.flatten(params)
     assert list(ours) == list(detector.param_shapes(cfg)) and all(torch.equal(ours[k], golden[k]) for k in golden)
@@ -183,8 +184,8 @@ def test_keypoint_upstream_checkpoint_loads_with_inferred_schema(kp):
 def test_keypoint_missing_dual_projector_is_cloned_from_projector(kp, tmp_path):
     sd = {k: v for k, v in tree.flatten(kp["params"]).items() if not k.startswith("backbone.0.cross_attn_projector.")}
     path = tmp_path / "no_dual.pth"
-    torch.save({"model": {ckpt.KP_MASK: keypoints.active_mask((4, 3)), **sd}}, path)
-    _, params = ckpt.load_weights(path, kp["cfg"])
+    torch.save({"model": {KP_MASK: keypoints.active_mask((4, 3)), **sd}}, path)
+    _, params = load_weights(path, kp["cfg"])
     bb = params["backbone"]["0"]
     for key, value in tree.flatten(bb["projector"]).items():
         assert torch.equal(tree.flatten(bb["cross_attn_projector"])[key], value), key
@@ -195,7 +196,7 @@ def test_keypoint_saved_pth_has_upstreams_layout(kp, tmp_path):
     path = tmp_path / "kp.pth"
     flat = tree.flatten(kp["params"])
     params = tree.unflatten({k: flat[k] for k in detector.param_shapes(kp["cfg"])})  # model order
-    ckpt.save_weights(path, params, kp["cfg"], class_names=["quad", "tri"])
+    save_weights(path, params, kp["cfg"], class_names=["quad", "tri"])
     raw = torch.load(path, weights_only=True)
     expected = kp["info"]["state_dict_keys"]
     assert list(raw["model"]) == list(expected)
@@ -204,13 +205,13 @@ def test_keypoint_saved_pth_has_upstreams_layout(kp, tmp_path):
         assert raw["args"][key] == kp["info"]["checkpoint_args"][key], key
     w = load_file(kp["dir"] / "weights.safetensors")
     assert all(torch.equal(raw["model"][k], w[k]) for k in w)
-    cfg, back = ckpt.load_weights(path)
+    cfg, back = load_weights(path)
     assert cfg == kp["cfg"] and tree.shapes(back) == detector.param_shapes(cfg)
 
 
 def test_keypoint_schema_change_resizes_keypoint_rows(kp):
     cfg = attrs.evolve(kp["cfg"], num_keypoints_per_class=(4, 4))
-    _, params = ckpt.load_weights(kp["dir"] / "checkpoint.pth", cfg)  # strict: every key still fits
+    _, params = load_weights(kp["dir"] / "checkpoint.pth", cfg)  # strict: every key still fits
     rows = params["transformer"]["decoder"]["keypoint_pos_embed"]
     golden = kp["params"]["transformer"]["decoder"]["keypoint_pos_embed"]
     assert rows.shape == (8, 32) and torch.equal(rows[:7], golden) and torch.equal(rows[7], golden[0])
@@ -404,13 +405,13 @@ def test_keypoint_predict_json_and_skeleton_drawing(tmp_path):
     """rf.predict returns keypoints; predictions.json lists [x, y, score] per keypoint of the label; the
     drawing marks the keypoints (white dots) on the image."""
     import rfdetr_fn as rf
-    from rfdetr_fn.predict import main
+    from rfdetr_fn.predict_cli import main
 
     cfg = presets.tiny_keypoint(resolution=64, group_detr=1, vit_num_layers=1, out_feature_indexes=(1,))
     params = detector.init(cfg, seed=0)
     params["keypoint_embed"]["layers"]["2"]["bias"][2] = 5.0  # every keypoint confidently findable
     weights = tmp_path / "kp.pth"
-    ckpt.save_weights(weights, params, cfg, class_names=["rect", "ellipse", "tri"])
+    save_weights(weights, params, cfg, class_names=["rect", "ellipse", "tri"])
     image = np.full((48, 64, 3), 90, np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")
     (det,) = rf.predict(params, cfg, [image], threshold=0.0)

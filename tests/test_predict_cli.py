@@ -11,8 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import rfdetr_fn as rf
-from rfdetr_fn import checkpoint, cli
-from rfdetr_fn.predict import PredictArgs, class_colour, collect_images, main, run
+from rfdetr_fn import cli, weights
+from rfdetr_fn.predict_cli import PredictArgs, class_colour, collect_images, main, run
 
 SIZES = {"a.png": (60, 80), "b.png": (90, 50)}  # name -> (height, width)
 
@@ -31,7 +31,7 @@ def _write_images(folder: Path) -> dict[str, np.ndarray]:
 
 def _write_weights(path: Path, **overrides) -> Path:
     cfg = rf.presets.tiny(**overrides)
-    checkpoint.save_weights(path, rf.init(cfg, 0), cfg, class_names=["a", "b", "c"][: cfg.num_classes])
+    weights.save_weights(path, rf.init(cfg, 0), cfg, class_names=["a", "b", "c"][: cfg.num_classes])
     return path
 
 
@@ -121,7 +121,7 @@ def test_checkpoint_directory_and_names_fallback(tmp_path):
     cfg = rf.presets.tiny(num_classes=3)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    checkpoint.save_weights(run_dir / "checkpoint_best_total.pth", rf.init(cfg, 0), cfg)  # no class names
+    weights.save_weights(run_dir / "checkpoint_best_total.pth", rf.init(cfg, 0), cfg)  # no class names
     _write_images(tmp_path / "imgs")
     records = run(
         PredictArgs(checkpoint=str(run_dir), images=(str(tmp_path / "imgs" / "a.png"),),

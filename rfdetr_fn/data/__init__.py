@@ -14,17 +14,10 @@ import warnings
 from pathlib import Path
 
 from rfdetr_fn.config import DataConfig, ModelConfig, TrainConfig
-from rfdetr_fn.data.coco import (
-    ROBOFLOW_ANNOTATIONS,
-    DatasetError,
-    DetectionDataset,
-    Pipeline,
-    Source,
-    coco2017_source,
-    filter_parent_categories,
-    roboflow_source,
-)
+from rfdetr_fn.data.coco import ROBOFLOW_ANNOTATIONS, coco2017_source, filter_parent_categories, roboflow_source
+from rfdetr_fn.data.dataset import DetectionDataset, Pipeline
 from rfdetr_fn.data.loader import (
+    TARGET_KEYS,
     collate,
     epoch_indices,
     epoch_length,
@@ -33,11 +26,13 @@ from rfdetr_fn.data.loader import (
     target_slots,
     train_loader,
 )
+from rfdetr_fn.data.source import DatasetError, Source
 from rfdetr_fn.data.synthetic import synthetic_source
 from rfdetr_fn.data.transforms import multi_scale_scales, per_batch_scale, resize_batch
 from rfdetr_fn.data.yolo import find_yaml, yolo_source
 
 __all__ = [
+    "TARGET_KEYS",
     "DatasetError",
     "DetectionDataset",
     "Pipeline",

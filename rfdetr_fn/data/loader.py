@@ -14,10 +14,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rfdetr_fn.config import DataConfig, TrainConfig
-from rfdetr_fn.data.coco import sample_seed
+from rfdetr_fn.data.dataset import sample_seed
 
 MIN_TRAIN_BATCHES = 5  # below this many effective batches a single process samples with replacement
 PAD_SEED = 0  # fixed generator for the padding indices of an aligned epoch (as upstream)
+TARGET_KEYS = ("labels", "boxes", "masks", "keypoints")  # the batch entries the criterion reads as targets
 
 
 # ------------------------------------------------------------------------------------------------ collate

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rfdetr_fn.config import DataConfig
-from rfdetr_fn.data.coco import DatasetError, Source, polygon_area
+from rfdetr_fn.data.masks import polygon_area
+from rfdetr_fn.data.source import DatasetError, Source
 
 SHAPES = ("rectangle", "ellipse", "triangle")
 COLOURS = {

@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 
 from rfdetr_fn.data import keypoints as kp
-from rfdetr_fn.data.coco import DatasetError, Source, polygon_area
+from rfdetr_fn.data.masks import polygon_area
+from rfdetr_fn.data.source import DatasetError, Source
 
 YAML_NAMES = ("data.yaml", "data.yml")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

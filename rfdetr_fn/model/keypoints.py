@@ -26,7 +26,7 @@ from torch import Tensor
 
 from rfdetr_fn import nn, tree
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import transformer
+from rfdetr_fn.model import attention
 from rfdetr_fn.tree import Params
 
 CHANNELS = 8  # x, y, findable, visible, log_l11, l21, log_l22, class
@@ -113,7 +113,7 @@ def block(
     ref_input: Tensor,
     memory: Tensor,
     mask: Tensor,
-    shapes: transformer.Shapes,
+    shapes: attention.Shapes,
     cfg: ModelConfig,
 ) -> tuple[Tensor, Tensor]:
     """The GroupPose block after a decoder layer: instance-keypoint attention, keypoint deformable
@@ -127,14 +127,14 @@ def block(
     pos = torch.cat([kp_pos.new_zeros(1, d), kp_pos])[None].expand(b * n, -1, -1)
     blocked = class_mask(cfg.num_keypoints_per_class).to(tgt.device)
     bias = torch.zeros(blocked.shape, dtype=tgt.dtype, device=tgt.device).masked_fill(blocked, float("-inf"))
-    out = transformer.self_attention(p["kp_inst_self_attn"], tokens, pos, cfg.sa_nheads, 1, bias)
+    out = attention.self_attention(p["kp_inst_self_attn"], tokens, pos, cfg.sa_nheads, 1, bias)
     out = out.reshape(b, n, 1 + k, d)
     tgt = nn.layer_norm(p["kp_inst_norm"], tgt + out[:, :, 0] * p["instance_kp_layer_scale"])
     kp = nn.layer_norm(p["kp_norm"], kp + out[:, :, 1:])
     if cfg.keypoint_cross_attn:
         query = (kp + query_pos[:, :, None]).reshape(b, n * k, d)
         ref = ref_input[:, :, None].expand(-1, -1, k, -1, -1).reshape(b, n * k, *ref_input.shape[2:])
-        cross = transformer.deformable_attention(p["kp_cross_attn"], query, ref, memory, mask, shapes, cfg)
+        cross = attention.deformable_attention(p["kp_cross_attn"], query, ref, memory, mask, shapes, cfg)
         kp = nn.layer_norm(p["kp_cross_attn_norm"], kp + cross.reshape(b, n, k, d))
     ffn = nn.linear(p["kp_linear3"], F.relu(nn.linear(p["kp_linear1"], kp)))
     return tgt, nn.layer_norm(p["kp_norm5"], kp + ffn)
@@ -170,10 +170,10 @@ def layer_params(base: Params, cfg: ModelConfig, gen: torch.Generator) -> Params
     out["kp_inst_norm"] = nn.norm_init(d)
     out["kp_norm"] = nn.norm_init(d)
     if cfg.keypoint_cross_attn:
-        out["kp_cross_attn"] = transformer.msda_init(cfg, gen)
+        out["kp_cross_attn"] = attention.msda_init(cfg, gen)
         out["kp_cross_attn_norm"] = nn.norm_init(d)
-    out["kp_linear1"] = transformer.xavier_linear(4 * d, d, gen)
-    out["kp_linear3"] = transformer.xavier_linear(d, 4 * d, gen)
+    out["kp_linear1"] = attention.xavier_linear(4 * d, d, gen)
+    out["kp_linear3"] = attention.xavier_linear(d, 4 * d, gen)
     out["kp_norm5"] = nn.norm_init(d)
     return out
 
@@ -182,8 +182,8 @@ def initializer_params(cfg: ModelConfig, gen: torch.Generator) -> Params:
     d, total = cfg.hidden_dim, sum(cfg.num_keypoints_per_class)
     return {
         "queries": nn.xavier_uniform((total, d), gen),
-        "adaLN_modulation": {"0": transformer.xavier_linear(d, d, gen), "2": transformer.xavier_linear(3 * d, d, gen)},
-        "out_proj": transformer.xavier_linear(d, d, gen),
+        "adaLN_modulation": {"0": attention.xavier_linear(d, d, gen), "2": attention.xavier_linear(3 * d, d, gen)},
+        "out_proj": attention.xavier_linear(d, d, gen),
     }
 
 

@@ -1,15 +1,14 @@
-"""Predict from the command line: `python -m rfdetr_fn.predict --checkpoint output/ --images a.jpg photos/`.
+"""The predict command: `rfdetr_fn predict --checkpoint output/ --images a.jpg photos/`.
 
 Writes `predictions.json` (and, unless --no-draw, one annotated PNG per image) into --output-dir. The
-library function behind it is `rfdetr_fn.predict` / `rfdetr_fn.inference.predict`.
+library function behind it is `rfdetr_fn.predict` (defined in `rfdetr_fn.inference`); this module has its
+own name so that importing the command never hides that function.
 """
 
 from __future__ import annotations
 
 import colorsys
 import json
-import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from rfdetr_fn import checkpoint, tree
+from rfdetr_fn import tree, weights
+from rfdetr_fn.adapt import load_weights
+from rfdetr_fn.flags import parse
 from rfdetr_fn.inference import predict, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -176,9 +177,9 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = collect_images(args.images)
-    weights = _resolve_checkpoint(args.checkpoint)
-    cfg, params = checkpoint.load_weights(weights)
-    names = checkpoint.class_names(weights)
+    path = weights.resolve_checkpoint(args.checkpoint)
+    cfg, params = load_weights(path)
+    names = weights.class_names(path)
     schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
@@ -209,28 +210,9 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     return records
 
 
-def _resolve_checkpoint(path: str) -> Path:
-    from rfdetr_fn.validate import resolve_checkpoint  # validate pulls in the data pipeline: import lazily
-
-    return resolve_checkpoint(path)
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """`python -m rfdetr_fn.predict --checkpoint FILE_OR_DIR --images a.jpg folder/ [...]`."""
-    from rfdetr_fn.cli import parse
-
+    """`rfdetr_fn predict --checkpoint FILE_OR_DIR --images a.jpg folder/ [...]`."""
     return run(parse(PredictArgs, argv))
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module sets the package attribute `rfdetr_fn.predict` to it, hiding the library
-    function of the same name; making the module callable keeps `rf.predict(params, cfg, images)` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[dict[str, Tensor]]:
-        return predict(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

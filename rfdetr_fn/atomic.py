@@ -1,0 +1,55 @@
+"""Atomic writes: a reader (or a crash mid-save) sees the old file or directory, or the new one, never half.
+
+Every writer in the package goes through here: weights files, train-state markers, metrics.csv, JSON records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temp file beside `path`, fsync, then os.replace: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete `new` directory at `target`; the old one is removed only after the swap."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in [*target.parent.glob(f"{target.name}.old-*"), *target.parent.glob(f"{target.name}.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by earlier crashed saves
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
