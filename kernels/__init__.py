@@ -12,11 +12,12 @@ from .msda_op import (
     resolve_backend,
     set_backend,
 )
-from .msda_reference import ms_deform_attn_reference
+from .msda_reference import ms_deform_attn_gather, ms_deform_attn_reference
 
 __all__ = [
     "get_backend",
     "ms_deform_attn",
+    "ms_deform_attn_gather",
     "ms_deform_attn_reference",
     "ms_deform_attn_triton",
     "resolve_backend",

@@ -14,14 +14,14 @@ import sys
 import torch
 from torch import Tensor
 
-from .msda_reference import ms_deform_attn_reference
+from .msda_reference import ms_deform_attn_gather, ms_deform_attn_reference
 
 # Without CUDA, Triton can only run interpreted, and only for functions decorated while TRITON_INTERPRET=1
 # (Triton's own helpers included). torch imports triton lazily (e.g. at the first custom-op call): set it now.
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "gather")
 ENV_VAR = "RFDETR_FN_MSDA"
 
 
@@ -37,7 +37,8 @@ _backend = _backend_from_env()
 
 def set_backend(name: str) -> None:
     """Force the implementation behind `ms_deform_attn`: "auto" (Triton on CUDA, reference elsewhere),
-    "reference" or "triton". The env var RFDETR_FN_MSDA sets the initial value."""
+    "reference", "triton" or "gather" (the reference as gathers: forward-mode and second-order AD, for
+    jvp and Hessian-vector products). The env var RFDETR_FN_MSDA sets the initial value."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"MSDA backend {name!r}: expected one of {BACKENDS}")
@@ -58,7 +59,7 @@ def _triton_available() -> bool:
 
 
 def resolve_backend(device: torch.device) -> str:
-    """The implementation `ms_deform_attn` uses for tensors on `device`: "reference" or "triton"."""
+    """The implementation `ms_deform_attn` uses for tensors on `device`: "reference", "triton" or "gather"."""
     if _backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "reference"
     return _backend
@@ -141,6 +142,28 @@ class MSDeformAttnFunction(torch.autograd.Function):
                 grad_out, value, spatial_shapes, sampling_locations, attention_weights
             )
         return g_value, None, g_loc, g_attw
+
+    @staticmethod
+    def vmap(info, in_dims, value, spatial_shapes, sampling_locations, attention_weights):
+        """torch.func.vmap: fold the vmapped dimension into the batch N (one kernel launch for all members)."""
+        if in_dims[1] is not None:
+            raise ValueError("ms_deform_attn under vmap: spatial_shapes must be the same for every member")
+        size = info.batch_size
+        args = [value, sampling_locations, attention_weights]
+        dims = [in_dims[0], in_dims[2], in_dims[3]]
+        folded = []
+        for t, d in zip(args, dims):
+            t = t.unsqueeze(0).expand(size, *t.shape) if d is None else t.movedim(d, 0)
+            folded.append(t.reshape(size * t.shape[1], *t.shape[2:]).contiguous())
+        out = MSDeformAttnFunction.apply(folded[0], spatial_shapes, folded[1], folded[2])
+        return out.reshape(size, -1, *out.shape[1:]), 0
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "the Triton deformable-attention op has no forward-mode rule (nor a second derivative): "
+            "run jvp / Hessian-vector products with rfdetr_fn.kernels.set_backend('gather')"
+        )
 
 
 def _validate(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> None:
@@ -233,6 +256,9 @@ def ms_deform_attn(
     """Deformable attention core: value (N, S, H, D); spatial_shapes (L, 2) as (H, W); locations
     (N, Q, H, L, P, 2) in [0, 1], x first; weights (N, Q, H, L, P). Returns (N, Q, H*D).
     Triton on CUDA, the grid_sample reference elsewhere; see `set_backend`."""
-    if resolve_backend(value.device) == "triton":
+    backend = resolve_backend(value.device)
+    if backend == "triton":
         return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
+    if backend == "gather":
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 from torch import Tensor
 
-from rfdetr_fn import presets, tree
+from rfdetr_fn import lora, presets, tree
 from rfdetr_fn.config import UPSTREAM_NAMES, ModelConfig
 from rfdetr_fn.tree import Params
 from rfdetr_fn.weights import (
@@ -331,8 +332,13 @@ def load_weights(
     strict=False only warns about missing/unexpected keys (missing ones are taken from a fresh init).
     """
     raw = read_checkpoint(path)
+    dense, adapters = lora.from_peft(raw.state_dict)  # a backbone_lora run's file (upstream's or ours)
+    raw = attrs.evolve(raw, state_dict=dense)
     if cfg is None:
         cfg = infer_config(raw)
+    if adapters and not cfg.backbone_lora:  # as upstream: merge the adapters into a plain encoder
+        raw = attrs.evolve(raw, state_dict=tree.flatten(lora.merge(tree.unflatten({**dense, **adapters}))))
+        adapters = {}
     src = raw.config or raw.fields
     src_q = _get(src, "num_queries"), _get(src, "group_detr")
     flat = adapt(raw.state_dict, cfg, src_queries=src_q, where=raw.path)
@@ -346,7 +352,7 @@ def load_weights(
             fresh = tree.flatten(detector.init(cfg, 0))
             flat.update({k: fresh[k] for k in missing})
         flat = {k: flat[k] for k in expected}  # model order; unexpected keys dropped
-    return cfg, tree.unflatten(flat)
+    return cfg, tree.unflatten({**flat, **adapters})
 
 
 def _get(src: ModelConfig | Mapping[str, Any], name: str) -> Any:

@@ -5,11 +5,15 @@ Every writer in the package goes through here: weights files, train-state marker
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from rfdetr_fn.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -23,10 +27,30 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(err, path)
         raise
     fsync_dir(path.parent)
+
+
+class DiskFullError(UserError, OSError):
+    """A save ran out of space; its partial temp was removed and the previous file or directory is intact."""
+
+
+def raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """Say "no space left" plainly (torch's own message is an opaque inline_container.cc failure)."""
+    text = str(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text
+    if not full and "write failed" in text:  # torch.save / DCP do not keep the errno
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    if full:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left in {path.parent} while writing {path.name}: the partial file was removed and the "
+            "previous one is intact; free some space and run again (with --train.resume auto for training)",
+        ) from err
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -4,6 +4,7 @@
     rfdetr_fn validate --checkpoint FILE_OR_DIR [--data.* --eval.*]
     rfdetr_fn test     --checkpoint FILE_OR_DIR
     rfdetr_fn predict  --checkpoint FILE_OR_DIR --images a.jpg b.jpg | folder/
+    rfdetr_fn average  a.pth b.pth c.pth --out soup.pth [--weights ...] [--greedy --data.*]
 
 fit, validate and test are also `python -m rfdetr_fn.<command>`. `--preset` and `--config` are read first:
 they pick the defaults that the other flags then override, so `--preset small --model.resolution 640` is
@@ -15,7 +16,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = ("fit", "validate", "test", "predict", "average")
+
+
+def console() -> Any:
+    """The `rfdetr_fn` script: known errors print their message alone (see `flags.run_or_exit`)."""
+    from rfdetr_fn.flags import run_or_exit
+
+    return run_or_exit(main)
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -33,6 +41,8 @@ def main(argv: list[str] | None = None) -> Any:
         from rfdetr_fn.validate import main as run
     elif command == "test":
         from rfdetr_fn.test import main as run
+    elif command == "average":
+        from rfdetr_fn.average import main as run
     else:
         from rfdetr_fn.predict_cli import main as run
     return run(rest)

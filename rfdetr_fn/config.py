@@ -7,9 +7,16 @@ so a bad value fails early with the field's name.
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import math
+import re
+import types
+import typing
+from typing import Any, Literal
 
 import attrs
+
+from rfdetr_fn.errors import UserError
 
 Encoder = Literal[
     "dinov2_windowed_small",
@@ -36,6 +43,25 @@ UPSTREAM_NAMES = {
     "seg_2xlarge": "RFDETRSeg2XLarge",
     "keypoint_preview": "RFDETRKeypointPreview",
 }
+
+
+class ConfigError(UserError, ValueError):
+    """An impossible or refused configuration; the message names the file, section and key."""
+
+
+def _finite_floats(inst) -> None:
+    """NaN or infinity in a float field (`--train.lr nan`) would only surface as a diverged run."""
+    for att in attrs.fields(type(inst)):
+        value = getattr(inst, att.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{att.name}={value} must be finite")
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value)
 
 
 def _positive(inst, att, value) -> None:
@@ -115,6 +141,10 @@ class ModelConfig:
     """Adds the instance-mask head."""
     mask_downsample_ratio: int = attrs.field(default=4, validator=_positive)
     """Mask logits are predicted at 1/ratio of the input size."""
+    backbone_lora: bool = False
+    """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
+    gradient_checkpointing: bool = False
+    """Recompute ViT block activations in the backward pass: less memory, same numbers, slower."""
     use_grouppose_keypoints: bool = False
     """Adds upstream's GroupPose keypoint branch (needs num_keypoints_per_class)."""
     num_keypoints_per_class: tuple[int, ...] = ()
@@ -135,6 +165,7 @@ class ModelConfig:
     """Keypoint models: detection score fused with exp(-alpha * log trace of the keypoint covariance)."""
 
     def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
         block = self.patch_size * self.num_windows
         if self.resolution % block:
             raise ValueError(
@@ -251,6 +282,13 @@ class TrainConfig:
     """LR factor of the decoder (and squared, of the ViT)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    optimizer: str = "adamw"
+    """adamw (upstream's recipe), adam, sgd, or 'module:function' returning a GradientTransformation
+    (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.make_optimizer)."""
+    optimizer_kwargs: str = attrs.field(default="{}", converter=lambda v: v if isinstance(v, str) else _json(v))
+    """JSON object of extra optimizer arguments, e.g. '{"momentum": 0.9}' for sgd."""
+    freeze_encoder: bool = False
+    """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)
     """AdamW epsilon."""
     batch_size: int = attrs.field(default=4, validator=_positive)
@@ -326,6 +364,9 @@ class TrainConfig:
     """Evaluate every this many epochs (the last epoch is always evaluated)."""
     checkpoint_interval: int = attrs.field(default=10, validator=_positive)
     """Keep a numbered train-state checkpoint every this many epochs (the last one is always kept)."""
+    save_every_n_steps: int | None = attrs.field(default=None, validator=_positive)
+    """Also save the train state (last/) every this many optimizer steps mid-epoch, so a kill loses minutes,
+    not an epoch (None: at epoch ends only)."""
     eval_base_model: bool = False
     """Also evaluate the non-EMA weights."""
     compute_val_loss: bool = False
@@ -352,6 +393,12 @@ class TrainConfig:
     """Where checkpoints, metrics and plots are written."""
     resume: str | None = None
     """Train-state checkpoint directory to resume from ('auto' = output_dir/last)."""
+    resume_allow_changes: bool = False
+    """Resume even though fields that change the training trajectory (lr, batch size, seed, data, model, ...)
+    differ from the saved run's; each change is printed and recorded in config_history.jsonl."""
+    overwrite: bool = False
+    """Start a fresh run in an output_dir that holds an earlier run's files, deleting them first (without it,
+    such a run is refused: resume it or pick another output_dir)."""
     pretrain_weights: str | None = None
     """Weights file to fine-tune from (upstream .pth/.ckpt or safetensors); None trains from scratch."""
     tensorboard: bool = True
@@ -362,8 +409,17 @@ class TrainConfig:
     """Write a metrics.csv row every this many optimizer steps."""
 
     def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two values in [0, 1)")
+        import json
+
+        try:
+            kwargs = json.loads(self.optimizer_kwargs)
+        except ValueError as err:
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} is not JSON: {err}") from err
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"optimizer_kwargs={self.optimizer_kwargs!r} must be a JSON object")
 
 
 @attrs.frozen(kw_only=True)
@@ -378,6 +434,9 @@ class DataConfig:
     """Explicit class names (checked against the dataset)."""
     num_workers: int = attrs.field(default=2, validator=_non_negative)
     """DataLoader worker processes."""
+    check_images: bool = True
+    """Read the header of every image of every split before training and report all bad files at once
+    (threads, seconds for thousands of files); --data.no-check-images skips it for huge trusted datasets."""
     synthetic_images: int = attrs.field(default=32, validator=_positive)
     """Built-in dataset: training images (valid and test get a quarter each)."""
     synthetic_classes: int = attrs.field(default=3, validator=_positive)
@@ -400,3 +459,84 @@ class EvalConfig:
     """predict: keep detections scoring above this."""
     keypoint_oks_sigmas: tuple[float, ...] | None = None
     """Keypoint OKS sigmas; None = COCO's person sigmas for 17 keypoints, else 0.05 each (upstream's rule)."""
+
+    def __attrs_post_init__(self) -> None:
+        _finite_floats(self)
+
+
+# ---------------------------------------------------------------- values from experiment files
+
+
+def coerce_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Experiment-file values for the fields of `cls`, converted like the same values given as flags;
+    `where` prefixes each key in messages ("exp.yaml: train.").
+
+    YAML gives typed values where the command line gives strings, so each value is checked against the
+    field's type: `use_ema: "no"` or `batch_size: 2.5` are errors naming `where` and the key, `epochs: "3"`
+    and `lr: 1e-4` (a string to YAML) are numbers, and unquoted `off`/`on` (booleans to YAML 1.1) are the
+    choices of that name."""
+    hints = typing.get_type_hints(cls)
+    fields = attrs.fields_dict(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{where}{key}: unknown field{hint}")
+        converts = fields[key].converter is not None  # the field takes several forms itself (a dict as JSON)
+        out[key] = value if converts else coerce(value, hints[key], f"{where}{key}")
+    return out
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as type `hint` (bool, int, float, str, None, Literal, tuples, unions of those)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ConfigError(f"{where}: expected {len(items)} values, got {len(value)}")
+        return tuple(coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    if hint is type(None) and value is None:
+        return None
+    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    return " or ".join(_describe(a) for a in typing.get_args(hint)) or str(hint)

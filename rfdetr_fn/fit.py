@@ -8,7 +8,9 @@ continues exactly where the saved one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -18,11 +20,12 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import distributed, presets, runlog, trackers, train_state, tree, weights
+from rfdetr_fn import dirlock, distributed, imageio, lora, presets, runlog, trackers, train_state, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
-from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from rfdetr_fn.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
+    DatasetError,
     build_dataset,
     multi_scale_scales,
     per_batch_scale,
@@ -30,7 +33,8 @@ from rfdetr_fn.data import (
     target_slots,
     train_loader,
 )
-from rfdetr_fn.flags import parse
+from rfdetr_fn.errors import TrainingDiverged
+from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, init_state, make_train_step, resolve_precision, seed_for_step, use_compile
 from rfdetr_fn.validate import evaluate
@@ -55,11 +59,17 @@ class FitArgs:
 
 def fit(args: FitArgs) -> dict[str, Any]:
     """Run training; returns the final metrics record (rank 0's view)."""
+    with contextlib.ExitStack() as held:  # the output-dir lock, from when the directory is made until the end
+        return _fit(args, held)
+
+
+def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
     out_dir = Path(tcfg.output_dir)
-    if world.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
+    if resume_dir is None and not tcfg.overwrite:
+        _refuse_used_dir(out_dir)
     torch.manual_seed(tcfg.seed)
 
     # ---- data: the train split fixes the label space for every split ----
@@ -67,6 +77,9 @@ def fit(args: FitArgs) -> dict[str, Any]:
     cfg = _align_classes(args.model, train_ds.num_classes)
     cfg = _align_keypoints(cfg, train_ds)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
+    test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
+    if dcfg.check_images:
+        _check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
     compiled = use_compile(tcfg.compile, world.device)
     # A compiled step compiles once per input shape: fix the target axis for the run, leaving image sizes
@@ -74,22 +87,31 @@ def fit(args: FitArgs) -> dict[str, Any]:
     slots = target_slots(train_ds) if compiled else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
+    if world.main:  # only now that the data is known to load
+        out_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(dirlock.exclusive(out_dir))
+        if resume_dir is None and tcfg.overwrite:
+            _clear_run(out_dir)
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
         _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
+    if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
+        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
     params = tree.to(params, world.device)
-    state = init_state(params, tcfg)
-    loop = {"epoch": 0, "batch": 0, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
-    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
+    state = init_state(params, tcfg, cfg)
+    loop = {"epoch": 0, "batch": 0, "eval_pending": -1, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
         if world.main:
             print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
     if world.main:
-        _write_json(out_dir / "training_config.json", _config_record(args, cfg, class_names))
+        record = _config_record(args, cfg, class_names)
+        if resume_dir is not None:
+            _check_resume_changes(out_dir, record, tcfg, int(state["step"]))
+        _write_json(out_dir / "training_config.json", record)
 
     precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
@@ -104,10 +126,16 @@ def fit(args: FitArgs) -> dict[str, Any]:
             "(minutes each; inductor caches them for later runs); --train.compile off skips it"
         )
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main)
+    if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
+        log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
+    run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names)
     record: dict[str, Any] = {}
 
     step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
-    for epoch in range(loop["epoch"], tcfg.epochs):
+    stopped = False
+    if loop["eval_pending"] >= 0:  # the saved run stopped before (or while) evaluating that epoch
+        record, stopped = _evaluate_and_track(run, state, loop, step, saved=None)
+    for epoch in range(loop["epoch"], 0 if stopped else tcfg.epochs):
         # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
         loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
         bar = _progress(tcfg, world, steps_per_epoch, epoch)
@@ -121,7 +149,11 @@ def fit(args: FitArgs) -> dict[str, Any]:
                 size = per_batch_scale(step, scales)
                 micro = [resize_batch(b, size) for b in micro]
             torch.manual_seed(seed_for_step(tcfg.seed, step, world.rank))
-            state, metrics = step_fn(state, micro)
+            new_state, metrics = step_fn(state, micro)
+            if not _finite_step(metrics, precision):  # the pure step left `state` intact: keep it
+                _save_state(out_dir / "last", state, loop)
+                raise TrainingDiverged(_divergence_message(metrics, step, tcfg, out_dir))
+            state = new_state
             seen += sum(len(b["images"]) for b in micro)
             micro = []
             step, loop["batch"] = step + 1, index + 1
@@ -135,49 +167,25 @@ def fit(args: FitArgs) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{rate:.1f}")
             if tcfg.max_steps and step >= tcfg.max_steps:
                 break
+            if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(loader):
+                _save_state(out_dir / "last", state, loop)  # mid-epoch: the epoch end saves anyway
         else:  # the epoch ran to its end: the next run starts the next epoch
             loop["epoch"], loop["batch"] = epoch + 1, 0
         if bar is not None:
             bar.close()
         last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
+        evaluating = trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs)
+
+        # ---- save first (all ranks take part in DCP): a failing evaluation must not cost the epoch ----
+        loop["eval_pending"] = epoch if evaluating or last_epoch else -1
+        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
 
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}
-        if trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs) or last_epoch:
-            record.update(_evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world))
-            regular, ema = _monitored(record, tcfg)
-            loop["best"], decisions = trackers.update_best(
-                loop["best"],
-                epoch=epoch,
-                regular=regular,
-                ema=ema,
-                skip_best_epochs=tcfg.skip_best_epochs,
-                smooth_alpha=tcfg.smooth_alpha,
-            )
-            loop["stop"], stop = trackers.update_early_stop(
-                loop["stop"],
-                epoch=epoch,
-                regular=regular,
-                ema=ema,
-                use_ema=tcfg.early_stopping_use_ema,
-                patience=tcfg.early_stopping_patience,
-                min_delta=tcfg.early_stopping_min_delta,
-                skip_best_epochs=tcfg.skip_best_epochs,
-            )
-            if world.main:
-                _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir)
-                log.log(record)
-                print(_summary(record))
-            if tcfg.early_stopping and distributed.broadcast_object(stop, world):
-                last_epoch = True
-                if world.main:
-                    patience = tcfg.early_stopping_patience
-                    print(f"early stopping at epoch {epoch}: no improvement in {patience} evaluations")
-
-        # ---- train-state checkpoints (all ranks take part in DCP) ----
-        _save_state(out_dir / "last", state, loop)
-        if trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs):
-            _save_state(out_dir / f"checkpoint_{epoch:04d}", state, loop)
+        if loop["eval_pending"] >= 0:
+            record, stop = _evaluate_and_track(run, state, loop, step, saved=out_dir / "last")
+            last_epoch = last_epoch or stop
         if last_epoch:
             break
 
@@ -218,24 +226,92 @@ def _align_keypoints(cfg: ModelConfig, dataset) -> ModelConfig:
     return attrs.evolve(cfg, num_keypoints_per_class=schema, keypoint_names=flat if len(flat) == sum(schema) else ())
 
 
+def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
+    """--train.run-test scores the test split after training: make sure there is one before training."""
+    try:
+        return build_dataset(dcfg, "test", cfg, tcfg, train=False)
+    except DatasetError as err:
+        raise DatasetError(f"--train.run-test needs a test split: {err}") from err
+
+
+def _check_images(datasets: list) -> None:
+    """Every image header of every split, all problems in one error (an epoch must not end on a bad file)."""
+    items: dict[Path, tuple[Path, int, int]] = {}
+    for ds in datasets:
+        if ds is not None and ds.render is None and ds.image_dir is not None:
+            for i, entry in enumerate(ds.images):
+                path = ds.image_path(i)
+                items.setdefault(path, (path, entry["width"], entry["height"]))
+    bad, odd = imageio.check_headers(list(items.values()))
+    if odd:
+        shown = "\n  ".join(odd[:10]) + (f"\n  ... and {len(odd) - 10} more" if len(odd) > 10 else "")
+        warnings.warn(
+            f"{len(odd)} image(s) differ in size from their annotation (boxes may be in another frame):\n  {shown}",
+            stacklevel=3,
+        )
+    if bad:
+        shown = "\n  ".join(bad[:200]) + (f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else "")
+        raise DatasetError(f"{len(bad)} unusable image(s) found before training (all splits checked):\n  {shown}")
+
+
+# What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
+RUN_FILES = (
+    "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "losses.png", "lr.png",
+    "map.png", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
+    ".training_config.json.*", ".metrics.csv.*",
+)  # fmt: skip
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+
+
+def _refuse_used_dir(out_dir: Path) -> None:
+    """A fresh run must not mix with an earlier one (its best weights would be taken for the new run's)."""
+    found = _run_files(out_dir) if out_dir.is_dir() else []
+    if found:
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise dirlock.OutputDirError(
+            f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
+            "--train.overwrite (deletes those files), or pick another --train.output-dir"
+        )
+
+
+def _clear_run(out_dir: Path) -> None:
+    for path in _run_files(out_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def _state_tree(state: dict, loop: dict) -> dict:
     return {
         "state": state,
-        "loop": {"epoch": loop["epoch"], "batch": loop["batch"]},
+        "loop": {"epoch": loop["epoch"], "batch": loop["batch"], "eval_pending": loop["eval_pending"]},
         "best": trackers.to_dict(loop["best"]),
         "stop": trackers.to_dict(loop["stop"]),
     }
 
 
-def _save_state(path: Path, state: dict, loop: dict) -> None:
-    train_state.save_state(path, _state_tree(state, loop))
+def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
+    train_state.save_state(path, _state_tree(state, loop), keep=keep)
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
-    restored = train_state.load_state(path, _state_tree(state, loop))
+    template = _state_tree(state, loop)
+    try:
+        restored = train_state.load_state(path, template)
+    except weights.CheckpointError as err:  # saved before evaluations were tracked: none was pending
+        if "missing loop/eval_pending" not in str(err):
+            raise
+        del template["loop"]["eval_pending"]
+        restored = train_state.load_state(path, template)
+        restored["loop"]["eval_pending"] = -1
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
         "batch": int(restored["loop"]["batch"]),
+        "eval_pending": int(restored["loop"]["eval_pending"]),
         "best": trackers.from_dict(trackers.BestState, restored["best"]),
         "stop": trackers.from_dict(trackers.EarlyStopState, restored["stop"]),
     }
@@ -251,6 +327,58 @@ def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> d
         "class_names": class_names,
         "command": sys.argv,
     }
+
+
+# Fields a resumed run may change freely: stopping, evaluation, logging and I/O, not the optimisation path.
+RESUME_SAFE = {
+    "train": {
+        "epochs", "max_steps", "eval_interval", "checkpoint_interval", "eval_base_model", "compute_val_loss",
+        "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
+        "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
+        "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
+        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
+    },
+    "model": {"gradient_checkpointing"},  # the same numbers, less memory
+    "data": {"num_workers", "check_images"},
+    "eval": {"backend", "max_dets", "per_class", "threshold"},
+}  # fmt: skip
+
+
+def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
+    """{"section.field": [old, new]} for the trajectory-changing fields that differ between two config
+    records (a cosine schedule's length depends on epochs and max_steps, so then those count too)."""
+    new = json.loads(json.dumps(new, default=str))
+    changes = {}
+    for section in ("model", "train", "data", "eval"):
+        safe = RESUME_SAFE.get(section, set()) - ({"epochs", "max_steps"} if cosine else set())
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if key not in safe and before.get(key) != after.get(key):
+                changes[f"{section}.{key}"] = [before.get(key), after.get(key)]
+    if old.get("class_names") != new.get("class_names"):
+        changes["class_names"] = [old.get("class_names"), new.get("class_names")]
+    return changes
+
+
+def _check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
+    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
+    path = out_dir / "training_config.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")
+    if not changes:
+        return
+    lines = "\n  ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+    if not tcfg.resume_allow_changes:
+        raise ConfigError(
+            f"{path}: resuming with settings that change the training trajectory:\n  {lines}\n"
+            "Resume with the saved values, or pass --train.resume-allow-changes to continue with the new ones"
+        )
+    print(f"resuming at step {step} with changed settings (recorded in config_history.jsonl):\n  {lines}")
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes, "previous": previous}
+    with open(out_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -311,8 +439,82 @@ def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | N
     return regular, ema
 
 
+@attrs.frozen
+class _Run:
+    """What the evaluation and best-model bookkeeping of a run read."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    dcfg: DataConfig
+    ecfg: EvalConfig
+    val_ds: Any
+    world: Any
+    log: runlog.RunLog
+    out_dir: Path
+    class_names: list[str]
+
+
+def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Path | None) -> tuple[dict, bool]:
+    """Evaluate the epoch `loop["eval_pending"]`, update the best-model and early-stopping records (also in
+    the state directory `saved`, when given), write the best weights and the metrics row; -> (record, stop)."""
+    tcfg, epoch = run.tcfg, loop["eval_pending"]
+    record = {"step": step, "epoch": epoch}
+    record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world))
+    regular, ema = _monitored(record, tcfg)
+    loop["best"], decisions = trackers.update_best(
+        loop["best"],
+        epoch=epoch,
+        regular=regular,
+        ema=ema,
+        skip_best_epochs=tcfg.skip_best_epochs,
+        smooth_alpha=tcfg.smooth_alpha,
+    )
+    loop["stop"], stop = trackers.update_early_stop(
+        loop["stop"],
+        epoch=epoch,
+        regular=regular,
+        ema=ema,
+        use_ema=tcfg.early_stopping_use_ema,
+        patience=tcfg.early_stopping_patience,
+        min_delta=tcfg.early_stopping_min_delta,
+        skip_best_epochs=tcfg.skip_best_epochs,
+    )
+    loop["eval_pending"] = -1
+    if run.world.main:
+        _save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
+        run.log.log(record)
+        print(_summary(record))
+        if saved is not None:  # saved before this evaluation: give it the new records (a small JSON rewrite)
+            records = _state_tree(state, loop)
+            train_state.update_values(saved, {k: v for k, v in records.items() if k != "state"})
+    stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, run.world))
+    if stop and run.world.main:
+        print(f"early stopping at epoch {epoch}: no improvement in {tcfg.early_stopping_patience} evaluations")
+    return record, stop
+
+
+def _finite_step(metrics: dict, precision: str) -> bool:
+    """Loss and gradient norm finite (one host sync); fp16 overflow is skipped by the step, not an error."""
+    ok = torch.isfinite(metrics["loss"])
+    if precision != "fp16":
+        ok = ok & metrics["finite"]
+    return bool(ok)
+
+
+def _divergence_message(metrics: dict, step: int, tcfg: TrainConfig, out_dir: Path) -> str:
+    return (
+        f"training diverged: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+        f"({float(metrics['grad_norm'])}) at step {step + 1}; the last good train state (step {step}) is in "
+        f"{out_dir / 'last'}. Lower --train.lr ({tcfg.lr:g}) / --train.lr-encoder ({tcfg.lr_encoder:g}) or "
+        "tighten --train.clip-max-norm, then resume with --train.resume auto --train.resume-allow-changes"
+    )
+
+
 def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
-    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth)."""
+    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth); never non-finite weights."""
+    bad = [k for k, v in tree.flatten(params).items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingDiverged(f"{out_dir / name}: not written: non-finite weights in {bad[:5]}")
     args = {**attrs.asdict(tcfg), "class_names": class_names}
     weights.write_upstream_best(
         out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
@@ -356,4 +558,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_or_exit(main)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +19,8 @@ import attrs
 import tyro
 
 from rfdetr_fn import presets
+from rfdetr_fn.config import ConfigError, coerce_fields
+from rfdetr_fn.errors import TrainingDiverged, UserError
 
 T = TypeVar("T")
 
@@ -33,26 +37,39 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
 
 
 def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None) -> T:
-    """`cls()` with the experiment file's values and the preset's model fields applied."""
+    """`cls()` with the experiment file's values and the preset's model fields applied.
+
+    File values go through the same types as flags (`config.coerce_fields`); every error names the file
+    and the key."""
     values: dict[str, Any] = load_config_file(config) if config else {}
-    preset = preset or values.pop("preset", None)
+    where = str(config)
     fields = attrs.fields_dict(cls)
-    kwargs: dict[str, Any] = {}
+    unknown = sorted(set(values) - set(fields) - {"preset"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; expected one of {', '.join(fields)}")
+    base = cls()
+    top = {k: v for k, v in values.items() if k in fields and not attrs.has(type(getattr(base, k)))}
+    kwargs: dict[str, Any] = coerce_fields(cls, top, f"{where}: ") if top else {}
+    preset = preset or values.get("preset")
+    for name, section in values.items():
+        current = getattr(base, name, None)
+        if name in top or name == "preset" or not attrs.has(type(current)):
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: [{name}] must be a mapping of fields, got {section!r}")
+        typed = coerce_fields(type(current), section, f"{where}: {name}.")
+        try:
+            if name == "model" and preset is not None:
+                kwargs[name] = presets.get(preset, **typed)
+            else:
+                kwargs[name] = attrs.evolve(current, **typed)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: [{name}] {err}") from err
     if preset is not None and "model" in fields:
         kwargs["preset"] = preset
-        kwargs["model"] = presets.get(preset, **_tuples(values.pop("model", {})))
+        kwargs.setdefault("model", presets.get(preset))
     if config is not None and "config" in fields:
         kwargs["config"] = config
-    base = cls()
-    for name, value in values.items():
-        if name not in fields:
-            raise ValueError(f"{config}: unknown section {name!r}; expected one of {', '.join(fields)}")
-        current = kwargs.get(name, getattr(base, name))
-        if attrs.has(type(current)) and isinstance(value, dict):
-            _check_keys(config, name, value, type(current))
-            kwargs[name] = attrs.evolve(current, **_tuples(value))
-        else:
-            kwargs[name] = value
     return attrs.evolve(base, **kwargs)
 
 
@@ -73,12 +90,18 @@ def load_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def _check_keys(path: str | None, section: str, values: dict, cls: type) -> None:
-    unknown = set(values) - set(attrs.fields_dict(cls))
-    if unknown:
-        raise ValueError(f"{path}: unknown field(s) in [{section}]: {', '.join(sorted(unknown))}")
-
-
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML/JSON lists become tuples, the type the frozen configs use."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+def run_or_exit(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """Run a command for a person at a terminal: a known error (bad config, data, checkpoint or output dir,
+    a full disk) prints its message alone and exits 2, a diverged run exits 1; `--debug` or RFDETR_FN_DEBUG=1 keeps
+    the traceback. Anything else is a bug and raises as usual."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("RFDETR_FN_DEBUG", "") not in ("", "0")
+    try:
+        return command([a for a in argv if a != "--debug"])
+    except Exception as err:
+        code = 2 if isinstance(err, UserError | FileNotFoundError) else 1 if isinstance(err, TrainingDiverged) else None
+        if debug or code is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print("(--debug or RFDETR_FN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(code) from None

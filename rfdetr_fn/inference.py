@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
+from rfdetr_fn import imageio
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
@@ -31,10 +32,9 @@ def read_image(path: str | Path, where: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file {path} not found")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: cannot read image {path}: {e}") from e
+        return imageio.read_rgb(path)
+    except imageio.READ_ERRORS as e:
+        raise ValueError(f"{where}: {imageio.read_error(path, e)}") from e
 
 
 def _to_array(image: Any, where: str) -> np.ndarray:
@@ -42,7 +42,7 @@ def _to_array(image: Any, where: str) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image, where)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(imageio.to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{where}: arrays must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")

@@ -1,16 +1,20 @@
-"""Functional AdamW with upstream's parameter groups, and global-norm gradient clipping.
+"""Upstream's optimizer recipe (parameter groups, AdamW, clipping) built from `gradient_transforms`.
 
 Parameter groups follow rfdetr 1.11.2 (`training/param_groups.py`): layer-wise LR decay and a no-decay list
 inside the ViT, a reduced LR for the decoder, the base LR everywhere else; parameters with identical
 (lr, weight_decay) are merged into one group in first-appearance order over [other, ViT, decoder].
 
-The update is torch.optim.AdamW (decoupled decay, bias correction, no amsgrad) written with out-of-place
-`torch._foreach_*` ops, one set of calls per group. The step count and the LR factor are tensors, so a
-compiled train step traces it once and never recompiles as they change.
+The update is torch.optim.AdamW (decoupled decay, bias correction, no amsgrad) as the chain Adam
+scaling -> per-group decay -> per-group LR x schedule, on out-of-place `torch._foreach_*` ops, one set of
+calls per group. Its state keeps the layout `{step, exp_avg, exp_avg_sq}` of earlier train states. The step
+count and the LR factor are tensors, so a compiled train step never recompiles as they change.
+`trainable` picks the leaves that train (freezing, LoRA); `make_optimizer` reads `train.optimizer`.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +22,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from rfdetr_fn import tree
+from rfdetr_fn import gradient_transforms as gt
+from rfdetr_fn import transforms, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 
 AdamWState = dict[str, Any]
@@ -93,17 +98,15 @@ def param_groups(names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig) -> l
 
 def adamw_init(params: tree.Params) -> AdamWState:
     """Zero moments (fresh tensors, never aliases of params) and a float32 0-dim step count of 0."""
-    device = next(tree.leaves(params)).device
-    return {
-        "step": torch.zeros((), dtype=torch.float32, device=device),
-        "exp_avg": tree.map_(torch.zeros_like, params),
-        "exp_avg_sq": tree.map_(torch.zeros_like, params),
-    }
+    return gt.scale_by_adam().init(params)
 
 
-def _scalar(value: Tensor, like: Tensor) -> Tensor:
-    """A 0-dim tensor on `like`'s device and dtype (what torch does with its Python-float scalars)."""
-    return value.to(device=like.device, dtype=like.dtype)
+def group_values(groups: Iterable[Group]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-leaf trees of each group's (lr, weight_decay), the form the gradient transforms take."""
+    groups = list(groups)
+    lrs = {n: g.lr for g in groups for n in g.names}
+    decays = {n: g.weight_decay for g in groups for n in g.names}
+    return tree.unflatten(lrs), tree.unflatten(decays)
 
 
 def adamw_update(
@@ -116,63 +119,63 @@ def adamw_update(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> tuple[tree.Params, AdamWState]:
-    """One AdamW step for every group at lr = group.lr * lr_factor; returns new (params, opt_state).
+    """One step of upstream's AdamW (`make_optimizer`'s adamw) at lr = group.lr * lr_factor -> (params, state).
 
     Parameters whose gradient is None (or that belong to no group) keep their value and moments, as
-    torch skips them. The step count is shared by all parameters: torch counts per parameter, which
-    only differs for a parameter that first receives a gradient after step 1.
+    torch skips them.
     """
-    beta1, beta2 = betas
-    flat_p, flat_g = tree.flatten(params), tree.flatten(grads)
-    flat_m, flat_v = tree.flatten(opt_state["exp_avg"]), tree.flatten(opt_state["exp_avg_sq"])
-    new_p, new_m, new_v = dict(flat_p), dict(flat_m), dict(flat_v)
-    step = opt_state["step"] + 1
-    step64 = step.to(torch.float64)
-    factor = torch.as_tensor(lr_factor, dtype=torch.float64, device=step.device)
-    bias1 = 1.0 - beta1**step64
-    bias2_sqrt = torch.sqrt(1.0 - beta2**step64)
-    for group in groups:
-        names = [n for n in group.names if flat_g.get(n) is not None]
-        if not names:
-            continue
-        missing = [n for n in names if n not in flat_p or n not in flat_m]
-        if missing:
-            raise KeyError(f"param group names not in params/opt_state: {missing[:5]}")
-        ps = [flat_p[n] for n in names]
-        gs = [flat_g[n] for n in names]
-        like = ps[0]
-        lr = factor * group.lr
-        if group.weight_decay != 0.0:
-            ps = torch._foreach_mul(ps, _scalar(1.0 - lr * group.weight_decay, like))
-        ms = torch._foreach_lerp([flat_m[n] for n in names], gs, 1.0 - beta1)
-        vs = torch._foreach_addcmul(torch._foreach_mul([flat_v[n] for n in names], beta2), gs, gs, value=1.0 - beta2)
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(vs), _scalar(bias2_sqrt, like)), eps)
-        steps = torch._foreach_mul(torch._foreach_div(ms, denom), _scalar(lr / bias1, like))
-        ps = torch._foreach_sub(ps, steps)
-        for i, n in enumerate(names):
-            new_p[n], new_m[n], new_v[n] = ps[i], ms[i], vs[i]
-    state = {"step": step, "exp_avg": tree.unflatten(new_m), "exp_avg_sq": tree.unflatten(new_v)}
-    return tree.unflatten(new_p), state
+    groups = list(groups)
+    named = {n for g in groups for n in g.names}
+    grads = tree.unflatten({n: g for n, g in tree.flatten(grads).items() if n in named})
+    lrs, decays = group_values(groups)
+    factor = torch.as_tensor(lr_factor, dtype=torch.float64)
+    tx = gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=lambda step: factor)
+    updates, opt_state = tx.update(grads, opt_state, params, step=opt_state["step"])
+    return gt.apply_updates(params, updates), opt_state
 
 
-def clip_by_global_norm(grads: tree.Params, max_norm: float) -> tuple[tree.Params, Tensor]:
-    """torch.nn.utils.clip_grad_norm_ (L2, out of place): scale by min(1, max_norm / (norm + 1e-6)).
+clip_by_global_norm = gt.global_norm_clip
 
-    None leaves pass through. max_norm 0 disables clipping (Lightning's gradient_clip_val=0); the norm is
-    still returned for logging.
+
+def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> transforms.Where | None:
+    """Which leaves train (None: all). Frozen leaves get no gradient and no optimizer state.
+
+    freeze_encoder: everything but the ViT (upstream sets requires_grad False on `backbone.0.encoder`).
+    backbone_lora: the LoRA adapters plus everything outside the ViT (PEFT freezes the wrapped encoder).
     """
-    if max_norm < 0:
-        raise ValueError(f"clip_max_norm={max_norm} must be >= 0")
-    flat = tree.flatten(grads)
-    names = [n for n, g in flat.items() if g is not None]
-    if not names:
-        raise ValueError("clip_by_global_norm: every gradient is None")
-    gs = [flat[n] for n in names]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0)), 2.0)
-    if max_norm == 0:
-        return grads, total
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    clipped = torch._foreach_mul(gs, coef)
-    out = dict(flat)
-    out.update(zip(names, clipped))
-    return tree.unflatten(out), total
+    if not (tcfg.freeze_encoder or cfg.backbone_lora):
+        return None
+    prefix = ENCODER_KEY + "."
+    keep_adapters = cfg.backbone_lora and not tcfg.freeze_encoder
+    return lambda key, leaf: not key.startswith(prefix) or (keep_adapters and ".lora_" in key)
+
+
+def make_optimizer(
+    cfg: ModelConfig, tcfg: TrainConfig, names: Iterable[str], schedule: gt.Schedule | None = None
+) -> gt.GradientTransformation:
+    """The optimizer `tcfg.optimizer` names, over upstream's parameter groups (lr, weight decay per group).
+
+    adamw is upstream's recipe; adam and sgd take the same groups (torch's coupled weight decay for
+    sgd, as upstream's torch.optim.SGD); `optimizer_kwargs` adds arguments (betas/eps, momentum,
+    nesterov). 'package.module:function' calls function(cfg, tcfg, groups, schedule) for any chain.
+    """
+    groups = param_groups(names, cfg, tcfg)
+    kwargs = json.loads(tcfg.optimizer_kwargs)
+    name = tcfg.optimizer
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory(cfg, tcfg, groups, schedule, **kwargs)
+    lrs, decays = group_values(groups)
+    betas = tuple(kwargs.pop("betas", tcfg.betas))
+    eps = kwargs.pop("eps", tcfg.eps)
+    try:
+        if name == "adamw":
+            return gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=schedule, **kwargs)
+        if name == "adam":
+            return gt.adam(lrs, betas[0], betas[1], eps, schedule=schedule, **kwargs)
+        if name == "sgd":
+            return gt.sgd(lrs, weight_decay=decays, schedule=schedule, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"train.optimizer_kwargs={tcfg.optimizer_kwargs} do not fit {name}: {err}") from err
+    raise ValueError(f"train.optimizer={name!r}: expected adamw, adam, sgd or 'module:function'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from rfdetr_fn import tree, weights
+from rfdetr_fn import imageio, tree, weights
 from rfdetr_fn.adapt import load_weights
+from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.flags import parse
-from rfdetr_fn.inference import predict, read_image
+from rfdetr_fn.inference import predict
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
@@ -47,6 +49,8 @@ class PredictArgs:
     """cpu, cuda or cuda:N; None picks CUDA when available."""
     batch_size: int = 4
     """Images per forward pass."""
+    allow_large_images: bool = False
+    """Read images above Pillow's decompression-bomb limit (about 179 megapixels)."""
 
 
 def collect_images(items: Sequence[str]) -> list[Path]:
@@ -56,6 +60,8 @@ def collect_images(items: Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for item in items:
         p = Path(item)
+        if "://" in str(item):
+            raise ValueError(f"--images {item}: URLs are not supported (nothing is fetched); download the file first")
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
@@ -173,47 +179,77 @@ def _drawing_names(paths: Sequence[Path]) -> list[str]:
 
 
 def run(args: PredictArgs) -> list[dict[str, Any]]:
-    """Predict on every image in `args.images`; write predictions.json (and drawings); return its records."""
+    """Predict on every image in `args.images`; write predictions.json (and drawings); return its records.
+
+    An unreadable file is skipped and reported (a record with an "error" instead of detections, and a line
+    on stderr); records also go to predictions.jsonl as they come, so a crash keeps what was done."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = collect_images(args.images)
-    path = weights.resolve_checkpoint(args.checkpoint)
-    cfg, params = load_weights(path)
-    names = weights.class_names(path)
+    ckpt = weights.resolve_checkpoint(args.checkpoint)
+    cfg, params = load_weights(ckpt)
+    names = weights.class_names(ckpt)
     schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawings = _drawing_names(paths)
+    drawings = dict(zip(paths, _drawing_names(paths)))
     records: list[dict[str, Any]] = []
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        arrays = [read_image(p, "--images") for p in chunk]
-        for j, (path, arr, det) in enumerate(
-            zip(chunk, arrays, predict(params, cfg, arrays, threshold=args.threshold))
-        ):
-            h, w = arr.shape[:2]
-            records.append(
-                {
-                    "image": str(path),
-                    "width": int(w),
-                    "height": int(h),
-                    "detections": detections_to_json(det, names, schema),
-                }
-            )
-            if args.draw:
-                draw_detections(arr, det, names, schema).save(out_dir / drawings[start + j])
-    (out_dir / "predictions.json").write_text(json.dumps(records, indent=2))
-    found = sum(len(r["detections"]) for r in records)
+    limit = Image.MAX_IMAGE_PIXELS
+    if args.allow_large_images:
+        Image.MAX_IMAGE_PIXELS = None
+    try:
+        with open(out_dir / "predictions.jsonl", "w") as stream:
+            for start in range(0, len(paths), args.batch_size):
+                chunk = [(p, _read(p)) for p in paths[start : start + args.batch_size]]
+                good = [(p, arr) for p, arr in chunk if not isinstance(arr, str)]
+                found = iter(predict(params, cfg, [arr for _, arr in good], threshold=args.threshold) if good else [])
+                for path, arr in chunk:
+                    if isinstance(arr, str):
+                        record = {"image": str(path), "error": arr}
+                        print(f"skipped {path}: {arr}", file=sys.stderr)
+                    else:
+                        det = next(found)
+                        h, w = arr.shape[:2]
+                        record = {"image": str(path), "width": int(w), "height": int(h)}
+                        record["detections"] = detections_to_json(det, names, schema)
+                        if args.draw:
+                            draw_detections(arr, det, names, schema).save(out_dir / drawings[path])
+                    records.append(record)
+                    stream.write(json.dumps(record) + "\n")
+                    stream.flush()
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    atomic_write(out_dir / "predictions.json", lambda tmp: tmp.write_text(json.dumps(records, indent=2)))
+    failed = sum("error" in r for r in records)
+    found = sum(len(r.get("detections", ())) for r in records)
     print(f"{len(records)} image(s), {found} detection(s) above {args.threshold} -> {out_dir}/predictions.json")
+    if failed:
+        print(f"{failed} of {len(records)} image(s) could not be read (listed in predictions.json)", file=sys.stderr)
     return records
 
 
+def _read(path: Path) -> np.ndarray | str:
+    """The image, or why it cannot be used."""
+    try:
+        return imageio.read_rgb(path)
+    except Image.DecompressionBombError as exc:
+        return f"larger than Pillow's decompression-bomb limit ({exc}); pass --allow-large-images to read it"
+    except imageio.READ_ERRORS as exc:
+        return imageio.read_error(path, exc)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """`rfdetr_fn predict --checkpoint FILE_OR_DIR --images a.jpg folder/ [...]`."""
-    return run(parse(PredictArgs, argv))
+    """`rfdetr_fn predict --checkpoint FILE_OR_DIR --images a.jpg folder/ [...]`; exits 1 after writing the
+    results when some images could not be read."""
+    records = run(parse(PredictArgs, argv))
+    if any("error" in r for r in records):
+        raise SystemExit(1)
+    return records
 
 
 if __name__ == "__main__":
-    main()
+    from rfdetr_fn.flags import run_or_exit
+
+    run_or_exit(main)

@@ -26,6 +26,30 @@ class RunLog:
             return
         row = {k: _plain(v) for k, v in row.items()}
         self.rows.append(row)
+        self._write()
+        if self.writer is not None:
+            step = int(row.get("step", 0))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def rewind(self, step: int, *, evaluated: bool) -> None:
+        """Forget rows after `step` (and its evaluation row unless `evaluated`): a resumed run logs them again."""
+        if not self.enabled:
+            return
+
+        def kept(row: dict[str, Any]) -> bool:
+            at = int(row.get("step", 0))
+            return at < step or (at == step and (evaluated or not any(k.startswith("val/") for k in row)))
+
+        self.rows = [row for row in self.rows if kept(row)]
+        self._write()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _write(self) -> None:
         fields = _keys(self.rows)
 
         def write(tmp: Path) -> None:
@@ -35,15 +59,6 @@ class RunLog:
                 writer.writerows(self.rows)
 
         atomic_write(self.path, write)
-        if self.writer is not None:
-            step = int(row.get("step", 0))
-            for key, value in row.items():
-                if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def plot(rows: list[dict[str, Any]], output_dir: Path) -> list[Path]:

@@ -19,6 +19,7 @@ reseeds from (seed, step) before every call: the step is a pure function of its 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from rfdetr_fn import ema as ema_lib
-from rfdetr_fn import optim, schedules, tree
+from rfdetr_fn import gradient_transforms as gt
+from rfdetr_fn import lora, optim, schedules, transforms, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion, weight_dict
@@ -47,16 +49,43 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
-def init_state(params: tree.Params, tcfg: TrainConfig) -> TrainState:
-    """A fresh train state; optimizer and EMA state are copies, never aliases, of the params."""
+def init_state(
+    params: tree.Params,
+    tcfg: TrainConfig,
+    cfg: ModelConfig | None = None,
+    *,
+    optimizer: gt.GradientTransformation | None = None,
+    trainable: transforms.Where | None = None,
+) -> TrainState:
+    """A fresh train state; optimizer and EMA state are copies, never aliases, of the params.
+
+    The optimizer state covers the trainable leaves only (`optim.trainable`: freezing, LoRA); pass the
+    model config when those are on, and the same `optimizer` as `make_train_step` when it is custom.
+    """
     device = next(tree.leaves(params)).device
+    cfg = cfg or ModelConfig()
+    where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
+    trainable, _ = _split(params, where)
+    if optimizer is None:
+        optimizer = optim.make_optimizer(cfg, tcfg, tree.flatten(trainable))
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "params": params,
-        "opt_state": optim.adamw_init(params),
+        "opt_state": optimizer.init(trainable),
         "ema_state": ema_lib.ema_init(params) if tcfg.use_ema else {},
         "loss_scale": torch.full((), 2.0**16, device=device),
     }
+
+
+def _split(params: tree.Params, where: transforms.Where | None) -> tuple[tree.Params, tree.Params]:
+    """(trainable, frozen); everything trains when `where` is None."""
+    return (params, {}) if where is None else transforms.partition(params, where)
+
+
+def param_names(cfg: ModelConfig) -> list[str]:
+    """Every leaf of the model's params tree: upstream's keys, plus the DoRA adapters with backbone_lora."""
+    shapes = detector.param_shapes(cfg)
+    return list(shapes) + (list(lora.adapter_shapes(shapes)) if cfg.backbone_lora else [])
 
 
 def seed_for_step(seed: int, step: int, rank: int = 0) -> int:
@@ -71,15 +100,25 @@ def make_train_step(
     steps_per_epoch: int,
     precision: str = "fp32",
     world_size: int = 1,
+    optimizer: gt.GradientTransformation | None = None,
+    trainable: transforms.Where | None = None,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
-    """Bind the static configuration and return the pure step (compile it with `compile_step`)."""
-    names = list(detector.param_shapes(cfg))
-    groups = optim.param_groups(names, cfg, tcfg)
-    schedule = schedules.lr_kwargs(tcfg, steps_per_epoch)
+    """Bind the static configuration and return the pure step (compile it with `compile_step`).
+
+    `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it
+    gets `step=` for its schedules). Only the leaves `trainable` selects (default `optim.trainable`:
+    freezing, LoRA) get gradients; pass the same `trainable` and `optimizer` to `init_state`.
+    """
+    schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     weighted = set(weight_dict(cfg, tcfg))
+    where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
+    if optimizer is None:
+        names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
+        optimizer = optim.make_optimizer(cfg, tcfg, names, schedule)
 
-    def loss_fn(params: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
+    def loss_fn(trainable: tree.Params, frozen: tree.Params, batch: Batch, num_boxes: Tensor, scale: Tensor):
+        params = transforms.combine(trainable, frozen)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
         out = _to_float32(out) if autocast_dtype is not None else out
@@ -91,13 +130,15 @@ def make_train_step(
 
     def train_step(state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
         params, step = state["params"], state["step"]
+        trainable, frozen = _split(params, where)
         scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
         grads_sum: tree.Params | None = None
         loss_sums: dict[str, Tensor] = {}
         counts = [_num_boxes(batch["labels"], cfg.group_detr, world_size) for batch in batches]
         window = _window_normaliser(counts) if cfg.keypoints else None
         for batch, count in zip(batches, counts):
-            grads, (_, (total, losses)) = grad_fn(params, batch, count if window is None else window, scale)
+            num_boxes = count if window is None else window
+            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, num_boxes, scale)
             grads_sum = grads if grads_sum is None else tree.map_(torch.add, grads_sum, grads)
             if window is not None:  # log what upstream logs: this micro-batch's terms over its own normaliser
                 total, losses = _renormalise(total, losses, window / count, weighted)
@@ -112,10 +153,9 @@ def make_train_step(
             grads, loss_sums = averaged["grads"], averaged["losses"]
         grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
-        lr_factor = schedules.lr_factor(step, **schedule)
-        new_params, new_opt = optim.adamw_update(
-            params, grads, state["opt_state"], groups, lr_factor, betas=tcfg.betas, eps=tcfg.eps
-        )
+        lr_factor = schedule(step)
+        updates, new_opt = optimizer.update(grads, state["opt_state"], trainable, step=step)
+        new_params = transforms.replace(params, tree.flatten(gt.apply_updates(trainable, updates)))
         if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
             new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
             new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])

@@ -13,4 +13,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from rfdetr_fn.flags import run_or_exit
+
+    run_or_exit(main)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfdetr_fn.atomic import atomic_write, replace_dir
+from rfdetr_fn.atomic import atomic_write, raise_if_disk_full, replace_dir
 from rfdetr_fn.weights import CheckpointError
 
 STATE_MARKER = "rfdetr_fn_state.json"  # written last: a state directory without it is incomplete
@@ -83,9 +83,15 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(on)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=not on)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=not on)
+    except Exception as err:  # a kill (KeyboardInterrupt) leaves the debris for the next save to clean
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(err, directory)
+        raise
     _barrier(on)
     if rank == 0:
         marker = {"format": 1, "tensors": sorted(tensors), "values": values}
@@ -99,6 +105,22 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
             replace_dir(kept_tmp, kept)
     _barrier(on)
     return directory
+
+
+def update_values(directory: str | os.PathLike, values: dict) -> None:
+    """Replace non-tensor leaves (loop position, tracker records) of a saved state in place, atomically: a
+    small JSON rewrite instead of a full save. Only rank 0 writes; hard-linked copies keep their own."""
+    on, rank = _dist()
+    if rank != 0:
+        return
+    path = Path(directory) / STATE_MARKER
+    marker = json.loads(path.read_text())
+    flat = _flat_state(values)
+    unknown = sorted(set(flat) - set(marker["values"]))
+    if unknown:
+        raise KeyError(f"{directory}: not saved as values, so they cannot be updated: {unknown[:5]}")
+    marker["values"].update({k: _json_leaf(k, v) for k, v in flat.items()})
+    atomic_write(path, lambda p: p.write_text(json.dumps(marker)))
 
 
 def _json_leaf(key: str, value: Any) -> Any:
@@ -123,17 +145,23 @@ def _complete(directory: Path) -> bool:
     return (directory / STATE_MARKER).is_file() and (directory / ".metadata").is_file()
 
 
+def newest_state_dir(directory: str | os.PathLike) -> Path | None:
+    """The newest complete copy of a train state: `directory` itself, or the temp or set-aside copy that a
+    save killed between its two renames left beside it (newest marker wins); None when there is none."""
+    directory = Path(directory)
+    copies = [directory, *directory.parent.glob(f"{directory.name}.tmp-*")]
+    copies += directory.parent.glob(f"{directory.name}.old-*")
+    complete = [p for p in copies if _complete(p)]
+    return max(complete, key=lambda p: (p / STATE_MARKER).stat().st_mtime_ns, default=None)
+
+
 def _resolve_state_dir(directory: Path) -> Path:
-    """`directory` if complete; else a complete copy left by a save interrupted mid-swap."""
-    if _complete(directory):
-        return directory
-    siblings = sorted(directory.parent.glob(f"{directory.name}.tmp-*")) + sorted(
-        directory.parent.glob(f"{directory.name}.old-*")
-    )
-    for candidate in siblings:
-        if _complete(candidate):
-            warnings.warn(f"{directory}: incomplete; restoring from {candidate.name}", stacklevel=3)
-            return candidate
+    """`directory`, or the newest complete copy left by a save interrupted mid-swap."""
+    found = newest_state_dir(directory)
+    if found is not None:
+        if found != directory:
+            warnings.warn(f"{directory}: incomplete; restoring from {found.name}", stacklevel=3)
+        return found
     if directory.exists():
         raise CheckpointError(f"{directory}: not a complete train-state checkpoint (no {STATE_MARKER})")
     raise CheckpointError(f"{directory}: no such train-state checkpoint directory")
@@ -197,12 +225,11 @@ def _rebuild(template: Mapping[str, Any], flat: Mapping[str, Any], prefix: str =
 
 
 def resume_dir(resume: str | None, out_dir: Path) -> Path | None:
-    """The state directory `--train.resume` names: "auto" is `out_dir/last` when it exists, else a fresh run."""
+    """The state directory `--train.resume` names: "auto" is the newest complete copy of `out_dir/last`
+    (also one a save killed between its renames left), else a fresh run."""
     if resume is None:
         return None
-    path = out_dir / "last" if resume == "auto" else Path(resume)
-    if not path.exists():
-        if resume == "auto":
-            return None
-        raise FileNotFoundError(f"train.resume={resume}: no checkpoint directory there")
+    path = newest_state_dir(out_dir / "last" if resume == "auto" else resume)
+    if path is None and resume != "auto":
+        raise FileNotFoundError(f"train.resume={resume}: no complete train-state checkpoint there")
     return path

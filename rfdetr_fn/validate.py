@@ -7,6 +7,7 @@ mAP/mAR (bbox, and segm for segmentation models) and the macro-F1 sweep.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +24,7 @@ from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
 from rfdetr_fn.model import detector
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
-from rfdetr_fn.weights import resolve_checkpoint
+from rfdetr_fn.weights import class_names, resolve_checkpoint
 
 
 @attrs.frozen(kw_only=True)
@@ -106,10 +107,20 @@ def run_split(
     split: str,
     world: distributed.World | None = None,
     batch_size: int | None = None,
+    trained_on: tuple[str, list[str] | None] | None = None,
 ) -> dict[str, float]:
-    """Evaluate on a named split and prefix the keys with it (`test/mAP_50_95`, ...)."""
+    """Evaluate on a named split and prefix the keys with it (`test/mAP_50_95`, ...).
+
+    `trained_on`: (checkpoint, its class names), to warn when the split names other classes."""
     tcfg = tcfg or TrainConfig()
     dataset = build_dataset(dcfg, split, cfg, tcfg, train=False)
+    if trained_on is not None and trained_on[1] is not None and list(trained_on[1]) != dataset.class_names:
+        warnings.warn(
+            f"{trained_on[0]} was trained on classes {list(trained_on[1])}, but the {split} split "
+            f"({dataset.source_name}) has {dataset.class_names}: labels are matched by index, so the metrics "
+            "may compare different classes",
+            stacklevel=2,
+        )
     metrics = evaluate(
         params,
         cfg,
@@ -125,9 +136,13 @@ def run_split(
 
 def run(args: EvalArgs) -> dict[str, float]:
     world = distributed.setup(args.device)
-    cfg, params = load_weights(resolve_checkpoint(args.checkpoint))
+    ckpt = resolve_checkpoint(args.checkpoint)
+    cfg, params = load_weights(ckpt)
     params = tree.to(params, world.device)
-    metrics = run_split(params, cfg, args.data, args.eval, None, args.split, world, batch_size=args.batch_size)
+    trained_on = (str(ckpt), class_names(ckpt))
+    metrics = run_split(
+        params, cfg, args.data, args.eval, None, args.split, world, batch_size=args.batch_size, trained_on=trained_on
+    )
     if world.main:
         text = json.dumps(metrics, indent=2)
         print(text)
@@ -145,4 +160,6 @@ def main(argv: list[str] | None = None, *, split: str = "valid") -> dict[str, fl
 
 
 if __name__ == "__main__":
-    main()
+    from rfdetr_fn.flags import run_or_exit
+
+    run_or_exit(main)

@@ -22,9 +22,10 @@ import attrs
 import torch
 from torch import Tensor
 
-from rfdetr_fn import tree
+from rfdetr_fn import lora, tree
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.errors import UserError
 from rfdetr_fn.tree import Params
 
 KP_MASK = "_kp_active_mask"  # upstream's schema buffer (classes x max keypoints): dropped on load, rebuilt on save
@@ -48,7 +49,7 @@ _UPSTREAM_FIELDS = (
 _SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that cannot be used as weights or train state; the message names the file and the reason."""
 
 
@@ -258,7 +259,7 @@ def save_weights(
 ) -> None:  # fmt: skip
     """Write weights atomically: `.safetensors` (ours) or `.pth` (upstream legacy layout, loads upstream)."""
     path = Path(path)
-    flat = {k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()}
+    flat = lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
     names = list(class_names) if class_names is not None else None
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -289,7 +290,7 @@ def write_upstream_best(
     `args` is the train config plus class names; values a weights-only load cannot read become repr().
     `source` ("ema"/"regular") marks checkpoint_best_total.pth.
     """
-    flat = {k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()}
+    flat = lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
     model = _with_buffers(flat, cfg)
     names = list(class_names) if class_names is not None else None
     payload: dict[str, Any] = {

@@ -82,12 +82,14 @@ def test_no_import_cycle():
 
 
 def test_flags_is_a_leaf():
-    """Argument parsing depends on the configs and presets only, so every command can import it."""
+    """Argument parsing depends on the configs, presets and error classes only, so every command can import it."""
     modules = _modules()
     assert _imports("rfdetr_fn.flags", modules["rfdetr_fn.flags"], modules) <= {
         "rfdetr_fn.config",
         "rfdetr_fn.presets",
+        "rfdetr_fn.errors",
     }
+    assert _imports("rfdetr_fn.errors", modules["rfdetr_fn.errors"], modules) == set()
 
 
 def test_no_module_over_600_lines():

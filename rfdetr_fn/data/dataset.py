@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from rfdetr_fn import imageio
 from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data import transforms as T
 from rfdetr_fn.data.masks import decode_masks
@@ -51,19 +52,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         block_size: int = 32,
         keypoints: bool = False,
     ) -> None:
-        images, records, problems, clipped = check_source(source)
+        images, records, problems, boxes_report = check_source(source)
         if problems:
             shown = "\n  ".join(problems[:200])
             more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
             raise DatasetError(f"{source.name}: {len(problems)} problem(s):\n  {shown}{more}")
         if not images:
             raise DatasetError(f"{source.name}: empty split (no images)")
-        if clipped:
-            head = "; ".join(clipped[:5])
-            warnings.warn(
-                f"{source.name}: {len(clipped)} box(es) outside their image were clipped: {head}",
-                stacklevel=2,
-            )
+        if boxes_report:
+            warnings.warn(f"{source.name}: {boxes_report}", stacklevel=2)
         self.source_name = source.name
         self.images = images
         self.records = records
@@ -101,21 +98,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         path = self.image_path(index)
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DatasetError(f"{path}: unreadable image ({exc})") from exc
+                return imageio.to_rgb(im)
+        except imageio.READ_ERRORS as exc:
+            raise DatasetError(imageio.read_error(path, exc)) from exc
 
     def verify_images(self) -> None:
-        """Decode every image header once; report all unreadable files together."""
-        bad = []
-        for i in range(len(self)):
-            if self.render is not None:
-                continue
-            try:
-                with Image.open(self.image_path(i)) as im:
-                    im.verify()
-            except Exception as exc:  # PIL raises many types for corrupt files
-                bad.append(f"{self.image_path(i)}: {exc}")
+        """Read every image header once (threads); report all unreadable files together."""
+        if self.render is not None:
+            return
+        bad, _ = imageio.check_headers([(self.image_path(i), None, None) for i in range(len(self))])
         if bad:
             raise DatasetError(f"{self.source_name}: {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
 

@@ -18,11 +18,12 @@ import numpy as np
 from PIL import Image
 
 from rfdetr_fn.data import keypoints as kp
+from rfdetr_fn.errors import UserError
 
 _CLIP_TOLERANCE = 1.0  # px a box may overhang the image (float rounding) before a clip warning
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad data on disk; the message names the file and, for annotations, lists every problem found."""
 
 
@@ -83,8 +84,8 @@ def _image_problems(source: Source) -> tuple[list[dict], list[str]]:
     return images, problems
 
 
-def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], list[str]]:
-    """Validate a split: (images, records, problems, clip warnings)."""
+def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], str | None]:
+    """Validate a split: (images, records, problems, the dropped/clipped boxes report)."""
     images, problems = _image_problems(source)
     problems = source.problems + problems
     pos = {im["id"]: k for k, im in enumerate(images)}
@@ -94,6 +95,7 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], l
     width = max(counts.values(), default=0)
     rows: list[list[tuple]] = [[] for _ in images]
     clipped: list[str] = []
+    dropped: dict[str, list[str]] = {}
     for i, a in enumerate(source.annotations):
         aid = a.get("id", f"#{i}")
         where = f"annotation id {aid}"
@@ -116,13 +118,15 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], l
         im = images[pos[image_id]]
         W, H = im["width"], im["height"]
         box = np.array([x, y, x + w, y + h], dtype=np.float64)
+        reason = _drop_reason(box, W, H)
+        if reason is not None:  # nothing to learn or match; counted for the split's one warning
+            dropped.setdefault(reason, []).append(str(aid))
+            continue
         tol = _CLIP_TOLERANCE
         if box[0] < -tol or box[1] < -tol or box[2] > W + tol or box[3] > H + tol:
-            clipped.append(f"{where} (image {im['file_name']}): bbox {[x, y, w, h]} outside {W}x{H}")
+            clipped.append(f"{where} (image {im['file_name']}): bbox {[x, y, w, h]} partly outside {W}x{H}")
         box[0::2] = box[0::2].clip(0, W)
         box[1::2] = box[1::2].clip(0, H)
-        if box[2] <= box[0] or box[3] <= box[1]:
-            continue  # degenerate: nothing to learn or match
         area = float(a.get("area") or (box[2] - box[0]) * (box[3] - box[1]))
         points = kp.parse(a.get("keypoints"), counts.get(cat, 0), width) if width else None
         if isinstance(points, str):
@@ -132,7 +136,31 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], l
             (box, source.cat2label[cat], bool(a.get("iscrowd", 0)), a.get("segmentation") or None, aid, area, points)
         )
     records = [_make_record(r, width) for r in rows]
-    return images, records, problems, clipped
+    return images, records, problems, _box_report(dropped, clipped)
+
+
+def _drop_reason(box: np.ndarray, width: int, height: int) -> str | None:
+    """Why an xyxy pixel box cannot be a target, if it cannot."""
+    if not np.isfinite(box).all():
+        return "non-finite bbox"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "zero or negative width/height"
+    if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
+        return "entirely outside the image"
+    return None
+
+
+def _box_report(dropped: dict[str, list[str]], clipped: list[str]) -> str | None:
+    """One line for the split: dropped annotations per reason (with ids), clipped boxes (with examples)."""
+    parts = []
+    if dropped:
+        counts = ", ".join(f"{len(ids)} {reason}" for reason, ids in dropped.items())
+        ids = [i for found in dropped.values() for i in found]
+        shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+        parts.append(f"dropped {len(ids)} annotation(s): {counts} (annotation ids {shown})")
+    if clipped:
+        parts.append(f"clipped {len(clipped)} box(es) partly outside their image: " + "; ".join(clipped[:5]))
+    return "; ".join(parts) or None
 
 
 def _make_record(rows: list[tuple], keypoint_width: int = 0) -> Record:

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import yaml
-from PIL import Image
 
+from rfdetr_fn import imageio
 from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data.masks import polygon_area
 from rfdetr_fn.data.source import DatasetError, Source
@@ -172,10 +172,9 @@ def yolo_source(root: Path, split: str) -> Source:
     pairs = [pair for d in split_image_dirs(root, data, split) for pair in _list_images(d)]
     for image_path, label_path in pairs:
         try:
-            with Image.open(image_path) as im:
-                width, height = im.size
-        except Exception as exc:  # PIL raises many types for corrupt files
-            problems.append(f"{image_path}: unreadable image ({exc})")
+            width, height = imageio.header_size(image_path)  # upright: YOLO labels are in the viewed frame
+        except imageio.READ_ERRORS as exc:
+            problems.append(imageio.read_error(image_path, exc))
             continue
         image_id = len(images) + 1
         file_name = str(image_path.relative_to(root)) if image_path.is_relative_to(root) else str(image_path)

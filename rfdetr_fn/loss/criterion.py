@@ -224,32 +224,20 @@ def mask_losses(
     }
 
 
-def criterion(
-    outputs: dict,
-    targets: dict,
-    cfg: ModelConfig,
-    tcfg: TrainConfig,
-    *,
-    train: bool,
-    num_boxes: Tensor | float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
-    from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
-    a distributed caller passes its all-reduced value instead."""
+def match_all(outputs: dict, targets: dict, cfg: ModelConfig, tcfg: TrainConfig, *, train: bool) -> list[Tensor]:
+    """Hungarian matches of every loss layer (final, aux, encoder), each (B, G, T) query indices, -1 = none.
+
+    No gradient flows through them; research code computes them once and passes them to `criterion`
+    as a stop-gradient input (vmapped ensembles, per-example gradients).
+    """
     use_masks = cfg.segmentation_head
     schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
-    check_targets(targets, outputs, use_masks, schema)
     groups = cfg.group_detr if train else 1
-    labels = targets["labels"]
-    if num_boxes is None:
-        num_boxes = default_num_boxes(labels, groups)
-    num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
-    matched_layers = layers(outputs)
     match_targets = {k: targets[k] for k in ("labels", "boxes")}
     match_targets |= {"masks": targets["masks"]} if use_masks else {}
     match_targets |= {"keypoints": targets["keypoints"]} if schema else {}
     indices = []
-    for suffix, layer in matched_layers:
+    for suffix, layer in layers(outputs):
         points = None
         if use_masks:
             if layer.get("pred_masks") is None:
@@ -273,6 +261,33 @@ def criterion(
                 keypoint_coefs=keypoint_coefs(tcfg),
             )
         )
+    return indices
+
+
+def criterion(
+    outputs: dict,
+    targets: dict,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    *,
+    train: bool,
+    num_boxes: Tensor | float | None = None,
+    indices: list[Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted total loss and upstream's loss dict (diagnostics class_error/cardinality_error excluded
+    from the total). `num_boxes` defaults to valid targets x G (G = group_detr in training, else 1);
+    a distributed caller passes its all-reduced value instead. `indices`: precomputed `match_all`."""
+    use_masks = cfg.segmentation_head
+    schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
+    check_targets(targets, outputs, use_masks, schema)
+    groups = cfg.group_detr if train else 1
+    labels = targets["labels"]
+    if num_boxes is None:
+        num_boxes = default_num_boxes(labels, groups)
+    num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
+    matched_layers = layers(outputs)
+    if indices is None:
+        indices = match_all(outputs, targets, cfg, tcfg, train=train)
     losses: dict[str, Tensor] = {}
     for (suffix, layer), idx in zip(matched_layers, indices):
         pairs = gather_pairs(layer, targets, idx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import nn
 from rfdetr_fn.config import ModelConfig
@@ -161,6 +162,8 @@ def features(
     Stage k is the hidden state after block k-1 through the shared final LayerNorm, prefix tokens
     dropped and windows stitched back. Blocks after the last requested stage are skipped (their
     output is never read). Drop path draws from the global RNG only when train and drop_path > 0.
+    With cfg.gradient_checkpointing (train only), each block's activations are recomputed in the
+    backward pass instead of kept (upstream checkpoints the same blocks); the numbers are identical.
     """
     if images.ndim != 4 or images.shape[1] != cfg.num_channels:
         raise ValueError(f"images must be (B, {cfg.num_channels}, H, W), got {tuple(images.shape)}")
@@ -175,7 +178,11 @@ def features(
     hidden = [x]
     for i in range(cfg.out_feature_indexes[-1]):
         rate = None if rates is None else rates[i]
-        x = _block(enc["encoder"]["layer"][str(i)], x, cfg, i in full, rate)
+        layer = enc["encoder"]["layer"][str(i)]
+        if train and cfg.gradient_checkpointing:  # keep only block inputs; the RNG replays drop path
+            x = checkpoint(_block, layer, x, cfg, i in full, rate, use_reentrant=False)
+        else:
+            x = _block(layer, x, cfg, i in full, rate)
         hidden.append(x)
     prefix = 1 + cfg.num_registers
     maps = []

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import nn, tree
+from rfdetr_fn import lora, nn, tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import backbone, keypoints, projector, segmentation, transformer
 from rfdetr_fn.tree import Params
@@ -120,8 +120,11 @@ def apply(
     returns the segmentation factors; train=False uses group 0 only and dense masks. Returns
     pred_logits (B, N, num_classes+1), pred_boxes (B, N, 4) normalised cxcywh (last layer),
     aux_outputs (one dict per earlier layer), enc_outputs (two-stage proposals) and, with a
-    segmentation head, pred_masks.
+    segmentation head, pred_masks. With cfg.backbone_lora, DoRA adapters in `params` are merged into
+    the ViT weights first (a tree without adapters runs as it is).
     """
+    if cfg.backbone_lora:
+        params = lora.merge(params)
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if mask is None:
