@@ -92,6 +92,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
+    cfg = _align_keypoints(cfg, train_ds)
     if tcfg.batch_size == "auto":
         tcfg = _auto_batch(cfg, tcfg, world)
         args = attrs.evolve(args, train=tcfg)
@@ -286,6 +287,15 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
             num_select=min(cfg.num_select, cfg.num_queries * (dataset_classes + 1)),
         )
     return cfg
+
+
+def _align_keypoints(cfg: ModelConfig, dataset) -> ModelConfig:
+    """A keypoint model's schema and keypoint names follow the train split, like its classes."""
+    if not cfg.keypoints:
+        return cfg
+    schema, names = dataset.keypoint_schema, dataset.keypoint_names
+    flat = tuple(n for per_class in names for n in per_class)
+    return attrs.evolve(cfg, num_keypoints_per_class=schema, keypoint_names=flat if len(flat) == sum(schema) else ())
 
 
 def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
@@ -514,7 +524,7 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: 
 
 
 def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
-    key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
+    key = {"map": "mAP_50_95", "mar": "mAR", "kp_map": "kp_mAP_50_95", "kp_mar": "kp_mAR"}[tcfg.best_model_metric]
     if not tcfg.use_ema:
         return record.get(f"val/{key}"), None
     if tcfg.eval_base_model:

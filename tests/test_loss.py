@@ -16,7 +16,7 @@ from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss import matcher as matcher_lib
-from rfdetr_fn.loss.criterion import criterion, mask_losses, uncertain_points, weight_dict
+from rfdetr_fn.loss.criterion import cls_loss_coef, criterion, mask_losses, uncertain_points, weight_dict
 from rfdetr_fn.loss.matcher import hungarian, match, match_costs, sanitize_cost
 
 TINY_DET = ModelConfig(
@@ -242,7 +242,7 @@ def test_config_matches_golden_loss_settings(golden):
         TCFG.set_cost_giou,
     )
     assert (c["cls_loss_coef"], c["bbox_loss_coef"], c["giou_loss_coef"]) == (
-        TCFG.cls_loss_coef,
+        cls_loss_coef(TINY_DET, TCFG),
         TCFG.bbox_loss_coef,
         TCFG.giou_loss_coef,
     )

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
+from rfdetr_fn.loss import keypoints as kp_loss
 
 FOCAL_GAMMA = 2.0
 # Padding target boxes become (cx, cy, w, h) = (0.5, 0.5, 1, 1), so no cost or loss divides by a zero area.
@@ -144,8 +145,11 @@ def match_costs(
     cost_mask_dice: float = 5.0,
     mask_points: int | None = None,
     key: rng.IntLike = 0,
+    keypoint_schema: tuple[int, ...] = (),
+    keypoint_coefs: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image cost terms (B, Nq, T) and their weighted total; masks count when both sides have them."""
+    """Per-image cost terms (B, Nq, T) and their weighted total; masks and keypoints count when both
+    sides have them (keypoint costs weighted by `keypoint_coefs`, the keypoint loss weights)."""
     with torch.no_grad():
         logits = outputs_layer["pred_logits"].detach()
         pred = outputs_layer["pred_boxes"].detach()
@@ -163,6 +167,12 @@ def match_costs(
             pm = {k: v.detach() for k, v in pm.items()} if isinstance(pm, dict) else pm.detach()
             costs["mask_ce"], costs["mask_dice"] = mask_costs(pm, targets["masks"], mask_points, key)
             total = total + cost_mask_ce * costs["mask_ce"] + cost_mask_dice * costs["mask_dice"]
+        if keypoint_schema and "keypoints" in targets and outputs_layer.get("pred_keypoints") is not None:
+            found = kp_loss.costs(outputs_layer["pred_keypoints"], targets, keypoint_schema)
+            coefs = keypoint_coefs or dict.fromkeys(kp_loss.TERMS, 1.0)
+            for term in kp_loss.TERMS:
+                costs[f"kp_{term}"] = found[f"kp_{term}"]
+                total = total + coefs[term] * found[f"kp_{term}"]
         costs["total"] = total.float()
         return costs
 
@@ -200,6 +210,8 @@ def match(
     cost_mask_dice: float = 5.0,
     mask_points: int | None = None,
     key: rng.IntLike = 0,
+    keypoint_schema: tuple[int, ...] = (),
+    keypoint_coefs: dict[str, float] | None = None,
 ) -> Tensor:
     """(B, G, T) query indices (already offset by g*Q) matched to each target slot, -1 for padding."""
     costs = match_costs(
@@ -213,6 +225,8 @@ def match(
         cost_mask_dice=cost_mask_dice,
         mask_points=mask_points,
         key=key,
+        keypoint_schema=keypoint_schema,
+        keypoint_coefs=keypoint_coefs,
     )
     with torch.no_grad():
         return assign(costs["total"], targets["labels"] >= 0, group_detr)
