@@ -61,6 +61,8 @@ def infer_config(raw: RawCheckpoint) -> ModelConfig:
         )
         if attw.shape[0] % per_head == 0:
             fields["ca_nheads"] = attw.shape[0] // per_head
+    if fields.get("dual_projector") and "dual_projector_kp_only" not in raw.fields:
+        fields["dual_projector_kp_only"] = fields.get("use_grouppose_keypoints", False)  # the preview's setting
     if "num_select" not in raw.fields and "num_queries" in fields:
         fields["num_select"] = min(base.num_select, fields["num_queries"])
     fields = _fit_unknowns(base, fields, resolution_known="resolution" in raw.fields)
@@ -117,6 +119,10 @@ def _fields_from_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     out["segmentation_head"] = any(k.startswith("segmentation_head.") for k in sd)
     if "transformer.register_tokens" in sd:
         out["num_decoder_registers"] = sd["transformer.register_tokens"].shape[0]
+    out["dual_projector"] = any(k.startswith("backbone.0.cross_attn_projector.") for k in sd)
+    out["use_grouppose_keypoints"] = "keypoint_embed.layers.0.weight" in sd
+    if out["use_grouppose_keypoints"]:
+        out["keypoint_cross_attn"] = any(".kp_cross_attn." in k for k in sd)
     return out
 
 
@@ -158,6 +164,7 @@ def _preset_name(model_name: str | None, fields: Mapping[str, Any], path: Path) 
         cfg = presets.get(name)
         same = sum(fields.get(k) == getattr(cfg, k) for k in keys)
         same += fields.get("positional_encoding_size") == cfg.pe_size
+        same += 10 * (fields.get("use_grouppose_keypoints", False) == cfg.keypoints)
         return same + 10 * (fields.get("segmentation_head", False) == cfg.segmentation_head)
 
     return max(presets.NAMES, key=score)
@@ -248,6 +255,7 @@ def adapt(
         )
         for k in heads:
             out[k] = resize_rows(out[k], cfg.num_logits)
+    _adapt_keypoints(out, cfg)
     for k in _QUERY_KEYS:
         if k in out and out[k].shape[0] != cfg.num_queries * cfg.group_detr:
             out[k] = slice_queries(out[k], src_queries, (cfg.num_queries, cfg.group_detr))
@@ -257,6 +265,21 @@ def adapt(
         if len(parts) > 2 and parts[2].isdigit() and int(parts[2]) >= cfg.group_detr:
             del out[k]
     return out
+
+
+def _adapt_keypoints(sd: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """Upstream's keypoint loading rules: a missing dual projector starts as a copy of the projector;
+    the per-keypoint rows (position embedding, initializer queries) follow the config's schema."""
+    pre, dual = "backbone.0.projector.", "backbone.0.cross_attn_projector."
+    if cfg.dual_projector and not any(k.startswith(dual) for k in sd):
+        sd.update({dual + k[len(pre) :]: v.clone() for k, v in list(sd.items()) if k.startswith(pre)})
+    if not cfg.keypoints:
+        return
+    total = sum(cfg.num_keypoints_per_class)
+    rows = ("decoder.keypoint_pos_embed", "keypoint_query_initializer.queries")
+    for key in (f"transformer.{r}" for r in (*rows, "keypoint_query_initializer_enc.queries")):
+        if key in sd and sd[key].shape[0] != total:
+            sd[key] = resize_rows(sd[key], total)
 
 
 def _is_class_head(key: str) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import attrs
 
+from rfdetr_fn.config_checks import check_keypoint_fields
 from rfdetr_fn.errors import UserError
 
 Encoder = Literal[
@@ -41,6 +42,7 @@ UPSTREAM_NAMES = {
     "seg_large": "RFDETRSegLarge",
     "seg_xlarge": "RFDETRSegXLarge",
     "seg_2xlarge": "RFDETRSeg2XLarge",
+    "keypoint_preview": "RFDETRKeypointPreview",
 }
 
 
@@ -160,6 +162,24 @@ class ModelConfig:
     """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
     gradient_checkpointing: bool = False
     """Recompute ViT block activations in the backward pass: less memory, same numbers, slower."""
+    use_grouppose_keypoints: bool = False
+    """Adds upstream's GroupPose keypoint branch (needs num_keypoints_per_class)."""
+    num_keypoints_per_class: tuple[int, ...] = ()
+    """Keypoint schema: keypoints of class 0, 1, ... (classes past the end have none)."""
+    keypoint_names: tuple[str, ...] = ()
+    """Names of every keypoint, class after class (sum(num_keypoints_per_class) of them), or empty."""
+    dual_projector: bool = False
+    """A second projector (`backbone.0.cross_attn_projector`) feeds cross-attention."""
+    dual_projector_kp_only: bool = False
+    """With dual_projector: only the keypoint cross-attention reads the second projector."""
+    keypoint_cross_attn: bool = True
+    """Keypoint tokens cross-attend (deformable) to the image features in every decoder layer."""
+    inter_instance_kp_attn: bool = False
+    """Upstream's attention across instances per keypoint (not supported: upstream never enables it)."""
+    grouppose_keypoint_dim_downscale: int = attrs.field(default=1, validator=_positive)
+    """Keypoint token width = hidden_dim / this (only 1 is supported, upstream's only setting)."""
+    postprocess_trace_alpha: float = attrs.field(default=0.2, validator=_non_negative)
+    """Keypoint models: detection score fused with exp(-alpha * log trace of the keypoint covariance)."""
 
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)
@@ -186,12 +206,18 @@ class ModelConfig:
                 f"num_select={self.num_select} exceeds num_queries*(num_classes+1)="
                 f"{self.num_queries * (self.num_classes + 1)}"
             )
+        check_keypoint_fields(self)
         if self.segmentation_head and self.resolution % (self.mask_downsample_ratio):
             raise ValueError(
                 f"resolution={self.resolution} must be divisible by mask_downsample_ratio={self.mask_downsample_ratio}"
             )
 
     # Derived quantities: one place for every formula that other modules need.
+    @property
+    def keypoints(self) -> bool:
+        """The model predicts keypoints (GroupPose branch on)."""
+        return self.use_grouppose_keypoints
+
     @property
     def vit_width(self) -> int:
         return self.vit_hidden_size or _ENCODER_DEFAULTS[self.encoder.rsplit("_", 1)[1]][0]
@@ -305,8 +331,8 @@ class TrainConfig:
     compile_cache: str | None = None
     """Directory of compiled artifacts reused by later runs of the same config; None = $RFDETR_FN_CACHE or
     ~/.cache/rfdetr_fn/compile."""
-    cls_loss_coef: float = 1.0
-    """Weight of the IA-BCE classification loss."""
+    cls_loss_coef: float | None = None
+    """Weight of the IA-BCE classification loss; None = upstream's per task: 2 for keypoint models, else 1."""
     bbox_loss_coef: float = 5.0
     """Weight of the L1 box loss."""
     giou_loss_coef: float = 2.0
@@ -315,6 +341,14 @@ class TrainConfig:
     """Weight of the mask BCE loss (segmentation)."""
     mask_dice_loss_coef: float = 5.0
     """Weight of the mask dice loss (segmentation)."""
+    keypoint_l1_loss_coef: float = 1.0
+    """Weight of the keypoint L1 loss (also its matcher cost weight, like upstream)."""
+    keypoint_findable_loss_coef: float = 1.0
+    """Weight of the keypoint 'findable' (v > 0) BCE loss and matcher cost."""
+    keypoint_visible_loss_coef: float = 1.0
+    """Weight of the keypoint 'visible' (v = 2) BCE loss and matcher cost."""
+    keypoint_nll_loss_coef: float = 1.0
+    """Weight of the keypoint Gaussian NLL (under the predicted precision) loss and matcher cost."""
     mask_point_sample_ratio: int = attrs.field(default=16, validator=_positive)
     """Mask losses sample H*W/ratio points."""
     set_cost_class: float = 2.0
@@ -352,8 +386,8 @@ class TrainConfig:
     """Smallest improvement that counts."""
     early_stopping_use_ema: bool = True
     """Monitor the EMA metric when available (else the max of regular and EMA)."""
-    best_model_metric: Literal["map", "mar"] = "map"
-    """Metric that picks the best checkpoint."""
+    best_model_metric: Literal["map", "mar", "kp_map", "kp_mar"] = "map"
+    """Metric that picks the best checkpoint (kp_*: keypoint OKS AP/AR, keypoint models)."""
     skip_best_epochs: int = attrs.field(default=0, validator=_non_negative)
     """Ignore epochs before this one for best-model and early-stopping decisions."""
     smooth_alpha: float = attrs.field(default=0.0, validator=_unit_interval)
@@ -474,6 +508,8 @@ class EvalConfig:
     precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"
     """Evaluation forward: CUDA autocast (auto = bf16 on compute capability >= 8, else fp16; upstream's
     fp16_eval) or fp32; off CUDA only fp32 (and auto, which resolves to it)."""
+    keypoint_oks_sigmas: tuple[float, ...] | None = None
+    """Keypoint OKS sigmas; None = COCO's person sigmas for 17 keypoints, else 0.05 each (upstream's rule)."""
 
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)

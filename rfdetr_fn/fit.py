@@ -91,6 +91,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     # ---- data: the train split fixes the label space for every split ----
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
     cfg = _align_classes(args.model, train_ds.num_classes)
+    cfg = _align_keypoints(cfg, train_ds)
     if tcfg.batch_size == "auto":
         tcfg = _auto_batch(cfg, tcfg, world)
         args = attrs.evolve(args, train=tcfg)
@@ -295,6 +296,15 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
     return cfg
 
 
+def _align_keypoints(cfg: ModelConfig, dataset) -> ModelConfig:
+    """A keypoint model's schema and keypoint names follow the train split, like its classes."""
+    if not cfg.keypoints:
+        return cfg
+    schema, names = dataset.keypoint_schema, dataset.keypoint_names
+    flat = tuple(n for per_class in names for n in per_class)
+    return attrs.evolve(cfg, num_keypoints_per_class=schema, keypoint_names=flat if len(flat) == sum(schema) else ())
+
+
 def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
     """--train.run-test scores the test split after training: make sure there is one before training."""
     try:
@@ -434,7 +444,7 @@ def _evaluate_epoch(state, cfg, tcfg, dcfg, ecfg, val_ds, world, step_compiled: 
 
 
 def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | None]:
-    key = "mAP_50_95" if tcfg.best_model_metric == "map" else "mAR"
+    key = {"map": "mAP_50_95", "mar": "mAR", "kp_map": "kp_mAP_50_95", "kp_mar": "kp_mAR"}[tcfg.best_model_metric]
     if not tcfg.use_ema:
         return record.get(f"val/{key}"), None
     if tcfg.eval_base_model:

@@ -24,7 +24,7 @@ from rfdetr_fn import compile as compile_lib
 from rfdetr_fn import imageio
 from rfdetr_fn import precision as precision_lib
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model.postprocess import postprocess
+from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.tree import Params, leaves
 
 
@@ -129,7 +129,9 @@ def predict(
     """Detect objects in one image or a list of them (paths, PIL images, uint8 (H, W, 3) RGB arrays).
 
     Returns one dict per image with boxes (K, 4) xyxy in original pixels, scores (K,), labels (K,)
-    and, for segmentation models, masks (K, H, W) bool; only detections scoring above `threshold`.
+    and, for segmentation models, masks (K, H, W) bool, for keypoint models keypoints (K, max keypoints
+    per class, 3) as pixel x, y and confidence (zeros past the label's count; scores are fused with the
+    keypoint uncertainty, as upstream); only detections scoring above `threshold`.
     Runs on the device and dtype of `params`; `compile=True` uses the compiled forward (`forward_fn`).
     """
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
@@ -142,12 +144,14 @@ def predict(
     with torch.no_grad():
         forward = forward_fn(cfg, ref.device, compile=compile)
         out = forward(params, batch.to(ref.device, ref.dtype), None)
-        results = postprocess(out, sizes.to(ref.device), cfg.num_select)
+        results = postprocess(out, sizes.to(ref.device), cfg.num_select, **postprocess_kwargs(cfg))
     kept = []
     for res in results:
         keep = res["scores"] > threshold
         det = {k: res[k][keep] for k in ("boxes", "scores", "labels")}
         if "masks" in res:
             det["masks"] = res["masks"][keep][:, 0]
+        if "keypoints" in res:  # (K, max keypoints per class, 3): pixel x, y and confidence
+            det["keypoints"] = res["keypoints"][keep]
         kept.append(det)
     return kept

@@ -72,5 +72,17 @@ def linear_init(out_dim: int, in_dim: int, gen: torch.Generator) -> Params:
     }
 
 
+def head_init(dim: int, out_dim: int, gen: torch.Generator) -> Params:
+    """Upstream's 3-layer head MLP d -> d -> d -> out with a zero last layer: its first outputs are exact
+    zeros, so boxes (and keypoints) start on their reference."""
+    return {
+        "layers": {
+            "0": linear_init(dim, dim, gen),
+            "1": linear_init(dim, dim, gen),
+            "2": {"weight": torch.zeros(out_dim, dim), "bias": torch.zeros(out_dim)},
+        }
+    }
+
+
 def norm_init(dim: int) -> Params:
     return {"weight": torch.ones(dim), "bias": torch.zeros(dim)}

@@ -29,6 +29,7 @@ from rfdetr_fn.flags import parse
 from rfdetr_fn.inference import predict
 
 MASK_ALPHA = 96  # of 255: masks tint the object without hiding it
+KEYPOINT_MIN_SCORE = 0.5  # keypoints drawn when their confidence (findable probability) reaches this
 
 
 @attrs.frozen(kw_only=True)
@@ -76,13 +77,17 @@ def collect_images(items: Sequence[str]) -> list[Path]:
     return paths
 
 
-def detections_to_json(det: dict[str, Tensor], names: Sequence[str] | None) -> list[dict[str, Any]]:
-    """One image's detections as JSON-ready dicts, best score first; masks as COCO RLE."""
+def detections_to_json(
+    det: dict[str, Tensor], names: Sequence[str] | None, schema: Sequence[int] = ()
+) -> list[dict[str, Any]]:
+    """One image's detections as JSON-ready dicts, best score first; masks as COCO RLE; keypoint models
+    add `keypoints`: [x, y, score] in original pixels for each of the label's keypoints."""
     order = torch.argsort(det["scores"], descending=True).cpu()
     boxes = det["boxes"].float().cpu()[order]
     scores = det["scores"].float().cpu()[order]
     labels = det["labels"].cpu()[order]
     masks = det["masks"].cpu()[order] if "masks" in det else None
+    keypoints = det["keypoints"].float().cpu()[order] if "keypoints" in det else None
     out = []
     for i in range(len(order)):
         label = int(labels[i])
@@ -94,6 +99,9 @@ def detections_to_json(det: dict[str, Tensor], names: Sequence[str] | None) -> l
         }
         if masks is not None:
             entry["mask_rle"] = encode_mask(masks[i].numpy())
+        if keypoints is not None:
+            count = schema[label] if label < len(schema) else 0
+            entry["keypoints"] = [[round(float(v), 2) for v in point] for point in keypoints[i, :count]]
         out.append(entry)
     return out
 
@@ -117,9 +125,11 @@ def class_colour(label: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def draw_detections(image: np.ndarray, det: dict[str, Tensor], names: Sequence[str] | None) -> Image.Image:
+def draw_detections(
+    image: np.ndarray, det: dict[str, Tensor], names: Sequence[str] | None, schema: Sequence[int] = ()
+) -> Image.Image:
     """The image with semi-transparent masks, then boxes and "name score" labels (just "name" when `det` has
-    no scores: ground truth), one colour per class."""
+    no scores: ground truth), one colour per class, and keypoint skeletons (see `draw_skeleton`)."""
     base = Image.fromarray(image).convert("RGBA")
     labels = det["labels"].cpu().tolist()
     if "masks" in det:
@@ -141,7 +151,25 @@ def draw_detections(image: np.ndarray, det: dict[str, Tensor], names: Sequence[s
         x, y = box[0], max(0.0, box[1] - (bottom - top) - 2)
         pen.rectangle((x, y, x + right - left + 2, y + bottom - top + 2), fill=colour)
         pen.text((x + 1 - left, y + 1 - top), text, fill=(0, 0, 0), font=font)
+    if "keypoints" in det:
+        for points, label in zip(det["keypoints"].float().cpu().tolist(), labels):
+            draw_skeleton(pen, points[: schema[label] if label < len(schema) else 0], class_colour(label), width)
     return canvas
+
+
+def draw_skeleton(pen: ImageDraw.ImageDraw, points: list[list[float]], colour: tuple[int, int, int], width: int):
+    """A class's keypoints joined in order (a closed loop: the outline for corner keypoints), then a dot
+    on each; only keypoints whose confidence reaches KEYPOINT_MIN_SCORE are drawn or joined."""
+    shown = [(x, y) if s >= KEYPOINT_MIN_SCORE else None for x, y, s in points]
+    for a, b in zip(shown, shown[1:] + shown[:1]) if len(shown) > 2 else zip(shown[:1], shown[1:]):
+        if a is not None and b is not None:
+            pen.line([a, b], fill=colour, width=width)
+    radius = 2 * width
+    for p in shown:
+        if p is not None:
+            pen.ellipse(
+                (p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius), fill=(255, 255, 255), outline=colour
+            )
 
 
 def _drawing_names(paths: Sequence[Path]) -> list[str]:
@@ -165,6 +193,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     ckpt = weights.resolve_checkpoint(args.checkpoint)
     cfg, params = load_weights(ckpt)
     names = weights.class_names(ckpt)
+    schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
     compiled = use_compile(args.compile, device)
@@ -193,9 +222,9 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
                         det = next(found)
                         h, w = arr.shape[:2]
                         record = {"image": str(path), "width": int(w), "height": int(h)}
-                        record["detections"] = detections_to_json(det, names)
+                        record["detections"] = detections_to_json(det, names, schema)
                         if args.draw:
-                            draw_detections(arr, det, names).save(out_dir / drawings[path])
+                            draw_detections(arr, det, names, schema).save(out_dir / drawings[path])
                     records.append(record)
                     stream.write(json.dumps(record) + "\n")
                     stream.flush()

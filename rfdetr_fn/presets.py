@@ -44,10 +44,24 @@ _TABLE: dict[str, dict] = {
     "seg_large": dict(_SEG, resolution=504, dec_layers=5, num_queries=200, num_select=200),
     "seg_xlarge": dict(_SEG, resolution=624, dec_layers=6),
     "seg_2xlarge": dict(_SEG, resolution=768, dec_layers=6),
+    "keypoint_preview": dict(
+        use_grouppose_keypoints=True,
+        dual_projector=True,
+        dual_projector_kp_only=True,
+        num_keypoints_per_class=(17,),
+        patch_size=12,
+        num_windows=2,
+        out_feature_indexes=(3, 6, 9, 12),
+        dec_layers=4,
+        resolution=576,
+        positional_encoding_size=48,
+        num_queries=100,
+        num_select=100,
+    ),
 }
 
 NAMES: tuple[str, ...] = tuple(_TABLE)
-"""The upstream variants; `get` also accepts "tiny" (a test-size model that is not an upstream variant)."""
+"""The upstream variants; `get` also accepts "tiny" and "tiny_keypoint" (test-size models, not upstream variants)."""
 _TINY = dict(
     vit_hidden_size=48,
     vit_num_layers=4,
@@ -63,11 +77,19 @@ _TINY = dict(
     resolution=128,
     num_classes=3,
 )
+# The test-size keypoint model: the synthetic shapes' corners (rectangle 4, ellipse 4, triangle 3).
+_TINY_KEYPOINT = dict(
+    _TINY,
+    use_grouppose_keypoints=True,
+    dual_projector=True,
+    dual_projector_kp_only=True,
+    num_keypoints_per_class=(4, 4, 3),
+)
 
 
 def get(name: str, **overrides) -> ModelConfig:
     """The preset called `name` with `overrides` applied."""
-    table = {**_TABLE, "tiny": _TINY}
+    table = {**_TABLE, "tiny": _TINY, "tiny_keypoint": _TINY_KEYPOINT}
     if name not in table:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
     return ModelConfig(**{"name": name, **table[name], **overrides})
@@ -95,6 +117,8 @@ seg_medium = _maker("seg_medium")
 seg_large = _maker("seg_large")
 seg_xlarge = _maker("seg_xlarge")
 seg_2xlarge = _maker("seg_2xlarge")
+keypoint_preview = _maker("keypoint_preview")
 
 
 tiny = _maker("tiny")
+tiny_keypoint = _maker("tiny_keypoint")

@@ -38,7 +38,7 @@ from rfdetr_fn import gradient_transforms as gt
 from rfdetr_fn import lora, optim, rng, schedules, transforms, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
-from rfdetr_fn.loss.criterion import criterion
+from rfdetr_fn.loss.criterion import criterion, weight_dict
 from rfdetr_fn.model import detector
 from rfdetr_fn.precision import forward
 
@@ -111,14 +111,23 @@ def make_train_step(
     as `.pieces`, so `compile_step` can compile each on its own (the regional structure).
     """
     schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
+    weighted = set(weight_dict(cfg, tcfg))
     where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
     if optimizer is None:
         names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
         optimizer = optim.make_optimizer(cfg, tcfg, names, schedule)
 
-    def loss(trainable: tree.Params, frozen: tree.Params, batch: Batch, scale: Tensor, key: Tensor):
+    def loss(
+        trainable: tree.Params,
+        frozen: tree.Params,
+        batch: Batch,
+        scale: Tensor,
+        key: Tensor,
+        window: Tensor | None = None,
+    ):
         params = transforms.combine(trainable, frozen)
-        num_boxes = _num_boxes(batch["labels"], cfg.group_detr, world_size)
+        own = _num_boxes(batch["labels"], cfg.group_detr, world_size)
+        num_boxes = own if window is None else window
         out = forward(
             params,
             batch["images"],
@@ -131,7 +140,14 @@ def make_train_step(
         )
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
         total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes, key=rng.mix(key, 1))
-        return total * scale, (total, losses)
+        value = total * scale
+        if window is not None:  # log what upstream logs: this micro-batch's terms over its own normaliser
+            total, losses = _renormalise(total, losses, window / own, weighted)
+        return value, (total, losses)
+
+    def normalisers(batches: Sequence[Batch]) -> list[Tensor]:
+        window = _window_normaliser([_num_boxes(b["labels"], cfg.group_detr, world_size) for b in batches])
+        return [window] * len(batches)
 
     def update(
         state: TrainState, grads_list: list[tree.Params], losses_list: list[dict[str, Tensor]]
@@ -143,8 +159,9 @@ def make_train_step(
         for more in grads_list[1:]:
             grads = tree.map_(torch.add, grads, more)
         loss_sums = {k: sum(losses[k] for losses in losses_list) / count for k in losses_list[0]}
-        if count > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
-            grads = tree.map_(lambda g: g / (count * scale), grads)
+        divisor = 1 if cfg.keypoints else count  # keypoints: the window normaliser already averaged
+        if divisor > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
+            grads = tree.map_(lambda g: g / (divisor * scale), grads)
         if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
             averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
             grads, loss_sums = averaged["grads"], averaged["losses"]
@@ -180,20 +197,24 @@ def make_train_step(
             split=functools.partial(_split, where=where),
             fp16=precision == "fp16",
             rank=rank,
+            normalisers=normalisers if cfg.keypoints else None,
         )
     )
 
 
 @attrs.frozen
 class StepPieces:
-    """The step's pure pieces: `loss(trainable, frozen, batch, scale, key)`, `update(state, grads_list,
-    losses_list)` and `split(params) -> (trainable, frozen)`; `rank` enters the random key."""
+    """The step's pure pieces: `loss(trainable, frozen, batch, scale, key[, window])`, `update(state,
+    grads_list, losses_list)` and `split(params) -> (trainable, frozen)`; `rank` enters the random key.
+    `normalisers(batches)`, when set (keypoint models), gives each micro-batch's loss normaliser (the
+    accumulation window's total box count), passed to `loss` as `window`."""
 
     loss: Callable
     update: Callable
     split: Callable
     fp16: bool = False
     rank: int = 0
+    normalisers: Callable | None = None
 
 
 def assemble_step(pieces: StepPieces) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict]]:
@@ -209,8 +230,10 @@ def assemble_step(pieces: StepPieces) -> Callable[[TrainState, Sequence[Batch]],
         trainable, frozen = pieces.split(state["params"])
         key = rng.mix(state["seed"], state["step"], pieces.rank)
         grads_list, losses_list = [], []
+        windows = pieces.normalisers(batches) if pieces.normalisers is not None else None
         for i, batch in enumerate(batches):
-            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, scale, rng.mix(key, i))
+            extra = () if windows is None else (windows[i],)
+            grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, scale, rng.mix(key, i), *extra)
             grads_list.append(grads)
             losses_list.append({"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}})
         return pieces.update(state, grads_list, losses_list)
@@ -297,6 +320,20 @@ def _num_boxes(labels: Tensor, group_detr: int, world_size: int) -> Tensor:
 
         count = fc.all_reduce(count, "sum", dist.group.WORLD) / world_size
     return count.clamp(min=1.0)
+
+
+def _window_normaliser(counts: list[Tensor]) -> Tensor:
+    """Keypoint models (upstream's manual optimisation): every micro-batch of an accumulation window is
+    normalised by the window's total box count, so the step's gradient is the gradient of the summed
+    loss numerators over the whole effective batch, divided by its total count (not a mean of
+    per-micro-batch means). Each count is already clamped to >= 1 and averaged over ranks, as upstream."""
+    return torch.stack(counts).sum()
+
+
+def _renormalise(total: Tensor, losses: dict[str, Tensor], factor: Tensor, weighted: set[str]):
+    """Rescale the normalised loss terms (not the diagnostics) by `factor`."""
+    scaled = {k: v * factor if k in weighted else v for k, v in losses.items()}
+    return total * factor, scaled
 
 
 def _next_loss_scale(scale: Tensor, good_steps: Tensor, finite: Tensor, interval: int) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-HEADLINE = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "F1", "loss")
+HEADLINE = ("mAP_50_95", "mAP_50", "mAR", "segm_mAP_50_95", "kp_mAP_50_95", "kp_mAR", "F1", "loss")
 
 
 def _table(title: str, rows: Sequence[tuple[str, str]]) -> str:

@@ -21,9 +21,10 @@ from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import TARGET_KEYS, build_dataset, eval_loader
 from rfdetr_fn.flags import parse
 from rfdetr_fn.inference import forward_fn
+from rfdetr_fn.keypoint_metrics import KeypointEvaluator
 from rfdetr_fn.loss.criterion import criterion
 from rfdetr_fn.metrics import Evaluator
-from rfdetr_fn.model.postprocess import postprocess
+from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.precision import resolve_precision
 from rfdetr_fn.weights import class_names, resolve_checkpoint
 
@@ -44,6 +45,15 @@ class EvalArgs:
     """Write the metrics as JSON here (default: print only)."""
     device: str | None = None
     """cpu, cuda or cuda:N; None picks CUDA when available."""
+
+
+def make_evaluator(dataset, cfg: ModelConfig, ecfg: EvalConfig) -> Evaluator:
+    """The dataset's Evaluator: a KeypointEvaluator (box and keypoint metrics) for keypoint models."""
+    if cfg.keypoints:
+        common = dict(max_dets=ecfg.max_dets, backend=ecfg.backend, per_class=ecfg.per_class)
+        gt = dataset.coco_gt()
+        return KeypointEvaluator(gt, sigmas=ecfg.keypoint_oks_sigmas, class_names=dataset.class_names, **common)
+    return Evaluator.from_config(dataset.coco_gt(), ecfg, class_names=dataset.class_names)
 
 
 @torch.no_grad()
@@ -72,7 +82,7 @@ def evaluate(
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
-    evaluator = Evaluator.from_config(dataset.coco_gt(), ecfg, class_names=dataset.class_names)
+    evaluator = make_evaluator(dataset, cfg, ecfg)
     losses: list[float] = []
     for batch in loader:
         images = batch["images"].to(world.device)
@@ -81,7 +91,7 @@ def evaluate(
         if loss_cfg is not None:
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
             losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))
-        preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select)
+        preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select, **postprocess_kwargs(cfg))
         evaluator.update(preds, batch["image_id"].tolist())  # masks become RLE here: none outlives its batch
     states = distributed.gather_objects(evaluator.state(), world)
     all_losses = [x for part in distributed.gather_objects(losses, world) for x in part]

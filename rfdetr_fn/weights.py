@@ -28,7 +28,8 @@ from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.errors import UserError
 from rfdetr_fn.tree import Params
 
-KP_MASK = "_kp_active_mask"  # upstream's non-learned keypoint buffer: dropped on load, empty on save
+KP_MASK = "_kp_active_mask"  # upstream's schema buffer (classes x max keypoints): dropped on load, rebuilt on save
+KP_CLASS_MASK = "transformer.decoder.keypoint_class_mask"  # the other schema-derived buffer (keypoint models)
 CONFIG_META = "rfdetr_fn_config"
 NAMES_META = "class_names"
 UPSTREAM_FORMAT_VERSION = "1.11.2"  # the upstream release whose best-.pth payload we write
@@ -40,6 +41,8 @@ _UPSTREAM_FIELDS = (
     "patch_size", "num_windows", "sa_nheads", "ca_nheads", "dec_n_points", "num_queries", "num_select",
     "bbox_reparam", "lite_refpoint_refine", "layer_norm", "num_channels", "num_classes", "resolution",
     "group_detr", "positional_encoding_size", "segmentation_head", "mask_downsample_ratio", "num_decoder_registers",
+    "use_grouppose_keypoints", "dual_projector", "dual_projector_kp_only", "num_keypoints_per_class",
+    "keypoint_cross_attn", "inter_instance_kp_attn", "grouppose_keypoint_dim_downscale", "postprocess_trace_alpha",
 )  # fmt: skip
 # Classes a weights-only unpickler may rebuild: upstream legacy files pickle `args` as a Namespace and
 # sometimes hold paths. Both only set attributes/strings; nothing executes.
@@ -90,7 +93,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     config = config_from_dict(json.loads(meta[CONFIG_META]), path) if CONFIG_META in meta else None
     names = json.loads(meta[NAMES_META]) if NAMES_META in meta else None
-    return RawCheckpoint(path, _clean_state_dict(flat, path), {}, config, names, None)
+    return RawCheckpoint(path, _clean_state_dict(flat, path), _schema_field(flat), config, names, None)
 
 
 def _read_torch(path: Path) -> RawCheckpoint:
@@ -113,6 +116,7 @@ def _read_torch(path: Path) -> RawCheckpoint:
     model_config = _parse_args(model_config, path) if model_config is not None else {}
     readable = (*_UPSTREAM_FIELDS, "dim_feedforward")
     fields = {k: v for k, v in {**args, **model_config}.items() if k in readable and v is not None}
+    fields.update(_schema_field(flat))
     ours = payload.get(CONFIG_META)
     config = config_from_dict(ours, path) if isinstance(ours, Mapping) else None
     names = args.get("class_names") or model_config.get("class_names")
@@ -182,13 +186,26 @@ def _parse_repr(text: str, path: Path) -> dict[str, Any]:
     return out
 
 
+def _strip(key: str) -> str:
+    while key.startswith(_LIGHTNING_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _schema_field(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The keypoint schema upstream keeps in `_kp_active_mask` (keypoints per class), when non-empty."""
+    mask = next((v for k, v in flat.items() if _strip(k) == KP_MASK), None)
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or not mask.numel():
+        return {}
+    return {"num_keypoints_per_class": tuple(int(n) for n in mask.sum(1).tolist())}
+
+
 def _clean_state_dict(flat: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
-    """Strip Lightning/compile prefixes, drop the keypoint buffer, upcast half floats to float32."""
+    """Strip Lightning/compile prefixes, drop the schema buffers, upcast half floats to float32."""
     out: dict[str, Tensor] = {}
     for key, value in flat.items():
-        while key.startswith(_LIGHTNING_PREFIXES):
-            key = key.split(".", 1)[1]
-        if key == KP_MASK or key.endswith("." + KP_MASK):
+        key = _strip(key)
+        if key in (KP_MASK, KP_CLASS_MASK):
             continue
         if not isinstance(value, Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -286,7 +303,7 @@ def _pth_payload(
 ) -> dict[str, Any]:
     """The one `.pth` layout both writers use: upstream's `model`/`args`/`model_config`, our exact config,
     and with `lightning` the `state_dict` view Lightning checkpoints carry (sharing storage: no extra bytes)."""
-    model = _with_kp_mask(_cpu_flat(params))
+    model = _with_buffers(_cpu_flat(params), cfg)
     payload = {
         "model": model,
         "args": args,
@@ -305,8 +322,18 @@ def _cpu_flat(params: Params) -> dict[str, Tensor]:
     return lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
 
 
-def _with_kp_mask(flat: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {KP_MASK: torch.zeros((0, 0), dtype=torch.bool), **flat}
+def _with_buffers(flat: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Upstream's state dict: the schema buffers where upstream keeps them (the mask first, the class
+    mask after the keypoint position embedding)."""
+    from rfdetr_fn.model import keypoints
+
+    active, blocked = keypoints.buffers(cfg)
+    out = {KP_MASK: active}
+    for key, value in flat.items():
+        out[key] = value
+        if key == "transformer.decoder.keypoint_pos_embed":
+            out[KP_CLASS_MASK] = blocked
+    return out
 
 
 def _upstream_args(cfg: ModelConfig, names: list[str] | None) -> dict[str, Any]:

@@ -32,20 +32,26 @@ def golden_config(case: Path) -> ModelConfig:
 def golden_params(case: Path, dtype: torch.dtype = torch.float32) -> tree.Params:
     flat = load_file(case / "weights.safetensors")
     flat.pop("_kp_active_mask", None)
+    flat.pop("transformer.decoder.keypoint_class_mask", None)
     return tree.unflatten({k: v.to(dtype) for k, v in flat.items()})
 
 
 def golden_targets(case: Path, pad_to: int = 8) -> dict[str, torch.Tensor]:
-    """targets.safetensors ({i}.labels, {i}.boxes) in our padded batch format (-1 marks padding)."""
+    """targets.safetensors ({i}.labels, {i}.boxes[, {i}.keypoints]) in our padded batch format (-1 marks
+    padding; keypoint padding is zeros)."""
     flat = load_file(case / "targets.safetensors")
     n = len({k.split(".")[0] for k in flat})
     labels = torch.full((n, pad_to), -1, dtype=torch.int64)
     boxes = torch.zeros(n, pad_to, 4)
+    kps = torch.zeros(n, pad_to, *flat["0.keypoints"].shape[1:]) if "0.keypoints" in flat else None
     for i in range(n):
         k = len(flat[f"{i}.labels"])
         labels[i, :k] = flat[f"{i}.labels"]
         boxes[i, :k] = flat[f"{i}.boxes"]
-    return {"labels": labels, "boxes": boxes}
+        if kps is not None:
+            kps[i, :k] = flat[f"{i}.keypoints"]
+    out = {"labels": labels, "boxes": boxes}
+    return out if kps is None else {**out, "keypoints": kps}
 
 
 def reference_shapes(shared: Path, variant: str) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss import matcher as matcher_lib
 from rfdetr_fn.loss.assignment import hungarian, sanitize_cost
-from rfdetr_fn.loss.criterion import criterion, mask_losses, uncertain_points, weight_dict
+from rfdetr_fn.loss.criterion import cls_loss_coef, criterion, mask_losses, uncertain_points, weight_dict
 from rfdetr_fn.loss.matcher import MatchCosts, match, match_costs
 
 TINY_DET = ModelConfig(
@@ -238,7 +238,7 @@ def test_config_matches_golden_loss_settings(golden):
         TCFG.set_cost_giou,
     )
     assert (c["cls_loss_coef"], c["bbox_loss_coef"], c["giou_loss_coef"]) == (
-        TCFG.cls_loss_coef,
+        cls_loss_coef(TINY_DET, TCFG),
         TCFG.bbox_loss_coef,
         TCFG.giou_loss_coef,
     )

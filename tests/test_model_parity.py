@@ -34,6 +34,7 @@ SPEC_TOTALS = {
     "seg_large": 35_873_971,
     "seg_xlarge": 38_113_635,
     "seg_2xlarge": 38_648_163,
+    "keypoint_preview": 41_044_470,
 }
 
 

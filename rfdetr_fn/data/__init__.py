@@ -39,6 +39,7 @@ __all__ = [
     "Pipeline",
     "build_dataset",
     "check_class_names",
+    "check_keypoint_schema",
     "collate",
     "detect_format",
     "epoch_indices",
@@ -129,7 +130,8 @@ def build_dataset(
     """A torch Dataset of (image, target) for `split` ('train', 'valid'/'val' or 'test').
 
     train=True enables augmentation and the multi-scale mode of train_cfg; masks are decoded when the
-    model has a segmentation head."""
+    model has a segmentation head, keypoints when it is a keypoint model (whose schema must be the
+    split's: see `check_keypoint_schema`)."""
     if model_cfg.num_channels != 3:
         raise DatasetError(
             f"model.num_channels={model_cfg.num_channels}: the dataset readers decode RGB images (3 channels); "
@@ -149,7 +151,19 @@ def build_dataset(
         masks=model_cfg.segmentation_head,
         seed=train_cfg.seed,
         block_size=model_cfg.block_size,
+        keypoints=model_cfg.keypoints,
     )
     if data_cfg.class_names is not None:
         ds.class_names = check_class_names(data_cfg.class_names, ds.class_names, source.name)
+    if model_cfg.keypoints and not train:  # the train split defines the schema (fit aligns the model to it)
+        check_keypoint_schema(model_cfg.num_keypoints_per_class, ds.keypoint_schema, source.name)
     return ds
+
+
+def check_keypoint_schema(model: tuple[int, ...], found: tuple[int, ...], where: str) -> None:
+    """A keypoint model trains and scores only data with its own schema (keypoints per class)."""
+    if tuple(model) != tuple(found):
+        raise DatasetError(
+            f"{where}: keypoints per class {list(found)} differ from the model's num_keypoints_per_class "
+            f"{list(model)} (every split must share the train split's keypoint schema)"
+        )

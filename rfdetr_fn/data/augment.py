@@ -100,17 +100,36 @@ def train_transform(
     scale_jitter: bool,
     gen: torch.Generator,
     config: dict[str, dict[str, Any]] | None = None,
+    flip_pairs: Sequence[int] | None = None,
 ) -> tuple[Tensor, Target]:
     """Upstream's training transform: scale jitter, then the augmentation config (default: the default preset,
-    a horizontal flip with p=0.5)."""
+    a horizontal flip with p=0.5).
+
+    Keypoint targets flip with `flip_pairs`; an empty list or None means no horizontal flip for them
+    (upstream drops it when left/right keypoints are unknown). The random draws are the same either way."""
     image, target = jitter_resize(image, target, scales=scales, scale_jitter=scale_jitter, gen=gen)
-    return apply(image, target, PRESETS["default"] if config is None else config, gen)
+    return apply(image, target, PRESETS["default"] if config is None else config, gen, flip_pairs=flip_pairs)
 
 
-def apply(image: Tensor, target: Target, config: dict[str, dict[str, Any]], gen: torch.Generator):
-    """Run the config's transforms in order, each with probability p."""
+def apply(
+    image: Tensor,
+    target: Target,
+    config: dict[str, dict[str, Any]],
+    gen: torch.Generator,
+    flip_pairs: Sequence[int] | None = None,
+):
+    """Run the config's transforms in order, each with probability p.
+
+    Keypoint targets: HorizontalFlip swaps `flip_pairs` (skipped without them); the other geometric
+    transforms do not move keypoints yet, so they refuse keypoint targets."""
     for name, params in config.items():
         if rand(gen) < float(params.get("p", 0.5)):
+            if "keypoints" in target and name == "HorizontalFlip":
+                if flip_pairs:
+                    image, target = hflip(image, target, flip_pairs)
+                continue
+            if "keypoints" in target and name in KEYPOINT_UNSAFE:
+                raise ValueError(f"augmentation {name} does not support keypoint targets yet; drop it from aug_config")
             image, target = TRANSFORMS[name](image, target, {**DEFAULTS[name], **params}, gen)
     return image, target
 
@@ -313,6 +332,8 @@ TRANSFORMS: dict[str, Transform] = {
     "GaussNoise": gauss_noise,
     "ToGray": to_gray,
 }
+# geometric transforms that do not move keypoints (yet): a keypoint target refuses them
+KEYPOINT_UNSAFE = frozenset({"VerticalFlip", "Rotate", "Affine"})
 # Albumentations' defaults for the parameters a config leaves out
 DEFAULTS: dict[str, dict[str, Any]] = {
     "HorizontalFlip": {},

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from rfdetr_fn import imageio, rng
 from rfdetr_fn.data import augment
+from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data import transforms as T
 from rfdetr_fn.data.masks import decode_masks
 from rfdetr_fn.data.source import DatasetError, Source, check_source
@@ -39,7 +40,14 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, source: Source, pipeline: Pipeline, *, masks: bool = False, seed: int = 0, block_size: int = 32
+        self,
+        source: Source,
+        pipeline: Pipeline,
+        *,
+        masks: bool = False,
+        seed: int = 0,
+        block_size: int = 32,
+        keypoints: bool = False,
     ) -> None:
         images, records, problems, boxes_report = check_source(source)
         if problems:
@@ -64,6 +72,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.masks = masks
         self.seed = seed
         self.block_size = block_size
+        self.keypoint_schema, self.keypoint_names = kp.label_schema(
+            source.categories, source.annotations, self.cat2label
+        )
+        self.keypoints = keypoints
+        if keypoints and not self.keypoint_schema:
+            raise DatasetError(f"{source.name}: a keypoint model needs keypoint annotations; this split has none")
+        flip = source.flip_pairs
+        self.flip_pairs = flip if flip is not None else kp.merged_flip_pairs(self.keypoint_schema, self.keypoint_names)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -99,6 +115,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         target = {"boxes": boxes, "labels": torch.from_numpy(rec.labels[keep])}
+        if self.keypoints:
+            target["keypoints"] = kp.clean(torch.from_numpy(rec.keypoints[keep]).clone(), height, width)
         if self.masks:
             segs = [s for s, k in zip(rec.segmentations, keep) if k]
             target["masks"] = decode_masks(segs, height, width)
@@ -118,7 +136,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         if p.train:
             gen = torch.Generator().manual_seed(seed)
             image, target = augment.train_transform(
-                image, target, scales=p.scales, scale_jitter=p.scale_jitter, gen=gen, config=p.augmentations
+                image,
+                target,
+                scales=p.scales,
+                scale_jitter=p.scale_jitter,
+                gen=gen,
+                config=p.augmentations,
+                flip_pairs=self.flip_pairs,
             )
         else:
             image, target = T.eval_transform(image, target, p.resolution)
@@ -144,10 +168,19 @@ class DetectionDataset(torch.utils.data.Dataset):
                 }
                 if rec.segmentations[k]:
                     ann["segmentation"] = rec.segmentations[k]
+                if rec.keypoints is not None:
+                    label, schema = ann["category_id"], self.keypoint_schema
+                    points = rec.keypoints[k, : schema[label] if label < len(schema) else 0]
+                    ann["keypoints"] = [float(v) for v in points.reshape(-1)]
+                    ann["num_keypoints"] = int((points[:, 2] > 0).sum())
                 anns.append(ann)
                 next_id += 1
         categories = [
             {"id": label, "name": self.class_names[label] if label < len(self.class_names) else str(label)}
             for label in sorted(self.label2cat)
         ]
+        for cat in categories:  # keypoint datasets: the names give evaluation each category's keypoint count
+            if cat["id"] < len(self.keypoint_schema) and self.keypoint_schema[cat["id"]]:
+                count, names = self.keypoint_schema[cat["id"]], self.keypoint_names[cat["id"]]
+                cat["keypoints"] = names or [f"keypoint_{i}" for i in range(count)]
         return {"images": [dict(im) for im in self.images], "annotations": anns, "categories": categories}

@@ -19,7 +19,7 @@ from rfdetr_fn.config import DataConfig, TrainConfig
 
 MIN_TRAIN_BATCHES = 5  # below this many effective batches a single process samples with replacement
 PAD_SEED = 0  # fixed generator for the padding indices of an aligned epoch (as upstream)
-TARGET_KEYS = ("labels", "boxes", "masks")  # the batch entries the criterion reads as targets
+TARGET_KEYS = ("labels", "boxes", "masks", "keypoints")  # the batch entries the criterion reads as targets
 
 
 # ------------------------------------------------------------------------------------------------ collate
@@ -56,11 +56,13 @@ def collate(
             f"collate: image_id {int(crowded['image_id'])} has {most} targets but the batch has {T} target slots"
         )
     with_masks = "masks" in samples[0][1]
+    kp_shape = samples[0][1]["keypoints"].shape[1:] if "keypoints" in samples[0][1] else None
     images = torch.zeros((B, samples[0][0].shape[0], H, W), dtype=torch.float32)
     mask = torch.ones((B, H, W), dtype=torch.bool)
     labels = torch.full((B, T), -1, dtype=torch.int64)
     boxes = torch.zeros((B, T, 4), dtype=torch.float32)
     masks = torch.zeros((B, T, H, W), dtype=torch.bool) if with_masks else None
+    keypoints = torch.zeros((B, T, *kp_shape), dtype=torch.float32) if kp_shape is not None else None
     for b, (img, t) in enumerate(samples):
         h, w = img.shape[-2:]
         n = len(t["labels"])
@@ -70,6 +72,8 @@ def collate(
         boxes[b, :n] = t["boxes"]
         if masks is not None:
             masks[b, :n, :h, :w] = t["masks"]
+        if keypoints is not None:
+            keypoints[b, :n] = t["keypoints"]
     batch = {
         "images": images,
         "mask": mask,
@@ -81,6 +85,8 @@ def collate(
     }
     if masks is not None:
         batch["masks"] = masks
+    if keypoints is not None:
+        batch["keypoints"] = keypoints
     return batch
 
 

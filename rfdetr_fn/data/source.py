@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # files read as images, any case
@@ -41,6 +42,7 @@ class Source:
     image_dir: Path | None = None
     render: Callable[[dict], Image.Image] | None = None  # in-memory images (synthetic data)
     problems: list[str] = field(default_factory=list)  # found while reading the layout
+    flip_pairs: tuple[int, ...] | None = None  # keypoint swap pairs given by the layout (YOLO flip_idx)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Record:
     segmentations: list[Any]  # raw COCO segmentation or None
     ann_ids: list[int]
     areas: list[float]
+    keypoints: np.ndarray | None = None  # (n, max(schema), 3) float32 x, y, v px (keypoint datasets)
 
 
 def _image_problems(source: Source) -> tuple[list[dict], list[str]]:
@@ -89,6 +92,8 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], s
     pos = {im["id"]: k for k, im in enumerate(images)}
     listed = {str(im.get("id")) for im in source.images if isinstance(im, dict)}
     declared = {int(c["id"]): str(c.get("name", "")) for c in source.categories}
+    counts = kp.category_counts(source.categories, source.annotations)
+    width = max(counts.values(), default=0)
     rows: list[list[tuple]] = [[] for _ in images]
     clipped: list[str] = []
     dropped: dict[str, list[str]] = {}
@@ -124,10 +129,14 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], s
         box[0::2] = box[0::2].clip(0, W)
         box[1::2] = box[1::2].clip(0, H)
         area = float(a.get("area") or (box[2] - box[0]) * (box[3] - box[1]))
+        points = kp.parse(a.get("keypoints"), counts.get(cat, 0), width) if width else None
+        if isinstance(points, str):
+            problems.append(f"{where} (category {declared[cat]}): {points}")
+            continue
         rows[pos[image_id]].append(
-            (box, source.cat2label[cat], bool(a.get("iscrowd", 0)), a.get("segmentation") or None, aid, area)
+            (box, source.cat2label[cat], bool(a.get("iscrowd", 0)), a.get("segmentation") or None, aid, area, points)
         )
-    records = [_make_record(r) for r in rows]
+    records = [_make_record(r, width) for r in rows]
     return images, records, problems, _box_report(dropped, clipped)
 
 
@@ -155,10 +164,12 @@ def _box_report(dropped: dict[str, list[str]], clipped: list[str]) -> str | None
     return "; ".join(parts) or None
 
 
-def _make_record(rows: list[tuple]) -> Record:
+def _make_record(rows: list[tuple], keypoint_width: int = 0) -> Record:
+    no_kps = np.zeros((0, keypoint_width, 3), np.float32) if keypoint_width else None
     if not rows:
-        return Record(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool), [], [], [])
-    boxes, labels, crowd, segs, ids, areas = zip(*rows)
+        empty = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+        return Record(*empty, [], [], [], no_kps)
+    boxes, labels, crowd, segs, ids, areas, points = zip(*rows)
     return Record(
         np.stack(boxes).astype(np.float32),
         np.array(labels, np.int64),
@@ -166,4 +177,5 @@ def _make_record(rows: list[tuple]) -> Record:
         list(segs),
         list(ids),
         list(areas),
+        np.stack(points) if keypoint_width else None,
     )

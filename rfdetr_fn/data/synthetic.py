@@ -2,8 +2,10 @@
 
 It lets `fit` run with no dataset on disk. Class k is shape k % 3 in colour k // 3 (so up to 18
 distinct classes). Every shape is a polygon, drawn with Pillow and stored as a COCO polygon, so boxes,
-masks and pixels agree. Shapes never overlap, so no mask is hidden behind another. Everything is a
-pure function of (seed, split, index): annotations are made up front, pixels on demand.
+masks and pixels agree; it also carries keypoints (rectangle corners, the ellipse's four extreme points,
+triangle vertices; see KEYPOINTS), so keypoint models train on it out of the box. Shapes never overlap,
+so no mask is hidden behind another. Everything is a pure function of (seed, split, index): annotations
+are made up front, pixels on demand.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ COLOURS = {
     "cyan": (40, 200, 210),
 }
 _SPLIT_OFFSET = {"train": 0, "valid": 1, "val": 1, "test": 2}
+# Keypoints of each shape (all visible): the polygon vertices they sit on, and their names.
+KEYPOINTS = {
+    "rectangle": ((0, 1, 2, 3), ("top_left", "top_right", "bottom_right", "bottom_left")),
+    "ellipse": ((24, 0, 8, 16), ("top", "right", "bottom", "left")),
+    "triangle": ((0, 1, 2), ("apex", "bottom_right", "bottom_left")),
+}
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -53,6 +61,12 @@ def shape_polygon(kind: str, x: float, y: float, w: float, h: float, rng: random
         apex = x + rng.uniform(0.2, 0.8) * w
         pts = [(apex, y), (x + w, y + h), (x, y + h)]
     return [round(c, 2) for p in pts for c in p]
+
+
+def shape_keypoints(kind: str, poly: list[float]) -> list[float]:
+    """COCO keypoint triplets (x, y, v=2) of a shape, read off its polygon."""
+    vertices, _ = KEYPOINTS[kind]
+    return [c for i in vertices for c in (poly[2 * i], poly[2 * i + 1], 2.0)]
 
 
 def _layout(rng: random.Random, size: int, num_classes: int) -> list[tuple[int, list[float]]]:
@@ -114,13 +128,17 @@ def synthetic_source(data_cfg: DataConfig, split: str, seed: int = 0) -> Source:
                     "area": polygon_area(poly),
                     "iscrowd": 0,
                     "segmentation": [poly],
+                    "keypoints": shape_keypoints(SHAPES[cls % len(SHAPES)], poly),
                 }
             )
     return Source(
         name=f"synthetic[{split}]",
         images=images,
         annotations=annotations,
-        categories=[{"id": i, "name": nm} for i, nm in enumerate(names)],
+        categories=[
+            {"id": i, "name": nm, "keypoints": list(KEYPOINTS[SHAPES[i % len(SHAPES)]][1])}
+            for i, nm in enumerate(names)
+        ],
         cat2label={i: i for i in range(k)},
         class_names=names,
         num_classes=k,

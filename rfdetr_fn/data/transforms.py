@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rfdetr_fn.data import keypoints as kp
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 JITTER_SHORT_SIDES = (400, 500, 600)
 CROP_MIN, CROP_MAX = 384, 600
-INSTANCE_KEYS = ("boxes", "labels", "masks")
+INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints")
 
 Target = dict[str, Tensor]
 
@@ -75,6 +77,8 @@ def resize(image: Tensor, target: Target, size: tuple[int, int]) -> tuple[Tensor
     out["boxes"] = target["boxes"] * torch.tensor([size[1] / w, size[0] / h] * 2, dtype=torch.float32)
     if "masks" in target:
         out["masks"] = _resize_masks(target["masks"], size)
+    if "keypoints" in target:
+        out["keypoints"] = kp.scale(target["keypoints"], size[1] / w, size[0] / h)
     return _resize_image(image, size), out
 
 
@@ -107,17 +111,21 @@ def crop(image: Tensor, target: Target, top: int, left: int, height: int, width:
     out["boxes"] = boxes
     if "masks" in target:
         out["masks"] = target["masks"][:, top : top + height, left : left + width]
+    if "keypoints" in target:
+        out["keypoints"] = kp.shift(target["keypoints"], left, top, height, width)
     return image[:, top : top + height, left : left + width], drop_degenerate(out)
 
 
-def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
-    """Mirror left-right; x1' = W - x2 and x2' = W - x1."""
-    w = image.shape[-1]
+def hflip(image: Tensor, target: Target, flip_pairs: Sequence[int] = ()) -> tuple[Tensor, Target]:
+    """Mirror left-right; x1' = W - x2 and x2' = W - x1 (keypoints: see data.keypoints.hflip)."""
+    h, w = image.shape[-2:]
     out = dict(target)
     b = target["boxes"]
     out["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
     if "masks" in target:
         out["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        out["keypoints"] = kp.hflip(target["keypoints"], h, w, flip_pairs)
     return image.flip(-1), out
 
 
@@ -172,6 +180,8 @@ def finalize(image: Tensor, target: Target) -> tuple[Tensor, Target]:
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     out = drop_degenerate({**target, "boxes": boxes})
     out["boxes"] = boxes_to_cxcywh_normalized(out["boxes"], h, w)
+    if "keypoints" in out:
+        out["keypoints"] = kp.normalise(kp.clean(out["keypoints"], h, w), h, w)
     out["size"] = torch.tensor([h, w], dtype=torch.int64)
     return normalize(image), out
 

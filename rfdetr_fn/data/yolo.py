@@ -2,7 +2,9 @@
 
 Label lines are `cls cx cy w h` (normalised box) or `cls x1 y1 x2 y2 ...` (normalised polygon, at least
 three points; its bounds give the box). Images without a label file are background. Class ids are the
-labels, as-is.
+labels, as-is. Pose datasets (`kpt_shape: [K, 2 or 3]` in data.yaml, optional `kpt_names` and
+`flip_idx`) have lines `cls cx cy w h x1 y1 [v1] ... xK yK [vK]`; with 2 values per keypoint a point is
+absent when a coordinate is negative or both are 0, else visible (Ultralytics' convention).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from rfdetr_fn import imageio
+from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data.masks import polygon_area
 from rfdetr_fn.data.source import IMAGE_SUFFIXES, DatasetError, Source
 
@@ -117,6 +120,44 @@ def parse_label_line(line: str, num_classes: int, width: int, height: int) -> tu
     return cls, [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], poly
 
 
+def pose_schema(data: dict, path: Path) -> tuple[int, int, list[str], tuple[int, ...]] | None:
+    """(keypoints, values per keypoint, names, flip pairs) of a pose data.yaml, None without kpt_shape."""
+    shape = data.get("kpt_shape")
+    if shape is None:
+        return None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape)):
+        raise DatasetError(f"{path}: kpt_shape={shape!r} must be [number of keypoints, 2 or 3]")
+    count, dim = shape
+    if count <= 0 or dim not in (2, 3):
+        raise DatasetError(f"{path}: kpt_shape={shape!r} must be [positive number of keypoints, 2 or 3]")
+    names = data.get("kpt_names")
+    names = names.get(0, names.get("0")) if isinstance(names, dict) else names
+    if names is None:
+        names = [f"keypoint_{i}" for i in range(count)]
+    if not isinstance(names, list) or len(names) != count:
+        raise DatasetError(f"{path}: kpt_names must list {count} names (kpt_shape), got {names!r}")
+    flip = data.get("flip_idx")
+    if flip is not None and (not isinstance(flip, list) or sorted(flip) != list(range(count))):
+        raise DatasetError(f"{path}: flip_idx must be a permutation of 0..{count - 1}, got {flip!r}")
+    return count, dim, [str(n) for n in names], tuple(kp.pairs_from_flip_idx(flip or []))
+
+
+def pose_keypoints(values: list[float], count: int, dim: int, width: int, height: int) -> list[float] | str:
+    """A pose line's keypoint values -> COCO triplets in pixels (absent points (0, 0, 0)), or the problem."""
+    if len(values) != count * dim:
+        return f"{5 + len(values)} values, want 5 + {count} keypoints x {dim} = {5 + count * dim} (kpt_shape)"
+    out = []
+    for i in range(count):
+        x, y = values[i * dim], values[i * dim + 1]
+        if dim == 3:
+            v = values[i * dim + 2]
+        else:
+            v = 0.0 if x < 0 or y < 0 or (x == 0 and y == 0) else 2.0
+        x, y = min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)
+        out += [x * width, y * height, v] if v > 0 else [0.0, 0.0, v]
+    return out
+
+
 def yolo_source(root: Path, split: str) -> Source:
     """Read one split of a YOLO dataset; every label problem goes into Source.problems."""
     root = Path(os.path.abspath(root))
@@ -125,6 +166,7 @@ def yolo_source(root: Path, split: str) -> Source:
         raise DatasetError(f"{root}: no data.yaml or data.yml (YOLO layout)")
     data = read_yaml(yaml_path)
     names = data["names"]
+    pose = pose_schema(data, yaml_path)
     images, annotations, problems = [], [], []
     pairs = [pair for d in split_image_dirs(root, data, split) for pair in _list_images(d)]
     for image_path, label_path in pairs:
@@ -141,11 +183,22 @@ def yolo_source(root: Path, split: str) -> Source:
         for n, line in enumerate(label_path.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
-            parsed = parse_label_line(line, len(names), width, height)
+            values = line.split()
+            keypoint_values = values[5:] if pose else []
+            parsed = parse_label_line(" ".join(values[:5]) if pose else line, len(names), width, height)
             if isinstance(parsed, str):
                 problems.append(f"{label_path}:{n}: {parsed}")
                 continue
             cls, box, poly = parsed
+            points = None
+            if pose:
+                try:
+                    points = pose_keypoints([float(v) for v in keypoint_values], pose[0], pose[1], width, height)
+                except ValueError:
+                    points = "non-numeric keypoint value"
+                if isinstance(points, str):
+                    problems.append(f"{label_path}:{n}: {points}")
+                    continue
             ann = {
                 "id": len(annotations) + 1,
                 "image_id": image_id,
@@ -157,15 +210,18 @@ def yolo_source(root: Path, split: str) -> Source:
             if poly:
                 ann["segmentation"] = [poly]
                 ann["area"] = polygon_area(poly)
+            if points is not None:
+                ann["keypoints"] = points
             annotations.append(ann)
     return Source(
         name=str(yaml_path) + f" [{split}]",
         images=images,
         annotations=annotations,
-        categories=[{"id": i, "name": n} for i, n in enumerate(names)],
+        categories=[{"id": i, "name": n, **({"keypoints": pose[2]} if pose else {})} for i, n in enumerate(names)],
         cat2label={i: i for i in range(len(names))},
         class_names=names,
         num_classes=len(names),
         image_dir=root,  # file_name is relative to root (or absolute for paths outside it)
         problems=problems,
+        flip_pairs=pose[3] if pose else None,  # YOLO pose flips with flip_idx only (upstream)
     )

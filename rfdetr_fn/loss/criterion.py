@@ -15,6 +15,8 @@ from torch import Tensor
 from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.loss import keypoints as kp_loss
+from rfdetr_fn.loss.keypoints import keypoint_coefs
 from rfdetr_fn.loss.matcher import (
     FOCAL_GAMMA,
     MatchCosts,
@@ -29,11 +31,20 @@ OVERSAMPLE = 3
 IMPORTANCE = 0.75
 
 
+def cls_loss_coef(cfg: ModelConfig, tcfg: TrainConfig) -> float:
+    """The configured class-loss weight, else upstream's default for the task (KeypointTrainConfig: 2)."""
+    if tcfg.cls_loss_coef is not None:
+        return tcfg.cls_loss_coef
+    return 2.0 if cfg.keypoints else 1.0
+
+
 def weight_dict(cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, float]:
     """Loss weights per key, duplicated for every aux layer and the encoder outputs (upstream's keys)."""
-    base = {"loss_ce": tcfg.cls_loss_coef, "loss_bbox": tcfg.bbox_loss_coef, "loss_giou": tcfg.giou_loss_coef}
+    base = {"loss_ce": cls_loss_coef(cfg, tcfg), "loss_bbox": tcfg.bbox_loss_coef, "loss_giou": tcfg.giou_loss_coef}
     if cfg.segmentation_head:
         base |= {"loss_mask_ce": tcfg.mask_ce_loss_coef, "loss_mask_dice": tcfg.mask_dice_loss_coef}
+    if cfg.keypoints:
+        base |= {f"loss_keypoints_{k}": v for k, v in keypoint_coefs(tcfg).items()}
     suffixes = ["", *(f"_{i}" for i in range(cfg.dec_layers - 1))] + (["_enc"] if cfg.two_stage else [])
     return {key + suffix: value for suffix in suffixes for key, value in base.items()}
 
@@ -47,7 +58,7 @@ def layers(outputs: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def check_targets(targets: dict, outputs: dict, masks: bool) -> None:
+def check_targets(targets: dict, outputs: dict, masks: bool, schema: tuple[int, ...] = ()) -> None:
     """Shape/dtype checks (static under compile), naming the offending field."""
     logits = outputs.get("pred_logits")
     if logits is None or outputs.get("pred_boxes") is None:
@@ -63,6 +74,12 @@ def check_targets(targets: dict, outputs: dict, masks: bool) -> None:
         m = targets.get("masks")
         if m is None or m.dim() != 4 or tuple(m.shape[:2]) != tuple(labels.shape):
             raise ValueError(f"targets['masks'] must be bool (B, T, H, W) with (B, T) = {tuple(labels.shape)}")
+    if schema:
+        kp, shape = targets.get("keypoints"), (*labels.shape, max(schema), 3)
+        if kp is None or tuple(kp.shape) != shape or not kp.is_floating_point():
+            raise ValueError(f"targets['keypoints'] must be float {shape}: normalised x, y and visibility 0/1/2")
+        if outputs.get("pred_keypoints") is None:
+            raise ValueError("keypoint models' outputs must hold 'pred_keypoints'")
 
 
 def default_num_boxes(labels: Tensor, groups: int) -> Tensor:
@@ -224,8 +241,11 @@ def match_all(
     points of segmentation costs (see `rfdetr_fn.rng`).
     """
     use_masks = cfg.segmentation_head
+    schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     groups = cfg.group_detr if train else 1
-    match_targets = targets if use_masks else {k: targets[k] for k in ("labels", "boxes")}
+    match_targets = {k: targets[k] for k in ("labels", "boxes")}
+    match_targets |= {"masks": targets["masks"]} if use_masks else {}
+    match_targets |= {"keypoints": targets["keypoints"]} if schema else {}
     matched_layers = layers(outputs)
     costs = []
     for suffix, layer in matched_layers:
@@ -236,7 +256,7 @@ def match_all(
             source = unpack_pred_masks(layer["pred_masks"])
             source = source[0] if isinstance(source, tuple) else source
             points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
-        costs.append(MatchCosts.from_train(tcfg, mask_points=points))
+        costs.append(MatchCosts.from_train(tcfg, mask_points=points, keypoint_schema=schema))
     layer_outputs = [layer for _, layer in matched_layers]
     keys = [rng.mix(key, j, 0) if use_masks else 0 for j in range(len(layer_outputs))]
     return match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=tcfg.matcher_backend, keys=keys)
@@ -259,7 +279,8 @@ def criterion(
     `key` drives the random mask points (segmentation only; see `rfdetr_fn.rng`): the train step passes a
     fresh one every step."""
     use_masks = cfg.segmentation_head
-    check_targets(targets, outputs, use_masks)
+    schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
+    check_targets(targets, outputs, use_masks, schema)
     groups = cfg.group_detr if train else 1
     labels = targets["labels"]
     if num_boxes is None:
@@ -278,6 +299,9 @@ def criterion(
         for name, value in box_losses(pairs, num_boxes).items():
             losses[name + suffix] = value
         losses["cardinality_error" + suffix] = cardinality_error(layer["pred_logits"], labels)
+        if schema:
+            found = kp_loss.losses(layer["pred_keypoints"], targets, pairs, num_boxes, schema)
+            losses.update({key + suffix: value for key, value in found.items()})
         if use_masks:
             found = mask_losses(
                 layer["pred_masks"],

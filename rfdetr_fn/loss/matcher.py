@@ -22,6 +22,7 @@ from torch import Tensor
 from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.loss import keypoints as kp_loss
 from rfdetr_fn.loss.assignment import solve
 
 FOCAL_GAMMA = 2.0
@@ -44,10 +45,17 @@ class MatchCosts(NamedTuple):
     cost_mask_dice: float = 5.0
     mask_points: int | None = None
     """Points sampled for the mask costs; None = h*w/16 of the predicted masks."""
+    keypoint_schema: tuple[int, ...] = ()
+    """Keypoints per class of a keypoint model (empty: no keypoint costs)."""
+    keypoint_coefs: dict[str, float] | None = None
+    """Keypoint cost weights by term (upstream uses the keypoint loss weights); None = 1 each."""
 
     @classmethod
-    def from_train(cls, tcfg: TrainConfig, mask_points: int | None = None) -> MatchCosts:
-        """Upstream builds its matcher from the train args: set_cost_*, focal_alpha, mask loss weights."""
+    def from_train(
+        cls, tcfg: TrainConfig, mask_points: int | None = None, keypoint_schema: tuple[int, ...] = ()
+    ) -> MatchCosts:
+        """Upstream builds its matcher from the train args: set_cost_*, focal_alpha, mask and keypoint loss
+        weights."""
         return cls(
             cost_class=tcfg.set_cost_class,
             cost_bbox=tcfg.set_cost_bbox,
@@ -56,6 +64,8 @@ class MatchCosts(NamedTuple):
             cost_mask_ce=tcfg.mask_ce_loss_coef,
             cost_mask_dice=tcfg.mask_dice_loss_coef,
             mask_points=mask_points,
+            keypoint_schema=tuple(keypoint_schema),
+            keypoint_coefs=kp_loss.keypoint_coefs(tcfg) if keypoint_schema else None,
         )
 
 
@@ -127,7 +137,8 @@ def mask_costs(
 
 
 def match_costs(outputs_layer: dict, targets: dict, costs: MatchCosts, key: rng.IntLike = 0) -> dict[str, Tensor]:
-    """Per-image cost terms (B, Nq, T) and their weighted total; masks count when both sides have them."""
+    """Per-image cost terms (B, Nq, T) and their weighted total; masks and keypoints count when both
+    sides have them (keypoint costs weighted by `costs.keypoint_coefs`, the keypoint loss weights)."""
     with torch.no_grad():
         logits = outputs_layer["pred_logits"].detach()
         pred = outputs_layer["pred_boxes"].detach()
@@ -145,6 +156,13 @@ def match_costs(outputs_layer: dict, targets: dict, costs: MatchCosts, key: rng.
             pm = {k: v.detach() for k, v in pm.items()} if isinstance(pm, dict) else pm.detach()
             terms["mask_ce"], terms["mask_dice"] = mask_costs(pm, targets["masks"], costs.mask_points, key)
             total = total + costs.cost_mask_ce * terms["mask_ce"] + costs.cost_mask_dice * terms["mask_dice"]
+        schema = costs.keypoint_schema
+        if schema and "keypoints" in targets and outputs_layer.get("pred_keypoints") is not None:
+            found = kp_loss.costs(outputs_layer["pred_keypoints"], targets, schema)
+            coefs = costs.keypoint_coefs or dict.fromkeys(kp_loss.TERMS, 1.0)
+            for term in kp_loss.TERMS:
+                terms[f"kp_{term}"] = found[f"kp_{term}"]
+                total = total + coefs[term] * found[f"kp_{term}"]
         terms["total"] = total.float()
         return terms
 

@@ -2,9 +2,11 @@
 
 `params` is a nested dict whose flattened dotted keys are exactly upstream's state-dict keys, in
 upstream's order: `transformer.*`, `class_embed.*`, `bbox_embed.*`, [`segmentation_head.*`],
-`refpoint_embed.weight`, `query_feat.weight`, `backbone.0.encoder.*`, `backbone.0.projector.*`.
-The one upstream entry we do not store is the non-learned, always-empty bool buffer
-`_kp_active_mask` (shape (0, 0)); checkpoint I/O adds it on save and drops it on load.
+`refpoint_embed.weight`, `query_feat.weight`, `backbone.0.encoder.*`, `backbone.0.projector.*`
+[, `backbone.0.cross_attn_projector.*`, `keypoint_embed.*` for keypoint models, see `keypoints`].
+The upstream entries we do not store are the non-learned bool buffers derived from the keypoint schema:
+`_kp_active_mask` (empty, shape (0, 0), without keypoints) and `transformer.decoder.keypoint_class_mask`;
+checkpoint I/O rebuilds them on save and drops them on load.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from rfdetr_fn import lora, nn, tree
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import backbone, projector, segmentation, transformer
+from rfdetr_fn.model import backbone, keypoints, projector, segmentation, transformer
 from rfdetr_fn.tree import Params
 
 _PRIOR_PROB = 0.01  # class biases start at -log((1 - p) / p): every sigmoid score starts near 0.01
@@ -31,14 +33,7 @@ def _class_head(cfg: ModelConfig, gen: torch.Generator) -> Params:
 
 
 def _box_head(cfg: ModelConfig, gen: torch.Generator) -> Params:
-    d = cfg.hidden_dim
-    return {
-        "layers": {
-            "0": nn.linear_init(d, d, gen),
-            "1": nn.linear_init(d, d, gen),
-            "2": {"weight": torch.zeros(4, d), "bias": torch.zeros(4)},  # first boxes = the reference boxes
-        }
-    }
+    return nn.head_init(cfg.hidden_dim, 4, gen)  # first boxes = the reference boxes
 
 
 def init(cfg: ModelConfig, seed: int | torch.Generator = 0, *, dtype: torch.dtype = torch.float32) -> Params:
@@ -53,6 +48,9 @@ def init(cfg: ModelConfig, seed: int | torch.Generator = 0, *, dtype: torch.dtyp
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     tr = transformer.init(cfg, gen)
     class_embed, bbox_embed = _class_head(cfg, gen), _box_head(cfg, gen)
+    kp_head = keypoints.head_params(cfg, gen) if cfg.keypoints else None
+    if kp_head is not None:
+        tr.update(keypoints.transformer_params(cfg, gen, kp_head))
     tr["enc_out_bbox_embed"] = {str(g): tree.clone(bbox_embed) for g in range(cfg.group_detr)}
     tr["enc_out_class_embed"] = {str(g): tree.clone(class_embed) for g in range(cfg.group_detr)}
     params: Params = {"transformer": tr, "class_embed": class_embed, "bbox_embed": bbox_embed}
@@ -62,6 +60,10 @@ def init(cfg: ModelConfig, seed: int | torch.Generator = 0, *, dtype: torch.dtyp
     params["refpoint_embed"] = {"weight": torch.zeros(rows, 4)}
     params["query_feat"] = {"weight": torch.randn(rows, cfg.hidden_dim, generator=gen)}
     params["backbone"] = {"0": {"encoder": backbone.init(cfg, gen), "projector": projector.init(cfg, gen)}}
+    if cfg.dual_projector:
+        params["backbone"]["0"]["cross_attn_projector"] = projector.init(cfg, gen)
+    if kp_head is not None:
+        params["keypoint_embed"] = kp_head
     return tree.map_(lambda t: t.to(dtype), params)
 
 
@@ -88,6 +90,13 @@ def _heads(params: Params, hs: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     """Shared class/box heads on every layer: logits (L, B, N, C) and boxes (L, B, N, 4) cxcywh."""
     boxes = transformer.apply_deltas(nn.mlp(params["bbox_embed"], hs, 3), ref)
     return nn.linear(params["class_embed"], hs), boxes
+
+
+def _add_keypoints(out: dict, compact: Tensor, cfg: ModelConfig) -> None:
+    """pred_keypoints in the class-padded layout, and their class-logit boost added to pred_logits."""
+    padded = keypoints.pad_slots(compact, cfg.num_keypoints_per_class)
+    out["pred_logits"] = out["pred_logits"] + keypoints.class_boost(padded, cfg.num_keypoints_per_class, cfg.num_logits)
+    out["pred_keypoints"] = padded
 
 
 def apply(
@@ -126,6 +135,7 @@ def apply(
     bb = params["backbone"]["0"]
     vit = backbone.features(bb["encoder"], images, cfg, train=train, drop_path=drop_path, key=key)
     feats = projector.apply(bb["projector"], vit, cfg)
+    cross_feats = projector.apply(bb["cross_attn_projector"], vit, cfg) if cfg.dual_projector else None
     masks = _level_masks(mask, feats)
 
     tr = transformer.apply(
@@ -136,10 +146,16 @@ def apply(
         params["query_feat"]["weight"][:rows],
         cfg,
         groups,
+        cross_feats,
     )
     logits, boxes = _heads(params, tr["hs"], tr["ref"])
     layers = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(cfg.dec_layers)]
     enc = {"pred_logits": tr["logits_ts"], "pred_boxes": tr["boxes_ts"]}
+    if cfg.keypoints:
+        per_layer = keypoints.decode(params["keypoint_embed"], tr["kp_hs"], tr["ref"])
+        for layer, kp in zip(layers, per_layer):
+            _add_keypoints(layer, kp, cfg)
+        _add_keypoints(enc, tr["enc_keypoints"], cfg)
     if cfg.segmentation_head:
         seg, hw = params["segmentation_head"], tuple(images.shape[-2:])
         for layer, m in zip(layers, segmentation.apply(seg, feats[0], list(tr["hs"]), hw, cfg, train=train)):

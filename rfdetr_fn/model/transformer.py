@@ -13,8 +13,6 @@ torch.compile(fullgraph=True): no .item(), no branching on tensor values.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,12 +20,10 @@ from torch import Tensor
 from rfdetr_fn import nn
 from rfdetr_fn.compile import region
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.kernels import ms_deform_attn
+from rfdetr_fn.model import keypoints
+from rfdetr_fn.model.attention import Shapes, deformable_attention, msda_init, self_attention, xavier_linear
 from rfdetr_fn.model.position import sine_for_boxes
 from rfdetr_fn.tree import Params
-
-Shapes = list[tuple[int, int]]
-
 
 # ---------------------------------------------------------------- flattening and proposals
 
@@ -113,46 +109,6 @@ def two_stage(p: Params, memory: Tensor, mask: Tensor, shapes: Shapes, cfg: Mode
     return torch.cat(mems, 1), torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(picks, 1)
 
 
-# ---------------------------------------------------------------- attention
-
-
-def self_attention(p: Params, x: Tensor, pos: Tensor, heads: int, groups: int) -> Tensor:
-    """nn.MultiheadAttention(batch_first) with q = k = x + pos, v = x, restricted to each query group.
-
-    The (B, G*Q, d) queries are viewed as (B*G, Q, d): attention never crosses a group boundary.
-    """
-    b, n, d = x.shape
-    qk = x + pos
-    w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
-    b_q, b_k, b_v = p["in_proj_bias"].chunk(3)
-
-    def heads_view(t: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
-        return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2).contiguous()
-
-    q = heads_view(qk @ w_q.t() + b_q)
-    k = heads_view(qk @ w_k.t() + b_k)
-    v = heads_view(x @ w_v.t() + b_v)
-    out = F.scaled_dot_product_attention(q, k, v)
-    out = out.transpose(1, 2).reshape(b, n, d)
-    return nn.linear(p["out_proj"], out)
-
-
-def deformable_attention(
-    p: Params, query: Tensor, ref: Tensor, value: Tensor, mask: Tensor, shapes: Shapes, cfg: ModelConfig
-) -> Tensor:
-    """MSDeformAttn with 4-d reference boxes (B, N, levels, 4): offsets scale with box size * 0.5 / points."""
-    b, n, d = query.shape
-    heads, levels, points = cfg.ca_nheads, len(shapes), cfg.dec_n_points
-    v = nn.linear(p["value_proj"], value).masked_fill(mask[..., None], 0.0)
-    offsets = nn.linear(p["sampling_offsets"], query).view(b, n, heads, levels, points, 2)
-    weights = nn.linear(p["attention_weights"], query).view(b, n, heads, levels * points)
-    weights = weights.softmax(-1).view(b, n, heads, levels, points)
-    r = ref[:, :, None, :, None, :]
-    loc = r[..., :2] + offsets / points * r[..., 2:] * 0.5
-    out = ms_deform_attn(v.view(b, v.shape[1], heads, d // heads), shapes, loc, weights)
-    return nn.linear(p["output_proj"], out)
-
-
 # ---------------------------------------------------------------- decoder
 
 
@@ -186,15 +142,26 @@ def decoder(
     ratios: Tensor,
     cfg: ModelConfig,
     groups: int,
-) -> Tensor:
-    """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm."""
+    kp: Tensor | None = None,
+    kp_memory: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm.
+
+    With keypoint tokens `kp` (B, N, K, d), each layer is followed by the GroupPose block (reading
+    `kp_memory`); their states after every layer come back as (L, B, N, K, d), else None.
+    """
     ref_input = ref[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
     query_pos = nn.mlp(p["ref_point_head"], sine_for_boxes(ref_input[:, :, 0], cfg.hidden_dim // 2), 2)
-    hs = []
+    hs, kp_hs = [], []
     for i in range(cfg.dec_layers):
-        tgt = decoder_layer(p["layers"][str(i)], tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        layer = p["layers"][str(i)]
+        tgt = decoder_layer(layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        if kp is not None:
+            pos = p["keypoint_pos_embed"]
+            tgt, kp = keypoints.block(layer, tgt, kp, pos, query_pos, ref_input, kp_memory, mask, shapes, cfg)
+            kp_hs.append(kp)
         hs.append(nn.layer_norm(p["norm"], tgt))
-    return torch.stack(hs)
+    return torch.stack(hs), (torch.stack(kp_hs) if kp_hs else None)
 
 
 def with_registers(x: Tensor, rows: Tensor, groups: int) -> Tensor:
@@ -216,6 +183,8 @@ def check_supported(cfg: ModelConfig) -> None:
     for field in ("two_stage", "bbox_reparam", "lite_refpoint_refine"):
         if not getattr(cfg, field):
             raise ValueError(f"ModelConfig.{field}=False is not supported (every upstream variant uses True)")
+    if cfg.keypoints and cfg.num_decoder_registers:
+        raise ValueError("num_decoder_registers with keypoint models is not supported (no upstream variant has both)")
 
 
 def apply(
@@ -226,12 +195,14 @@ def apply(
     query_feat: Tensor,
     cfg: ModelConfig,
     groups: int,
+    cross_feats: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Projector maps + level masks -> decoder states and two-stage outputs.
 
-    `refpoint_embed` (N, 4) and `query_feat` (N, d) are the rows of the groups in use (N = Q*groups).
-    Returns hs (L, B, N, d), ref (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts,
-    boxes_ts, logits_ts and indices.
+    `refpoint_embed` (N, 4) and `query_feat` (N, d) are the rows of the groups in use (N = Q*groups);
+    `cross_feats` are the dual projector's maps (same shapes as `feats`). Returns hs (L, B, N, d), ref
+    (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts, boxes_ts, logits_ts and
+    indices; keypoint models add kp_hs (L, B, N, K, d) and enc_keypoints (B, N, K, 8), compact.
     """
     check_supported(cfg)
     memory, mask, shapes = flatten_levels(feats, masks)
@@ -242,71 +213,49 @@ def apply(
     learned = refpoint_embed[None].expand(b, -1, -1)
     n_ts = boxes_ts.shape[1]
     ref = torch.cat([apply_deltas(learned[:, :n_ts], boxes_ts.detach()), learned[:, n_ts:]], 1)
+    out = {"memory_ts": memory_ts, "boxes_ts": boxes_ts, "logits_ts": logits_ts, "indices": indices, "ref": ref}
+    cross = flatten_levels(cross_feats, masks)[0] if cross_feats is not None else None
+    kp = kp_memory = None
+    if not cfg.keypoints:
+        dec_memory = memory if cross is None else cross
+    else:  # kp_only: detection reads the main projector, keypoints the second one; else both read the second
+        dec_memory = memory if cross is None or cfg.dual_projector_kp_only else cross
+        kp_memory = dec_memory if cross is None else cross
+        kp = keypoints.query_initializer(p["keypoint_query_initializer"], tgt)
     registers = cfg.num_decoder_registers
-    if registers:
+    if registers:  # check_supported: no keypoint tokens here
         tgt_r = with_registers(tgt, p["register_tokens"], groups)
         ref_r = with_registers(ref, p["register_ref_points"], groups)
-        hs = decoder(p["decoder"], tgt_r, ref_r, memory, mask, shapes, ratios, cfg, groups)
-        hs = drop_registers(hs, groups, registers)
-    else:
-        hs = decoder(p["decoder"], tgt, ref, memory, mask, shapes, ratios, cfg, groups)
-    return {
-        "hs": hs,
-        "ref": ref,
-        "memory_ts": memory_ts,
-        "boxes_ts": boxes_ts,
-        "logits_ts": logits_ts,
-        "indices": indices,
-    }
+        hs = decoder(p["decoder"], tgt_r, ref_r, dec_memory, mask, shapes, ratios, cfg, groups)[0]
+        out["hs"] = drop_registers(hs, groups, registers)
+        return out
+    hs, kp_hs = decoder(p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups, kp, kp_memory)
+    out["hs"] = hs
+    if cfg.keypoints:
+        out["kp_hs"] = kp_hs
+        out["enc_keypoints"] = keypoints.encoder_keypoints(p, memory_ts, boxes_ts, groups)
+    return out
 
 
 # ---------------------------------------------------------------- parameters
 
 
-def _msda_offset_bias(heads: int, levels: int, points: int) -> Tensor:
-    """Upstream's direction pattern: head h points along angle 2*pi*h/heads, point i at distance i+1."""
-    theta = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
-    grid = torch.stack([theta.cos(), theta.sin()], -1)
-    grid = (grid / grid.abs().max(-1, keepdim=True).values).view(heads, 1, 1, 2).repeat(1, levels, points, 1)
-    grid = grid * torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, points, 1)
-    return grid.flatten()
-
-
-def _xavier_linear(out_dim: int, in_dim: int, gen: torch.Generator) -> Params:
-    """xavier_uniform weight (Transformer._reset_parameters) with the default nn.Linear bias."""
-    return {
-        "weight": nn.xavier_uniform((out_dim, in_dim), gen),
-        "bias": nn.default_bias((out_dim,), in_dim, gen),
-    }
-
-
 def _layer_init(cfg: ModelConfig, gen: torch.Generator) -> Params:
     d, ff = cfg.hidden_dim, cfg.dim_feedforward
-    heads, levels, points = cfg.ca_nheads, cfg.num_levels, cfg.dec_n_points
-    return {
+    layer = {
         "self_attn": {
             "in_proj_weight": nn.xavier_uniform((3 * d, d), gen),
             "in_proj_bias": torch.zeros(3 * d),
             "out_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
         },
         "norm1": nn.norm_init(d),
-        "cross_attn": {
-            "sampling_offsets": {
-                "weight": torch.zeros(heads * levels * points * 2, d),
-                "bias": _msda_offset_bias(heads, levels, points),
-            },
-            "attention_weights": {
-                "weight": torch.zeros(heads * levels * points, d),
-                "bias": torch.zeros(heads * levels * points),
-            },
-            "value_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
-            "output_proj": {"weight": nn.xavier_uniform((d, d), gen), "bias": torch.zeros(d)},
-        },
-        "linear1": _xavier_linear(ff, d, gen),
-        "linear2": _xavier_linear(d, ff, gen),
+        "cross_attn": msda_init(cfg, gen),
+        "linear1": xavier_linear(ff, d, gen),
+        "linear2": xavier_linear(d, ff, gen),
         "norm2": nn.norm_init(d),
         "norm3": nn.norm_init(d),
     }
+    return keypoints.layer_params(layer, cfg, gen) if cfg.keypoints else layer
 
 
 def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
@@ -319,13 +268,15 @@ def init(cfg: ModelConfig, gen: torch.Generator) -> Params:
             "register_tokens": torch.randn(cfg.num_decoder_registers, d, generator=gen),
             "register_ref_points": torch.zeros(cfg.num_decoder_registers, 4),
         }
+    dec: Params = {}
+    if cfg.keypoints:
+        dec["keypoint_pos_embed"] = nn.xavier_uniform((sum(cfg.num_keypoints_per_class), d), gen)
+    dec["layers"] = {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)}
+    dec["norm"] = nn.norm_init(d)
+    dec["ref_point_head"] = {"layers": {"0": xavier_linear(d, 2 * d, gen), "1": xavier_linear(d, d, gen)}}
     return {
         **registers,
-        "decoder": {
-            "layers": {str(i): _layer_init(cfg, gen) for i in range(cfg.dec_layers)},
-            "norm": nn.norm_init(d),
-            "ref_point_head": {"layers": {"0": _xavier_linear(d, 2 * d, gen), "1": _xavier_linear(d, d, gen)}},
-        },
-        "enc_output": {str(g): _xavier_linear(d, d, gen) for g in range(cfg.group_detr)},
+        "decoder": dec,
+        "enc_output": {str(g): xavier_linear(d, d, gen) for g in range(cfg.group_detr)},
         "enc_output_norm": {str(g): nn.norm_init(d) for g in range(cfg.group_detr)},
     }
