@@ -158,13 +158,6 @@ class MSDeformAttnFunction(torch.autograd.Function):
         out = MSDeformAttnFunction.apply(folded[0], spatial_shapes, folded[1], folded[2])
         return out.reshape(size, -1, *out.shape[1:]), 0
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "the Triton deformable-attention op has no forward-mode rule (nor a second derivative): "
-            "run jvp / Hessian-vector products with rfdetr_fn.kernels.set_backend('gather')"
-        )
-
 
 def _validate(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> None:
     """Shape and dtype checks that need no tensor data (safe inside torch.compile)."""

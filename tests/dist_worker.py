@@ -5,8 +5,8 @@
 eager (default): each rank trains on its half of `global_batch()` for STEPS eager steps with `world_size=2`,
 then writes to OUT its flat train state and per-step metrics (`trained_rank{r}.pt`), a DCP train state saved
 by both ranks (`state2/`) and the state it loads from `OUT/state1/` (saved by one process before the launch;
-`loaded_rank{r}.pt`). compile: one step compiled with fullgraph=True and backend="aot_eager", so the
-functional collectives must trace into the graph (`compiled_rank{r}.pt`).
+`loaded_rank{r}.pt`). compile: one step through compile_step (fullgraph pieces, backend="aot_eager"), so the
+functional collectives must trace into the update graph (`compiled_rank{r}.pt`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import rfdetr_fn as rf
 from rfdetr_fn import distributed, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.step import compile_step, init_state, make_train_step
 from rfdetr_fn.train_state import load_state, save_state
 
 STEPS = 3
@@ -86,7 +86,7 @@ def main(out: Path, mode: str) -> None:
     step = make_train_step(cfg, tcfg, steps_per_epoch=10, world_size=WORLD, rank=world.rank)
     batch = shard(global_batch(), world.rank)
     if mode == "compile":
-        compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+        compiled = compile_step(step, backend="aot_eager")  # the collectives trace into the update piece
         state, history = train(compiled, fresh_state(), batch, 1)
         torch.save({"state": flat_state(state), "metrics": history}, out / f"compiled_rank{world.rank}.pt")
     else:
