@@ -150,10 +150,12 @@ def make_train_step(
         return [window] * len(batches)
 
     def update(
-        state: TrainState, grads_list: list[tree.Params], losses_list: list[dict[str, Tensor]]
+        state: TrainState,
+        trainable: tree.Params,
+        grads_list: list[tree.Params],
+        losses_list: list[dict[str, Tensor]],
     ) -> tuple[TrainState, dict[str, Tensor]]:
         params, step, count = state["params"], state["step"], len(grads_list)
-        trainable, _ = _split(params, where)
         scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
         grads = grads_list[0]
         for more in grads_list[1:]:
@@ -205,7 +207,7 @@ def make_train_step(
 @attrs.frozen
 class StepPieces:
     """The step's pure pieces: `loss(trainable, frozen, batch, scale, key[, window])`, `update(state,
-    grads_list, losses_list)` and `split(params) -> (trainable, frozen)`; `rank` enters the random key.
+    trainable, grads_list, losses_list)` and `split(params) -> (trainable, frozen)`; `rank` enters the random key.
     `normalisers(batches)`, when set (keypoint models), gives each micro-batch's loss normaliser (the
     accumulation window's total box count), passed to `loss` as `window`."""
 
@@ -236,7 +238,7 @@ def assemble_step(pieces: StepPieces) -> Callable[[TrainState, Sequence[Batch]],
             grads, (_, (total, losses)) = grad_fn(trainable, frozen, batch, scale, rng.mix(key, i), *extra)
             grads_list.append(grads)
             losses_list.append({"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}})
-        return pieces.update(state, grads_list, losses_list)
+        return pieces.update(state, trainable, grads_list, losses_list)  # the split above, not a second one
 
     train_step.pieces = pieces  # type: ignore[attr-defined]
     return train_step
