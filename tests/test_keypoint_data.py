@@ -140,6 +140,47 @@ def test_keypoint_flip_pairs_rules():
     assert flips == {3.0}
 
 
+def _kp_target(points: list[list[float]], box=(0.0, 0.0, 19.0, 19.0)) -> dict:
+    return {"boxes": torch.tensor([box]), "labels": torch.tensor([0]), "keypoints": torch.tensor([points])}
+
+
+def test_keypoint_vertical_flip_moves_y_and_swaps_no_slots():
+    """Albumentations' rule: y -> (H - 1) - y, x and visibility kept; no slot swap even with left/right
+    pairs (upstream counts only horizontal mirrors); unlabelled points stay (0, 0, 0)."""
+    points = [[5.0, 3.0, 2.0], [7.0, 2.0, 1.0], [0.0, 0.0, 0.0]]
+    config = {"VerticalFlip": {"p": 1.0}}
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    image[0, 3, 5] = 255
+    flipped, out = augment.apply(image, _kp_target(points), config, torch.Generator(), flip_pairs=(0, 1))
+    assert out["keypoints"][0].tolist() == [[5.0, 16.0, 2.0], [7.0, 17.0, 1.0], [0.0, 0.0, 0.0]]
+    assert flipped[0, 16, 5] == 255  # the keypoint's pixel went where the keypoint went
+    assert out["boxes"][0].tolist() == [0.0, 1.0, 19.0, 20.0]
+
+
+def test_keypoint_rotate_follows_the_image_and_drops_off_image_points():
+    """A 90 degree turn (counter-clockwise on screen) about the pixel-index centre (9.5, 9.5) of a 20 x 20
+    image sends pixel (x=4, y=6) to (6, 15); the image's marked pixel lands on the same spot."""
+    image = torch.zeros(3, 20, 20, dtype=torch.uint8)
+    image[:, 6, 4] = 255
+    target = _kp_target([[4.0, 6.0, 2.0], [12.0, 3.0, 1.0]], box=(2.0, 2.0, 14.0, 10.0))
+    config = {"Rotate": {"limit": (90, 90), "p": 1.0}}
+    turned, out = augment.apply(image, target, config, torch.Generator())
+    torch.testing.assert_close(out["keypoints"][0], torch.tensor([[6.0, 15.0, 2.0], [3.0, 7.0, 1.0]]))
+    assert (turned[:, 15, 6] == 255).all() and int((turned > 0).sum()) == 3
+    shifted = {"Affine": {"translate_percent": (0.5, 0.5), "p": 1.0}}  # +10 px right and down
+    _, out = augment.apply(image, _kp_target([[2.0, 3.0, 2.0], [15.0, 5.0, 2.0]], box=(0.0, 0.0, 16.0, 8.0)),
+                           shifted, torch.Generator())  # fmt: skip
+    torch.testing.assert_close(out["keypoints"][0], torch.tensor([[12.0, 13.0, 2.0], [0.0, 0.0, 0.0]]))
+
+
+def test_keypoint_affine_scale_about_the_centre():
+    """Scale 2 about the pixel-index centre (9.5, 9.5): (7, 8) -> (4.5, 6.5); (1, 1) leaves the image."""
+    config = {"Affine": {"scale": (2.0, 2.0), "p": 1.0}}
+    _, out = augment.apply(torch.zeros(3, 20, 20, dtype=torch.uint8),
+                           _kp_target([[7.0, 8.0, 2.0], [1.0, 1.0, 2.0]]), config, torch.Generator())  # fmt: skip
+    torch.testing.assert_close(out["keypoints"][0], torch.tensor([[4.5, 6.5, 2.0], [0.0, 0.0, 0.0]]))
+
+
 def test_keypoint_resize_and_multi_scale():
     target = {"boxes": torch.tensor([[0.0, 0.0, 20.0, 10.0]]), "labels": torch.tensor([0]),
               "keypoints": torch.tensor([[[10.0, 5.0, 2.0], [0.0, 0.0, 0.0]]])}  # fmt: skip

@@ -4,7 +4,8 @@ A config is an ordered mapping {transform name: parameters}, in upstream's Album
 after the scale jitter and before normalisation (upstream's order). Every transform first draws
 `rand < p`, then its parameters, all from the sample's generator, so augmentation stays a pure function of
 (seed, epoch, position). Geometric transforms move boxes (the enclosing box of the moved corners, then
-clipped; boxes left without area are dropped with their masks) and masks (nearest) with one matrix.
+clipped; boxes left without area are dropped with their masks), masks (nearest) and keypoints (see
+data.keypoints: pixel-index convention, off-image points dropped) with one matrix.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data.transforms import Target, drop_degenerate, hflip, jitter_resize, rand
 
 # upstream rfdetr.datasets.aug_configs, value for value
@@ -120,16 +122,14 @@ def apply(
 ):
     """Run the config's transforms in order, each with probability p.
 
-    Keypoint targets: HorizontalFlip swaps `flip_pairs` (skipped without them); the other geometric
-    transforms do not move keypoints yet, so they refuse keypoint targets."""
+    Keypoint targets: HorizontalFlip swaps `flip_pairs` (skipped without them, as upstream drops it); the
+    other geometric transforms move keypoints without swapping slots."""
     for name, params in config.items():
         if rand(gen) < float(params.get("p", 0.5)):
             if "keypoints" in target and name == "HorizontalFlip":
                 if flip_pairs:
                     image, target = hflip(image, target, flip_pairs)
                 continue
-            if "keypoints" in target and name in KEYPOINT_UNSAFE:
-                raise ValueError(f"augmentation {name} does not support keypoint targets yet; drop it from aug_config")
             image, target = TRANSFORMS[name](image, target, {**DEFAULTS[name], **params}, gen)
     return image, target
 
@@ -171,6 +171,8 @@ def _warp(image: Tensor, target: Target, matrix: Tensor) -> tuple[Tensor, Target
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     out["boxes"] = boxes
+    if "keypoints" in target:
+        out["keypoints"] = kp.warp(target["keypoints"], matrix, h, w)
     return x[0].round().clamp(0, 255).to(image.dtype), drop_degenerate(out)
 
 
@@ -195,13 +197,15 @@ def horizontal_flip(image: Tensor, target: Target, params: dict, gen: torch.Gene
 
 
 def vertical_flip(image: Tensor, target: Target, params: dict, gen: torch.Generator):
-    """Mirror top-bottom; y1' = H - y2 and y2' = H - y1."""
-    h = image.shape[-2]
+    """Mirror top-bottom; y1' = H - y2 and y2' = H - y1 (keypoints: see data.keypoints.vflip)."""
+    h, w = image.shape[-2:]
     out = dict(target)
     b = target["boxes"]
     out["boxes"] = torch.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], dim=1)
     if "masks" in target:
         out["masks"] = target["masks"].flip(-2)
+    if "keypoints" in target:
+        out["keypoints"] = kp.vflip(target["keypoints"], h, w)
     return image.flip(-2), out
 
 
@@ -332,8 +336,6 @@ TRANSFORMS: dict[str, Transform] = {
     "GaussNoise": gauss_noise,
     "ToGray": to_gray,
 }
-# geometric transforms that do not move keypoints (yet): a keypoint target refuses them
-KEYPOINT_UNSAFE = frozenset({"VerticalFlip", "Rotate", "Affine"})
 # Albumentations' defaults for the parameters a config leaves out
 DEFAULTS: dict[str, dict[str, Any]] = {
     "HorizontalFlip": {},

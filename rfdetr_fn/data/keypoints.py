@@ -2,9 +2,12 @@
 
 Keypoints travel with a sample's target as `keypoints` (N, max(schema), 3) float32 = (x, y, v) in pixels,
 v in {0 unlabelled, 1 labelled but hidden, 2 visible}; unlabelled keypoints and the padding slots past a
-class's count are (0, 0, 0), as upstream's pipeline stores them. Upstream's augmentation rules:
+class's count are (0, 0, 0), as upstream's pipeline stores them. Upstream's augmentation rules
+(Albumentations' keypoint convention: a keypoint's x, y are pixel indices, pixel centres at integers):
 boxes and images flip x -> W - x but keypoints x -> (W - 1) - x; the left/right slots of every
-instance swap; any keypoint that is unlabelled or falls outside [0, W) x [0, H) becomes (0, 0, 0).
+instance swap on a horizontal flip only (a vertical flip moves y -> (H - 1) - y and swaps nothing);
+rotations and affines move keypoints with the image's matrix about the pixel-index centre; any keypoint
+that is unlabelled or falls outside [0, W) x [0, H) becomes (0, 0, 0).
 Flip pairs come from left/right keypoint names (or YOLO's flip_idx); when the classes disagree the
 merged list is empty and keypoint training drops the horizontal flip, as upstream does.
 """
@@ -156,6 +159,24 @@ def hflip(kps: Tensor, height: int, width: int, pairs: Sequence[int]) -> Tensor:
         order[a], order[b] = b, a
     flipped = flipped[..., order, :]
     return clean(flipped, height, width)
+
+
+def vflip(kps: Tensor, height: int, width: int) -> Tensor:
+    """y -> (H - 1) - y; no slots swap (upstream counts only horizontal mirrors), off-image points dropped."""
+    flipped = kps.clone()
+    flipped[..., 1] = (height - 1) - kps[..., 1]
+    return clean(flipped, height, width)
+
+
+def warp(kps: Tensor, matrix: Tensor, height: int, width: int) -> Tensor:
+    """Move keypoints with a 3x3 map between pixel-edge coordinates (the image warp's), off-image ones dropped.
+
+    Keypoints are pixel indices, so they shift by half a pixel into edge coordinates and back: the map then
+    turns about ((W - 1) / 2, (H - 1) / 2), the centre Albumentations uses for keypoints."""
+    xy1 = torch.cat([kps[..., :2] + 0.5, torch.ones_like(kps[..., :1])], -1)
+    moved = xy1.double() @ matrix.double().T
+    out = torch.cat([(moved[..., :2] - 0.5).to(kps.dtype), kps[..., 2:]], -1)
+    return clean(out, height, width)
 
 
 def normalise(kps: Tensor, height: int, width: int) -> Tensor:
