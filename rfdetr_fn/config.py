@@ -168,6 +168,9 @@ class ModelConfig:
     """Keypoint schema: keypoints of class 0, 1, ... (classes past the end have none)."""
     keypoint_names: tuple[str, ...] = ()
     """Names of every keypoint, class after class (sum(num_keypoints_per_class) of them), or empty."""
+    keypoint_skeleton: tuple[int, ...] = ()
+    """Edges drawn between keypoints on predictions, flat [a0, b0, a1, b1, ...]: 0-based indices into the
+    keypoints listed class after class (fit fills it from the COCO categories' `skeleton`)."""
     dual_projector: bool = False
     """A second projector (`backbone.0.cross_attn_projector`) feeds cross-attention."""
     dual_projector_kp_only: bool = False

@@ -21,6 +21,15 @@ def check_keypoint_fields(cfg: Any) -> None:
             f"keypoint_names has {len(cfg.keypoint_names)} names but num_keypoints_per_class={schema} "
             f"has {sum(schema)} keypoints"
         )
+    edges = cfg.keypoint_skeleton
+    owner = [c for c, n in enumerate(schema) for _ in range(n)]
+    if len(edges) % 2 or any(not 0 <= v < len(owner) for v in edges):
+        raise ValueError(
+            f"keypoint_skeleton={edges} must hold pairs of keypoint indices in 0..{len(owner) - 1} "
+            f"(num_keypoints_per_class={schema})"
+        )
+    if any(owner[a] != owner[b] for a, b in zip(edges[0::2], edges[1::2])):
+        raise ValueError(f"keypoint_skeleton={edges} joins keypoints of different classes")
     if cfg.inter_instance_kp_attn or cfg.grouppose_keypoint_dim_downscale != 1:
         raise ValueError(
             "inter_instance_kp_attn=True and grouppose_keypoint_dim_downscale != 1 are not supported "

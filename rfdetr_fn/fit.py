@@ -297,12 +297,17 @@ def _align_classes(cfg: ModelConfig, dataset_classes: int) -> ModelConfig:
 
 
 def _align_keypoints(cfg: ModelConfig, dataset) -> ModelConfig:
-    """A keypoint model's schema and keypoint names follow the train split, like its classes."""
+    """A keypoint model's schema, keypoint names and skeleton follow the train split, like its classes."""
     if not cfg.keypoints:
         return cfg
     schema, names = dataset.keypoint_schema, dataset.keypoint_names
     flat = tuple(n for per_class in names for n in per_class)
-    return attrs.evolve(cfg, num_keypoints_per_class=schema, keypoint_names=flat if len(flat) == sum(schema) else ())
+    return attrs.evolve(
+        cfg,
+        num_keypoints_per_class=schema,
+        keypoint_names=flat if len(flat) == sum(schema) else (),
+        keypoint_skeleton=dataset.keypoint_skeleton,
+    )
 
 
 def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):

@@ -24,6 +24,7 @@ from rfdetr_fn import imageio, tree, weights
 from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.compile import use_compile
+from rfdetr_fn.data.keypoints import class_edges
 from rfdetr_fn.data.source import IMAGE_SUFFIXES
 from rfdetr_fn.flags import parse
 from rfdetr_fn.inference import predict
@@ -126,10 +127,15 @@ def class_colour(label: int) -> tuple[int, int, int]:
 
 
 def draw_detections(
-    image: np.ndarray, det: dict[str, Tensor], names: Sequence[str] | None, schema: Sequence[int] = ()
+    image: np.ndarray,
+    det: dict[str, Tensor],
+    names: Sequence[str] | None,
+    schema: Sequence[int] = (),
+    skeleton: Sequence[int] = (),
 ) -> Image.Image:
     """The image with semi-transparent masks, then boxes and "name score" labels (just "name" when `det` has
-    no scores: ground truth), one colour per class, and keypoint skeletons (see `draw_skeleton`)."""
+    no scores: ground truth), one colour per class, and keypoints joined by the `skeleton` edges (flat
+    indices into the schema's keypoints, ModelConfig.keypoint_skeleton; see `draw_skeleton`)."""
     base = Image.fromarray(image).convert("RGBA")
     labels = det["labels"].cpu().tolist()
     if "masks" in det:
@@ -153,17 +159,25 @@ def draw_detections(
         pen.text((x + 1 - left, y + 1 - top), text, fill=(0, 0, 0), font=font)
     if "keypoints" in det:
         for points, label in zip(det["keypoints"].float().cpu().tolist(), labels):
-            draw_skeleton(pen, points[: schema[label] if label < len(schema) else 0], class_colour(label), width)
+            count = schema[label] if label < len(schema) else 0
+            edges = class_edges(schema, skeleton, label)
+            draw_skeleton(pen, points[:count], edges, class_colour(label), width)
     return canvas
 
 
-def draw_skeleton(pen: ImageDraw.ImageDraw, points: list[list[float]], colour: tuple[int, int, int], width: int):
-    """A class's keypoints joined in order (a closed loop: the outline for corner keypoints), then a dot
-    on each; only keypoints whose confidence reaches KEYPOINT_MIN_SCORE are drawn or joined."""
+def draw_skeleton(
+    pen: ImageDraw.ImageDraw,
+    points: list[list[float]],
+    edges: Sequence[tuple[int, int]],
+    colour: tuple[int, int, int],
+    width: int,
+):
+    """A class's keypoints: a line for each skeleton edge, then a white dot on each keypoint (no edges: dots
+    only); only keypoints whose confidence reaches KEYPOINT_MIN_SCORE are drawn or joined."""
     shown = [(x, y) if s >= KEYPOINT_MIN_SCORE else None for x, y, s in points]
-    for a, b in zip(shown, shown[1:] + shown[:1]) if len(shown) > 2 else zip(shown[:1], shown[1:]):
-        if a is not None and b is not None:
-            pen.line([a, b], fill=colour, width=width)
+    for a, b in edges:
+        if shown[a] is not None and shown[b] is not None:
+            pen.line([shown[a], shown[b]], fill=colour, width=width)
     radius = 2 * width
     for p in shown:
         if p is not None:
@@ -224,7 +238,8 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
                         record = {"image": str(path), "width": int(w), "height": int(h)}
                         record["detections"] = detections_to_json(det, names, schema)
                         if args.draw:
-                            draw_detections(arr, det, names, schema).save(out_dir / drawings[path])
+                            drawn = draw_detections(arr, det, names, schema, cfg.keypoint_skeleton)
+                            drawn.save(out_dir / drawings[path])
                     records.append(record)
                     stream.write(json.dumps(record) + "\n")
                     stream.flush()

@@ -74,6 +74,22 @@ def test_keypoint_bad_annotations_fail_early_naming_file_and_annotation(tmp_path
     assert "_annotations.coco.json" in str(err.value)
 
 
+def test_keypoint_coco_skeleton_becomes_the_model_skeleton(tmp_path):
+    """COCO's 1-based per-category skeleton -> flat 0-based indices into the schema's keypoints (class 1's
+    start at 4), which fit puts in the model config; an edge past the category's count is an error naming it."""
+    from rfdetr_fn.fit import _align_keypoints
+
+    cats = [{**CATS[0], "skeleton": [[1, 2], [3, 4]]}, {**CATS[1], "skeleton": [[1, 3]]}]
+    root = _roboflow(tmp_path / "ok", [QUAD, TRI], cats=cats)
+    ds = build_dataset(DataConfig(dataset_dir=str(root)), "train", KP, TC, train=False)
+    assert ds.keypoint_skeleton == (0, 1, 2, 3, 4, 6)
+    assert _align_keypoints(KP, ds).keypoint_skeleton == (0, 1, 2, 3, 4, 6)
+    bad = [CATS[0], {**CATS[1], "skeleton": [[1, 4]]}]
+    root = _roboflow(tmp_path / "bad", [QUAD, TRI], cats=bad)
+    with pytest.raises(DatasetError, match=r"category id 2 \(tri\): skeleton edge \[1, 4\] must join two .* 1\.\.3"):
+        build_dataset(DataConfig(dataset_dir=str(root)), "train", KP, TC, train=False)
+
+
 def test_keypoint_schema_mismatch_between_splits_is_an_error(tmp_path):
     cats = [CATS[0], {**CATS[1], "keypoints": ["a", "b"]}]
     tri2 = {**TRI, "keypoints": [25, 6, 2, 35, 6, 2]}

@@ -421,6 +421,33 @@ def test_keypoint_predict_json_and_skeleton_drawing(tmp_path):
     assert (drawn == 255).all(-1).any(), "keypoint dots are drawn"
 
 
+def test_keypoint_skeleton_edges_are_drawn_and_nothing_else():
+    """Only the skeleton's edges are drawn: class 1 of schema (4, 3) with skeleton [4, 6] (flat indices:
+    its keypoints 0 and 2) joins (20, 20)-(60, 20) but not (20, 20)-(20, 60); a keypoint below
+    KEYPOINT_MIN_SCORE is neither dotted nor joined. Weights files keep the skeleton in the config."""
+    from rfdetr_fn.predict_cli import class_colour, draw_detections
+    from rfdetr_fn.weights import config_from_dict, config_to_dict
+
+    image = np.zeros((100, 100, 3), np.uint8)
+    points = torch.tensor([[[20.0, 20.0, 0.9], [20.0, 60.0, 0.9], [60.0, 20.0, 0.9], [0.0, 0.0, 0.0]]])
+    det = {"boxes": torch.tensor([[90.0, 90.0, 99.0, 99.0]]), "labels": torch.tensor([1]), "keypoints": points}
+    drawn = np.asarray(draw_detections(image, det, ["a", "b"], schema=(4, 3), skeleton=(0, 1, 4, 6)))
+    colour = list(class_colour(1))
+    assert drawn[20, 40].tolist() == colour  # on the edge 0-2
+    assert drawn[40, 20].tolist() == [0, 0, 0]  # 0-1 is class 0's edge, not class 1's
+    assert drawn[60, 20].tolist() == [255, 255, 255]  # the dot on keypoint 1
+    faint = {**det, "keypoints": points * torch.tensor([1.0, 1.0, 0.0])[None, None].expand(1, 4, 3).clone()}
+    faint["keypoints"][0, 0, 2] = 0.9
+    drawn = np.asarray(draw_detections(image, faint, ["a", "b"], schema=(4, 3), skeleton=(4, 6)))
+    assert drawn[20, 40].tolist() == [0, 0, 0] and drawn[20, 60].tolist() == [0, 0, 0]
+    cfg = presets.tiny_keypoint(num_classes=2, num_keypoints_per_class=(4, 3), keypoint_skeleton=(0, 1, 4, 6))
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="different classes"):
+        attrs.evolve(cfg, keypoint_skeleton=(0, 4))
+    with pytest.raises(ValueError, match=r"0\.\.6"):
+        attrs.evolve(cfg, keypoint_skeleton=(0, 7))
+
+
 @pytest.mark.slow
 def test_keypoint_model_and_loss_trace_fullgraph():
     """Keypoint forward + matcher + losses: one graph (backend="eager" checks tracing without codegen)."""

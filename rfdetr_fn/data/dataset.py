@@ -75,6 +75,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.keypoint_schema, self.keypoint_names = kp.label_schema(
             source.categories, source.annotations, self.cat2label
         )
+        self.keypoint_skeleton = kp.label_skeleton(source.categories, self.cat2label, self.keypoint_schema)
         self.keypoints = keypoints
         if keypoints and not self.keypoint_schema:
             raise DatasetError(f"{source.name}: a keypoint model needs keypoint annotations; this split has none")

@@ -52,6 +52,47 @@ def label_schema(
     return schema, [by_label.get(i, (0, []))[1] for i in range(width)]
 
 
+def skeleton_problems(categories: Sequence[dict], counts: dict[int, int]) -> list[str]:
+    """What is wrong with the categories' COCO `skeleton` edges (1-based [a, b] keypoint pairs), if anything."""
+    problems = []
+    for c in categories:
+        edges = c.get("skeleton")
+        if not edges:
+            continue
+        n = counts.get(int(c["id"]), 0)
+        where = f"category id {c['id']} ({c.get('name', '')})"
+        for edge in edges if isinstance(edges, list) else [edges]:
+            ok = isinstance(edge, list | tuple) and len(edge) == 2 and all(isinstance(v, int) for v in edge)
+            if not ok or not all(1 <= v <= n for v in edge) or edge[0] == edge[1]:
+                problems.append(
+                    f"{where}: skeleton edge {edge!r} must join two different keypoints in 1..{n} (COCO is 1-based)"
+                )
+    return problems
+
+
+def label_skeleton(categories: Sequence[dict], cat2label: dict[int, int], schema: Sequence[int]) -> tuple[int, ...]:
+    """The categories' skeleton edges as flat [a0, b0, a1, b1, ...] indices into the schema's compact
+    keypoint list (class 0's keypoints, then class 1's, ...), 0-based; edges must already be valid."""
+    offsets = [sum(schema[:label]) for label in range(len(schema))]
+    out: list[int] = []
+    for c in categories:
+        label = cat2label.get(int(c["id"]))
+        if label is None or label >= len(schema) or not schema[label]:
+            continue
+        for a, b in c.get("skeleton") or []:
+            out += [offsets[label] + a - 1, offsets[label] + b - 1]
+    return tuple(out)
+
+
+def class_edges(schema: Sequence[int], skeleton: Sequence[int], label: int) -> list[tuple[int, int]]:
+    """The skeleton edges of one class, as indices into that class's own keypoints."""
+    if label >= len(schema):
+        return []
+    start, stop = sum(schema[:label]), sum(schema[: label + 1])
+    pairs = zip(skeleton[0::2], skeleton[1::2])
+    return [(a - start, b - start) for a, b in pairs if start <= a < stop and start <= b < stop]
+
+
 def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(name).strip().lower()).strip("_")
 

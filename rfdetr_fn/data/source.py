@@ -94,6 +94,7 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], s
     declared = {int(c["id"]): str(c.get("name", "")) for c in source.categories}
     counts = kp.category_counts(source.categories, source.annotations)
     width = max(counts.values(), default=0)
+    problems += kp.skeleton_problems(source.categories, counts)
     rows: list[list[tuple]] = [[] for _ in images]
     clipped: list[str] = []
     dropped: dict[str, list[str]] = {}

@@ -63,6 +63,17 @@ def shape_polygon(kind: str, x: float, y: float, w: float, h: float, rng: random
     return [round(c, 2) for p in pts for c in p]
 
 
+def outline(count: int) -> list[list[int]]:
+    """COCO skeleton (1-based edges) joining a shape's keypoints around its outline."""
+    return [[k + 1, (k + 1) % count + 1] for k in range(count)]
+
+
+def category(label: int, name: str) -> dict:
+    """COCO category of a class: its shape's keypoint names and the outline through them as skeleton."""
+    points = KEYPOINTS[SHAPES[label % len(SHAPES)]][1]
+    return {"id": label, "name": name, "keypoints": list(points), "skeleton": outline(len(points))}
+
+
 def shape_keypoints(kind: str, poly: list[float]) -> list[float]:
     """COCO keypoint triplets (x, y, v=2) of a shape, read off its polygon."""
     vertices, _ = KEYPOINTS[kind]
@@ -135,10 +146,7 @@ def synthetic_source(data_cfg: DataConfig, split: str, seed: int = 0) -> Source:
         name=f"synthetic[{split}]",
         images=images,
         annotations=annotations,
-        categories=[
-            {"id": i, "name": nm, "keypoints": list(KEYPOINTS[SHAPES[i % len(SHAPES)]][1])}
-            for i, nm in enumerate(names)
-        ],
+        categories=[category(i, nm) for i, nm in enumerate(names)],
         cat2label={i: i for i in range(k)},
         class_names=names,
         num_classes=k,
