@@ -1,7 +1,8 @@
 """Built-in procedural dataset: coloured rectangles, ellipses and triangles on noisy backgrounds.
 
-It lets `fit` run with no dataset on disk. Class k is shape k % 3 in colour k // 3 (so up to 18
-distinct classes). Every shape is a polygon, drawn with Pillow and stored as a COCO polygon, so boxes,
+It lets `fit` run with no dataset on disk. Class k is shape k % 3 in colour (k + k // 6) % 6: up to 18
+distinct classes, and the first six differ in colour as well as shape, so a short run can tell them
+apart by colour before it has learnt shapes. Every shape is a polygon, drawn with Pillow and stored as a COCO polygon, so boxes,
 masks and pixels agree; it also carries keypoints (rectangle corners, the ellipse's four extreme points,
 triangle vertices; see KEYPOINTS), so keypoint models train on it out of the box. Shapes never overlap,
 so no mask is hidden behind another. Everything is a pure function of (seed, split, index): annotations
@@ -44,7 +45,12 @@ def class_names(num_classes: int) -> list[str]:
     if num_classes > len(SHAPES) * len(COLOURS):
         raise DatasetError(f"synthetic_classes={num_classes} exceeds {len(SHAPES) * len(COLOURS)} shape/colour pairs")
     colours = list(COLOURS)
-    return [f"{colours[k // len(SHAPES)]} {SHAPES[k % len(SHAPES)]}" for k in range(num_classes)]
+    return [f"{colours[colour_index(k)]} {SHAPES[k % len(SHAPES)]}" for k in range(num_classes)]
+
+
+def colour_index(label: int) -> int:
+    """Colour of class `label`: a bijection of the 18 classes onto (shape, colour) pairs."""
+    return (label + label // len(COLOURS)) % len(COLOURS)
 
 
 def shape_polygon(kind: str, x: float, y: float, w: float, h: float, rng: random.Random) -> list[float]:
@@ -108,7 +114,7 @@ def render(entry: dict, *, seed: int, polygons: dict[int, list[tuple[int, list[f
     draw = ImageDraw.Draw(image)
     colours = list(COLOURS.values())
     for cls, poly in polygons[entry["id"]]:
-        draw.polygon(list(zip(poly[0::2], poly[1::2])), fill=colours[cls // len(SHAPES)])
+        draw.polygon(list(zip(poly[0::2], poly[1::2])), fill=colours[colour_index(cls)])
     return image
 
 
