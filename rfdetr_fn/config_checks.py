@@ -38,4 +38,8 @@ def check_keypoint_fields(cfg: Any) -> None:
     if cfg.segmentation_head:
         raise ValueError("a keypoint model cannot also have segmentation_head=True")
     if cfg.num_decoder_registers:
-        raise ValueError("a keypoint model cannot also have num_decoder_registers > 0 (no upstream variant has both)")
+        raise ValueError(
+            "a keypoint model cannot also have num_decoder_registers > 0 yet: upstream's transformer has the "
+            "path (registers get keypoint tokens too, dropped with them) but no upstream variant enables it and "
+            "no golden fixture checks it"
+        )

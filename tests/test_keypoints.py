@@ -165,6 +165,8 @@ def test_keypoint_config_errors():
         presets.tiny_keypoint(keypoint_names=("a", "b"))
     with pytest.raises(ValueError, match="inter_instance_kp_attn"):
         presets.tiny_keypoint(inter_instance_kp_attn=True)
+    with pytest.raises(ValueError, match="num_decoder_registers > 0 yet: .* no golden fixture"):
+        presets.tiny_keypoint(num_decoder_registers=2)
 
 
 # ---------------------------------------------------------------- checkpoints
