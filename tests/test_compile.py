@@ -64,13 +64,15 @@ def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
 
 
 def test_use_compile_auto_follows_measurements(monkeypatch):
-    monkeypatch.setitem(compile_lib.FIRST_COMPILE_S, "cpu", None)
-    assert not compile_lib.use_compile("auto", torch.device("cpu"))
-    monkeypatch.setitem(compile_lib.FIRST_COMPILE_S, "cpu", 120.0)
-    assert compile_lib.use_compile("auto", torch.device("cpu"))
-    assert compile_lib.use_compile("on", torch.device("cpu")) and not compile_lib.use_compile(
-        "off", torch.device("cpu")
-    )
+    cpu = torch.device("cpu")
+    monkeypatch.delitem(compile_lib.MEASURED, "cpu", raising=False)
+    assert not compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 0.9, 1.4))
+    assert not compile_lib.use_compile("auto", cpu), "a compiled step slower than eager stays off"
+    assert compile_lib.use_compile("auto", cpu, "inference")
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.3, 1.0))
+    assert compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
+    assert compile_lib.use_compile("on", cpu) and not compile_lib.use_compile("off", cpu)
     with pytest.raises(ValueError, match="compile='yes'"):
         compile_lib.use_compile("yes", torch.device("cpu"))
 
