@@ -211,7 +211,7 @@ def test_synthetic_deterministic_and_consistent():
     a = build_dataset(cfg, "train", SEG, TC, train=True)
     b = build_dataset(cfg, "train", SEG, TC, train=True)
     assert len(a) == 8 and len(build_dataset(cfg, "valid", SEG, TC, train=False)) == 2
-    assert a.class_names == ["red rectangle", "green ellipse", "blue triangle", "yellow rectangle"]  # colours differ too
+    assert a.class_names == ["red rectangle", "green ellipse", "blue triangle", "yellow rectangle"]
     assert a.coco_gt() == b.coco_gt()
     for i in range(3):
         (xa, ta), (xb, tb) = a[i], b[i]

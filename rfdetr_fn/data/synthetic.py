@@ -2,11 +2,11 @@
 
 It lets `fit` run with no dataset on disk. Class k is shape k % 3 in colour (k + k // 6) % 6: up to 18
 distinct classes, and the first six differ in colour as well as shape, so a short run can tell them
-apart by colour before it has learnt shapes. Every shape is a polygon, drawn with Pillow and stored as a COCO polygon, so boxes,
-masks and pixels agree; it also carries keypoints (rectangle corners, the ellipse's four extreme points,
-triangle vertices; see KEYPOINTS), so keypoint models train on it out of the box. Shapes never overlap,
-so no mask is hidden behind another. Everything is a pure function of (seed, split, index): annotations
-are made up front, pixels on demand.
+apart by colour before it has learnt shapes. Every shape is a polygon, drawn with Pillow and stored as a
+COCO polygon, so boxes, masks and pixels agree; it also carries keypoints (rectangle corners, the
+ellipse's four extreme points, triangle vertices; see KEYPOINTS) with their outline as COCO skeleton, so
+keypoint models train on it out of the box. Shapes never overlap, so no mask is hidden behind another.
+Everything is a pure function of (seed, split, index): annotations are made up front, pixels on demand.
 """
 
 from __future__ import annotations
