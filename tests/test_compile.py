@@ -80,16 +80,23 @@ def test_use_compile_auto_follows_measurements(monkeypatch):
 @pytest.mark.slow
 def test_regional_step_matches_eager_without_recompiles():
     """aot_eager traces the graphs inductor compiles: the loss (with its nested regions) and the update."""
-    import torch._dynamo.utils as dutils
-
     cfg, tcfg, batch = _tiny_setup()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    eager_state, eager = _run(step, init_state(rf.init(cfg, 0), tcfg), batch, 3)
+    assert_compiled_step_equals_eager(step, lambda: init_state(rf.init(cfg, 0), tcfg), batch, steps=3)
+
+
+def assert_compiled_step_equals_eager(step, fresh_state, batch, steps: int) -> None:
+    """compile_step(step, backend="aot_eager") from `fresh_state()`: no graph break, no recompile after the
+    first step, and the losses and final state of `steps` steps equal eager's."""
+    import torch._dynamo.utils as dutils
+
+    eager_state, eager = _run(step, fresh_state(), batch, steps)
     torch._dynamo.reset()
+    dutils.counters.clear()
     compiled = compile_step(step, backend="aot_eager")
-    state, first = _run(compiled, init_state(rf.init(cfg, 0), tcfg), batch, 1)
+    state, first = _run(compiled, fresh_state(), batch, 1)
     graphs = dutils.counters["stats"]["unique_graphs"]
-    state, rest = _run(compiled, state, batch, 2)
+    state, rest = _run(compiled, state, batch, steps - 1)
     assert dutils.counters["stats"]["unique_graphs"] == graphs, "the step recompiled after warm-up"
     assert dict(dutils.counters["graph_break"]) == {}
     assert first + rest == pytest.approx(eager, rel=1e-5)

@@ -473,29 +473,18 @@ def test_keypoint_model_and_loss_trace_fullgraph():
 def test_keypoint_train_step_compiles_and_equals_eager():
     """The keypoint step through compile_step (regional; aot_eager traces the graphs inductor would
     compile): no graph break, no recompile on the second step, losses and the new state equal eager."""
-    import torch._dynamo.utils as dutils
-
-    from rfdetr_fn.step import compile_step
-    from tests.test_train import _run
+    from tests.test_compile import assert_compiled_step_equals_eager
 
     cfg = presets.tiny_keypoint(
         resolution=64, group_detr=2, vit_num_layers=1, out_feature_indexes=(1,), hidden_dim=32, dim_feedforward=64
     )
     tcfg = TrainConfig(batch_size=2, multi_scale="off")
-    batch = _kp_batch([[0, 2, 1], [1]])
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    eager_state, eager = _run(step, init_state(detector.init(cfg, seed=0), tcfg), batch, 2)
-    torch._dynamo.reset()
-    dutils.counters.clear()
-    compiled = compile_step(step, backend="aot_eager")
-    state, first = _run(compiled, init_state(detector.init(cfg, seed=0), tcfg), batch, 1)
-    graphs = dutils.counters["stats"]["unique_graphs"]
-    state, second = _run(compiled, state, batch, 1)
-    assert dutils.counters["stats"]["unique_graphs"] == graphs, "the step recompiled after warm-up"
-    assert dict(dutils.counters["graph_break"]) == {}
-    assert first + second == pytest.approx(eager, rel=1e-5)
-    for key, want in tree.flatten(eager_state).items():
-        torch.testing.assert_close(tree.flatten(state)[key], want, rtol=1e-4, atol=1e-6, msg=key)
+
+    def fresh():
+        return init_state(detector.init(cfg, seed=0), tcfg)
+
+    assert_compiled_step_equals_eager(step, fresh, _kp_batch([[0, 2, 1], [1]]), steps=2)
 
 
 @pytest.mark.slow
