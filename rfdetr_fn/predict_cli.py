@@ -151,6 +151,8 @@ def draw_detections(
     scores = det["scores"].cpu().tolist() if "scores" in det else [None] * len(labels)  # None: ground truth
     for box, score, label in zip(det["boxes"].float().cpu().tolist(), scores, labels):
         colour = class_colour(label)
+        x0, y0, x1, y1 = box  # an untrained model can predict a negative width or height: draw its extent
+        box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
         pen.rectangle(box, outline=colour, width=width)
         text = class_name(label, names) + ("" if score is None else f" {score:.2f}")
         left, top, right, bottom = pen.textbbox((0, 0), text, font=font)

@@ -423,6 +423,16 @@ def test_keypoint_predict_json_and_skeleton_drawing(tmp_path):
     assert (drawn == 255).all(-1).any(), "keypoint dots are drawn"
 
 
+def test_drawing_a_box_with_negative_height_draws_its_extent():
+    """An untrained model predicted y2 < y1 (seen in test_cli_fit_validate_test_predict_short); Pillow
+    refused such a rectangle and predict crashed."""
+    from rfdetr_fn.predict_cli import class_colour, draw_detections
+
+    det = {"boxes": torch.tensor([[10.0, 30.0, 40.0, 20.0]]), "labels": torch.tensor([0]), "scores": torch.ones(1)}
+    drawn = np.asarray(draw_detections(np.zeros((50, 50, 3), np.uint8), det, ["a"]))
+    assert drawn[25, 10].tolist() == list(class_colour(0))  # the left side, between y 20 and 30
+
+
 def test_keypoint_skeleton_edges_are_drawn_and_nothing_else():
     """Only the skeleton's edges are drawn: class 1 of schema (4, 3) with skeleton [4, 6] (flat indices:
     its keypoints 0 and 2) joins (20, 20)-(60, 20) but not (20, 20)-(20, 60); a keypoint below
