@@ -445,7 +445,7 @@ def test_also_validate_warns_when_the_checkpoint_was_trained_on_other_classes(tm
     wfile = tmp_path / "w.pth"
     weights.save_weights(wfile, rf.init(cfg, 0), cfg, class_names=["cat", "dog"])
     data = ["--data.synthetic-images", "4", "--data.synthetic-classes", "2", "--data.synthetic-size", "64"]
-    with pytest.warns(UserWarning, match=r"\['cat', 'dog'\].*\['red rectangle', 'red ellipse'\]"):
+    with pytest.warns(UserWarning, match=r"\['cat', 'dog'\].*\['red rectangle', 'green ellipse'\]"):
         cli.main(["validate", "--checkpoint", str(wfile), *data, "--data.num-workers", "0"])
 
 
