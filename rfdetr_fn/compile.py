@@ -204,9 +204,9 @@ class CompileCache:
 
     def load(self) -> int:
         """Load every artifact file of this key into torch's caches; returns how many loaded."""
+        if _USER_INDUCTOR_DIR is None:  # before torch's first look, which fixes its default into the variable
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(self.directory).resolve() / "inductor")
         enable_disk_caches()
-        if _USER_INDUCTOR_DIR is None:  # inductor reads it at its first compile; later caches keep the first
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(self.directory).resolve() / "inductor"))
         loaded = 0
         for file in sorted(self.path.glob("*.bin")) if self.path.is_dir() else []:
             try:  # torch logs and returns None for a corrupt file; a failed read raises

@@ -195,7 +195,8 @@ def test_compile_cache_keeps_inductor_kernels_beside_the_artifacts(monkeypatch, 
     """The compiled CPU kernels (.so) are not inside the artifact files: inductor's folder moves into the
     compile cache so a second run finds them, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
     monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", None)
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    # torch writes its default into the variable at its first look (importing inductor's config does that)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")
     compile_lib.CompileCache(tmp_path / "cache", "k").load()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache" / "inductor").resolve())
     monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", "/mine")
