@@ -243,13 +243,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
             return grads, {**state, "step": step}
         step64 = step.to(torch.float64)
         gs = [flat_g[n] for n in names]
-        like = gs[0]
-        ms = torch._foreach_lerp([flat_m[n] for n in names], gs, 1.0 - b1)
-        vs = torch._foreach_addcmul(torch._foreach_mul([flat_v[n] for n in names], b2), gs, gs, value=1.0 - b2)
-        bias2_sqrt = _scalar(torch.sqrt(1.0 - b2**step64), like)
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(vs), bias2_sqrt), eps)
+        bias2_sqrt = _scalar(torch.sqrt(1.0 - b2**step64), gs[0])
         bias1 = 1.0 - b1**step64
-        direction = [Scaled(d, div=bias1) for d in torch._foreach_div(ms, denom)]
+        ms, vs, direction = [], [], []
+        for lo, hi in tree.chunks(gs):  # temporaries per chunk, not per model
+            g = gs[lo:hi]
+            m = torch._foreach_lerp([flat_m[n] for n in names[lo:hi]], g, 1.0 - b1)
+            v = torch._foreach_addcmul(torch._foreach_mul([flat_v[n] for n in names[lo:hi]], b2), g, g, value=1.0 - b2)
+            denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), bias2_sqrt), eps)
+            direction += [Scaled(d, div=bias1) for d in torch._foreach_div(m, denom)]
+            ms += m
+            vs += v
         new_m, new_v = {**flat_m, **dict(zip(names, ms))}, {**flat_v, **dict(zip(names, vs))}
         state = {"step": step, "exp_avg": tree.unflatten(new_m), "exp_avg_sq": tree.unflatten(new_v)}
         return tree.unflatten({**flat_g, **dict(zip(names, direction))}), state

@@ -147,6 +147,7 @@ def apply(
         cfg,
         groups,
         cross_feats,
+        checkpointed=train and cfg.gradient_checkpointing,
     )
     logits, boxes = _heads(params, tr["hs"], tr["ref"])
     layers = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(cfg.dec_layers)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import nn
 from rfdetr_fn.compile import region
@@ -144,18 +145,23 @@ def decoder(
     groups: int,
     kp: Tensor | None = None,
     kp_memory: Tensor | None = None,
+    checkpointed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm.
 
     With keypoint tokens `kp` (B, N, K, d), each layer is followed by the GroupPose block (reading
     `kp_memory`); their states after every layer come back as (L, B, N, K, d), else None.
+    `checkpointed` recomputes each layer in the backward pass (it keeps only the layer's inputs: the
+    FFN over every query group is the largest activation of a train step); the layer draws nothing
+    random, so the numbers are identical.
     """
     ref_input = ref[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
     query_pos = nn.mlp(p["ref_point_head"], sine_for_boxes(ref_input[:, :, 0], cfg.hidden_dim // 2), 2)
     hs, kp_hs = [], []
     for i in range(cfg.dec_layers):
         layer = p["layers"][str(i)]
-        tgt = decoder_layer(layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        args = (layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        tgt = checkpoint(decoder_layer, *args, use_reentrant=False) if checkpointed else decoder_layer(*args)
         if kp is not None:
             pos = p["keypoint_pos_embed"]
             tgt, kp = keypoints.block(layer, tgt, kp, pos, query_pos, ref_input, kp_memory, mask, shapes, cfg)
@@ -196,6 +202,7 @@ def apply(
     cfg: ModelConfig,
     groups: int,
     cross_feats: list[Tensor] | None = None,
+    checkpointed: bool = False,
 ) -> dict[str, Tensor]:
     """Projector maps + level masks -> decoder states and two-stage outputs.
 
@@ -203,6 +210,7 @@ def apply(
     `cross_feats` are the dual projector's maps (same shapes as `feats`). Returns hs (L, B, N, d), ref
     (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts, boxes_ts, logits_ts and
     indices; keypoint models add kp_hs (L, B, N, K, d) and enc_keypoints (B, N, K, 8), compact.
+    `checkpointed`: gradient checkpointing of the decoder layers (see `decoder`).
     """
     check_supported(cfg)
     memory, mask, shapes = flatten_levels(feats, masks)
@@ -226,10 +234,14 @@ def apply(
     if registers:  # check_supported: no keypoint tokens here
         tgt_r = with_registers(tgt, p["register_tokens"], groups)
         ref_r = with_registers(ref, p["register_ref_points"], groups)
-        hs = decoder(p["decoder"], tgt_r, ref_r, dec_memory, mask, shapes, ratios, cfg, groups)[0]
+        hs = decoder(
+            p["decoder"], tgt_r, ref_r, dec_memory, mask, shapes, ratios, cfg, groups, checkpointed=checkpointed
+        )[0]
         out["hs"] = drop_registers(hs, groups, registers)
         return out
-    hs, kp_hs = decoder(p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups, kp, kp_memory)
+    hs, kp_hs = decoder(
+        p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups, kp, kp_memory, checkpointed
+    )
     out["hs"] = hs
     if cfg.keypoints:
         out["kp_hs"] = kp_hs
