@@ -84,28 +84,45 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def two_stage(p: Params, memory: Tensor, mask: Tensor, shapes: Shapes, cfg: ModelConfig, groups: int):
+def _group_proposals(p: Params, g_key: str, memory: Tensor, proposals: Tensor, k: int) -> tuple[Tensor, ...]:
+    """One group's top-k memory rows: (selected memory, their boxes, their logits, indices)."""
+    m = nn.layer_norm(p["enc_output_norm"][g_key], nn.linear(p["enc_output"][g_key], memory))
+    scores = nn.linear(p["enc_out_class_embed"][g_key], m).max(-1).values
+    idx = torch.topk(scores, k, dim=1).indices
+    deltas = nn.mlp(p["enc_out_bbox_embed"][g_key], m, 3)
+    sel = _gather_rows(m, idx)
+    return sel, _gather_rows(apply_deltas(deltas, proposals), idx), nn.linear(p["enc_out_class_embed"][g_key], sel), idx
+
+
+def two_stage(
+    p: Params,
+    memory: Tensor,
+    mask: Tensor,
+    shapes: Shapes,
+    cfg: ModelConfig,
+    groups: int,
+    checkpointed: bool = False,
+):
     """Select `num_queries` encoder positions per group with that group's heads.
 
     Returns (memory_ts, boxes_ts, logits_ts, indices), each concatenated over groups along the query
     axis: memory_ts (B, k*G, d) the selected normalised memory, boxes_ts (B, k*G, 4) the encoder boxes
     (not detached: the encoder loss trains them), logits_ts their class logits and indices the
     flattened memory positions picked. Query slot i of a group takes its i-th best position
-    (torch.topk order, like upstream).
+    (torch.topk order, like upstream). `checkpointed` recomputes each group's projections in the
+    backward pass (every group projects the whole memory).
     """
     out_memory, proposals = encoder_proposals(memory, mask, shapes)
     k = min(cfg.num_queries, memory.shape[1])
     mems, boxes, logits, picks = [], [], [], []
     for g in range(groups):
-        g_key = str(g)
-        m = nn.layer_norm(p["enc_output_norm"][g_key], nn.linear(p["enc_output"][g_key], out_memory))
-        scores = nn.linear(p["enc_out_class_embed"][g_key], m).max(-1).values
-        idx = torch.topk(scores, k, dim=1).indices
-        deltas = nn.mlp(p["enc_out_bbox_embed"][g_key], m, 3)
-        sel = _gather_rows(m, idx)
+        args = (p, str(g), out_memory, proposals, k)
+        sel, box, logit, idx = (
+            checkpoint(_group_proposals, *args, use_reentrant=False) if checkpointed else _group_proposals(*args)
+        )
         mems.append(sel)
-        boxes.append(_gather_rows(apply_deltas(deltas, proposals), idx))
-        logits.append(nn.linear(p["enc_out_class_embed"][g_key], sel))
+        boxes.append(box)
+        logits.append(logit)
         picks.append(idx)
     return torch.cat(mems, 1), torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(picks, 1)
 
@@ -210,12 +227,12 @@ def apply(
     `cross_feats` are the dual projector's maps (same shapes as `feats`). Returns hs (L, B, N, d), ref
     (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts, boxes_ts, logits_ts and
     indices; keypoint models add kp_hs (L, B, N, K, d) and enc_keypoints (B, N, K, 8), compact.
-    `checkpointed`: gradient checkpointing of the decoder layers (see `decoder`).
+    `checkpointed`: gradient checkpointing of the decoder layers and the two-stage groups.
     """
     check_supported(cfg)
     memory, mask, shapes = flatten_levels(feats, masks)
     ratios = valid_ratios(masks).to(memory.dtype)
-    memory_ts, boxes_ts, logits_ts, indices = two_stage(p, memory, mask, shapes, cfg, groups)
+    memory_ts, boxes_ts, logits_ts, indices = two_stage(p, memory, mask, shapes, cfg, groups, checkpointed)
     b = memory.shape[0]
     tgt = query_feat[None].expand(b, -1, -1)
     learned = refpoint_embed[None].expand(b, -1, -1)
