@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,14 +83,27 @@ def _median_forward(forward, params, image, steps: int) -> float:
     return statistics.median(times)
 
 
+def max_grad_rel(got: dict, want: dict) -> float:
+    """Largest per-tensor max|got - want| / max|want|, the denominator floored at 1e-6 of the largest gradient:
+    some gradients are zero up to rounding (a key projection's bias cannot change a softmax), and their
+    relative difference is noise over noise."""
+    floor = 1e-6 * max(float(w.abs().max()) for w in want.values())
+    return max(float((got[k] - w).abs().max()) / max(float(w.abs().max()), floor) for k, w in want.items())
+
+
+def report_partial(out: dict) -> None:
+    """Print what is measured so far; the parent keeps the last RESULT line a child printed."""
+    print("RESULT " + json.dumps(out), flush=True)
+
+
 def child(args) -> dict:
     """One measurement in this process (see the module docstring)."""
     import torch._dynamo.utils as dutils
 
     from rfdetr_fn import compile as compile_lib
-    from rfdetr_fn import tree
+    from rfdetr_fn import rng, tree
     from rfdetr_fn.inference import forward_fn
-    from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
+    from rfdetr_fn.step import assemble_step, compile_step, grad_and_value, init_state, make_train_step
 
     cfg, tcfg, params, device = _setup(args)
     batch = synthetic_batch(cfg, args.batch_size, args.resolution, device)
@@ -121,29 +135,37 @@ def child(args) -> dict:
     key = compile_lib.cache_key(cfg, tcfg, device=device, what="benchmark")
     cache = compile_lib.CompileCache(Path(args.artifacts), key)
     out["artifacts_loaded"] = cache.load()
-    step = compile_step(eager_step, mode=args.mode)
+    step = compile_step(eager_step, mode=args.mode, backend=args.backend)
+    # first the loss piece alone (its compile, and the numerical check), then the step (the update's compile)
+    scale = torch.ones((), device=device)
+    trainable, frozen = eager_step.pieces.split(params)
+    key = rng.mix(state["seed"], state["step"], 0)
+    t0 = time.perf_counter()
+    got_g, (_, (_, got_l)) = grad_and_value(step.pieces.loss)(trainable, frozen, batch, scale, key)
+    out["first_loss_s"] = time.perf_counter() - t0
+    want_g, (_, (_, want_l)) = grad_and_value(eager_step.pieces.loss)(trainable, frozen, batch, scale, key)
+    out["max_loss_rel"] = max(abs(float(got_l[k] - want_l[k])) / max(abs(float(want_l[k])), 1e-12) for k in want_l)
+    out["max_grad_rel"] = max_grad_rel(tree.flatten(got_g), tree.flatten(want_g))
+    report_partial(out)
     t0 = time.perf_counter()
     state, metrics = step(state, [batch])
     float(metrics["loss"])
-    out["first_step_s"] = time.perf_counter() - t0
+    out["first_update_s"] = time.perf_counter() - t0
+    out["first_step_s"] = out["first_loss_s"] + out["first_update_s"]
     out["compile_peak_rss_gib"] = _rss_gib("VmHWM")
     out["graphs"] = dutils.counters["stats"]["unique_graphs"]
     out["graph_breaks"] = sum(dutils.counters["graph_break"].values())
     out["compile_times"] = dutils.compile_times(repr="csv")
+    cache.save_if_new()
+    report_partial(out)
     state, _ = _median_step(step, state, batch, args.warmup)
     _reset_peak_rss()
     state, out["step_s"] = _median_step(step, state, batch, args.steps)
     out["peak_rss_gib"] = _rss_gib("VmHWM")
-    scale = torch.ones((), device=device)
-    trainable, frozen = eager_step.pieces.split(params)
-    got_g, (_, (_, got_l)) = grad_and_value(step.pieces.loss)(trainable, frozen, batch, scale)
-    want_g, (_, (_, want_l)) = grad_and_value(eager_step.pieces.loss)(trainable, frozen, batch, scale)
-    out["max_loss_rel"] = max(abs(float(got_l[k] - want_l[k])) / max(abs(float(want_l[k])), 1e-12) for k in want_l)
-    flat = tree.flatten(got_g)
-    out["max_grad_rel"] = max(
-        float((flat[k] - w).abs().max()) / (float(w.abs().max()) + 1e-12) for k, w in tree.flatten(want_g).items()
-    )
-    forward = forward_fn(cfg, device, compile=True, cache_dir=args.artifacts, mode=args.mode)
+    report_partial(out)  # a later failure keeps the compile figures
+    loss_only = assemble_step(attrs.evolve(step.pieces, update=eager_step.pieces.update))  # nothing new to compile
+    state, out["loss_only_step_s"] = _median_step(loss_only, state, batch, args.steps)
+    forward = forward_fn(cfg, device, compile=True, cache_dir=args.artifacts, mode=args.mode, backend=args.backend)
     t0 = time.perf_counter()
     with torch.no_grad():
         float(forward(params, image, None)["pred_boxes"].sum())
@@ -160,13 +182,20 @@ def run_child(args, preset: str, mode: str, env: dict, artifacts: str) -> dict:
     started = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        return {"mode": mode, "timeout": True, "wall_s": time.perf_counter() - started}
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    if not line:
+    except subprocess.TimeoutExpired as e:
+        partial = [x for x in (e.stdout or b"").decode().splitlines() if x.startswith("RESULT ")]
+        return {
+            **(json.loads(partial[-1][7:]) if partial else {}),
+            "mode": mode,
+            "timeout": True,
+            "wall_s": time.perf_counter() - started,
+        }
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0:
         print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+    if not lines:
         return {"mode": mode, "failed": True}
-    return json.loads(line[0][7:])
+    return {**json.loads(lines[-1][7:]), **({"failed": True} if done.returncode != 0 else {})}
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -192,7 +221,14 @@ def report(preset: str, rows: dict, args) -> None:
 
     table = [
         ("first call (compile), s", ["", *cells("first_step_s", ".1f")[1:]], _ratio(warm, cold, "first_step_s")),
+        ("  of which loss + backward piece, s", ["", *cells("first_loss_s", ".1f")[1:]], ""),
+        ("  of which update piece, s", ["", *cells("first_update_s", ".1f")[1:]], ""),
         ("train step median, s", cells("step_s", ".3f"), "eager/compiled " + _ratio(eager, cold, "step_s")),
+        (
+            "train step median, compiled loss + eager update, s",
+            ["", *cells("loss_only_step_s", ".3f")[1:]],
+            "eager/this " + _ratio(eager, cold, "step_s", "loss_only_step_s"),
+        ),
         ("steady peak RSS, GiB", cells("peak_rss_gib", ".2f"), "compiled/eager " + _ratio(cold, eager, "peak_rss_gib")),
         ("peak RSS while compiling, GiB", ["", *cells("compile_peak_rss_gib", ".2f")[1:]], ""),
         ("inference batch 1 median, s", cells("infer_s", ".3f"), "eager/compiled " + _ratio(eager, cold, "infer_s")),
@@ -232,8 +268,8 @@ def report(preset: str, rows: dict, args) -> None:
         print(cold["compile_times"])
 
 
-def _ratio(top: dict, bottom: dict, key: str) -> str:
-    a, b = top.get(key), bottom.get(key)
+def _ratio(top: dict, bottom: dict, key: str, bottom_key: str | None = None) -> str:
+    a, b = top.get(key), bottom.get(bottom_key or key)
     return "-" if not a or not b else f"{a / b:.2f}x"
 
 
@@ -247,6 +283,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["eager", "cold", "warm", "menu"])
+    parser.add_argument("--backend", default="inductor", help="aot_eager checks this script in minutes, no codegen")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--child-timeout", type=float, default=3600.0)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -254,7 +291,7 @@ def main() -> None:
     parser.add_argument("--artifacts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        report_partial(child(args))
         return
     for preset in args.preset:
         with tempfile.TemporaryDirectory(prefix="rfdetr_fn_compile_bench_") as tmp:

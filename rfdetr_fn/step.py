@@ -281,6 +281,7 @@ def compile_step(
     backend: str = "inductor",
     regional: bool = True,
     mode: str | None = None,
+    update: bool = True,
 ) -> Callable:
     """torch.compile a step from `make_train_step`, by default piece by piece with nested regions.
 
@@ -288,6 +289,8 @@ def compile_step(
     between them; AOTAutograd compiles the loss's backward, and the region markers let it trace and
     compile each block kind once. whole: one fullgraph function with torch.func inside (the markers are
     switched off process-wide: they do not compose with torch.func under compile); slower to compile.
+    update=False (regional only) keeps the optimizer/clip/EMA piece eager: tracing its per-tensor Python
+    costs more compile time than the loss (benchmarks/RESULTS.md), for little gain where the step is GEMM-bound.
     Every new input shape (a multi-scale size) compiles once more; `max_shapes` raises Dynamo's limit.
     """
     if not enabled:
@@ -297,8 +300,8 @@ def compile_step(
     if regional and pieces is not None:
         compile_lib.SWITCH.regions = True
         loss = compile_lib.compile_fn(pieces.loss, backend=backend, mode=mode)
-        update = compile_lib.compile_fn(pieces.update, backend=backend, mode=mode)
-        return assemble_step(attrs.evolve(pieces, loss=loss, update=update))
+        compiled_update = compile_lib.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
+        return assemble_step(attrs.evolve(pieces, loss=loss, update=compiled_update))
     compile_lib.SWITCH.regions = False
     return compile_lib.compile_fn(step_fn, backend=backend, mode=mode)
 
