@@ -12,7 +12,8 @@ Two torch 2.13 workarounds live in the marked blocks: linears use `w.t()` (Dynam
 (inside a region's backward, inductor's SDPA gradient comes back in another layout than traced and the
 head-merging `view` fails: "Cannot view a tensor with shape [B, T, heads, hd]").
 
-The cache: inductor's FX-graph cache and AOTAutograd's cache are switched on, and
+The cache: inductor's FX-graph cache and AOTAutograd's cache are switched on, inductor's cache folder (with
+the compiled C++/Triton kernels) moves to `<cache dir>/inductor` unless TORCHINDUCTOR_CACHE_DIR is set, and
 `torch.compiler.save_cache_artifacts` bundles what a run compiled into a file under
 `<cache dir>/<key>/`, where the key hashes everything that shapes the graph (model config, the train
 fields that enter the step, precision, torch/triton versions, device). A later run with the same key
@@ -82,9 +83,27 @@ LOOP_ONLY_FIELDS = frozenset(
     }
 )
 
-# Measured first-compile times (benchmarks/RESULTS.md, shared 2-core CPU, torch 2.13): used by `auto` to
-# decide and by `announce` to say how long the wait is. None = not measured there: auto stays off.
-FIRST_COMPILE_S = {"cpu": None, "cuda": None}
+# Whether the user chose inductor's cache folder; else `CompileCache.load` puts it inside the compile cache, so
+# the compiled kernels (.so files, which the artifact files do not carry on CPU) persist beside the artifacts.
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+@attrs.frozen
+class Measured:
+    """What `benchmarks/compile.py` measured for Nano 384, batch 2, fp32 on one device type (RESULTS.md):
+    first compiled call with empty caches and in a second run, and compiled/eager speed of the train step
+    and of batch-1 inference."""
+
+    cold_s: float
+    warm_s: float
+    step_speedup: float
+    infer_speedup: float
+
+
+# Device types measured so far; `auto` compiles what won there (speed-up above WIN) and stays eager elsewhere,
+# including device types never measured.
+MEASURED: dict[str, Measured] = {}
+WIN = 1.05
 
 
 class _Switch:
@@ -121,11 +140,16 @@ def raise_recompile_limit(max_shapes: int) -> None:
     setattr(dynamo_config, name, max(getattr(dynamo_config, name), max_shapes))
 
 
-def use_compile(setting: str, device: torch.device) -> bool:
-    """'auto' compiles where benchmarks/compile.py measured a win on that device type (FIRST_COMPILE_S)."""
+def use_compile(setting: str, device: torch.device, what: str = "step") -> bool:
+    """'auto' compiles the train step (what="step") or the forward pass (what="inference") where
+    benchmarks/compile.py measured it faster than eager on that device type (MEASURED)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile={setting!r}: expected auto, on or off")
-    return setting == "on" or (setting == "auto" and FIRST_COMPILE_S.get(device.type) is not None)
+    if setting != "auto":
+        return setting == "on"
+    measured = MEASURED.get(device.type)
+    speedup = None if measured is None else (measured.step_speedup if what == "step" else measured.infer_speedup)
+    return speedup is not None and speedup > WIN
 
 
 def default_cache_dir() -> Path:
@@ -181,6 +205,8 @@ class CompileCache:
     def load(self) -> int:
         """Load every artifact file of this key into torch's caches; returns how many loaded."""
         enable_disk_caches()
+        if _USER_INDUCTOR_DIR is None:  # inductor reads it at its first compile; later caches keep the first
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(self.directory).resolve() / "inductor"))
         loaded = 0
         for file in sorted(self.path.glob("*.bin")) if self.path.is_dir() else []:
             try:  # torch logs and returns None for a corrupt file; a failed read raises
@@ -233,11 +259,12 @@ def announce(
     what: str, device: torch.device, cache: CompileCache | None, loaded: int, switch: str = "--train.compile off"
 ) -> None:
     """Say once what the first compiled call costs, so nobody waits minutes silently."""
-    expected = FIRST_COMPILE_S.get(device.type)
+    measured = MEASURED.get(device.type)
     if loaded:
-        print(f"compiling {what}: reusing {loaded} cached artifact file(s) from {cache.path}")
+        soon = f" (measured: {measured.warm_s:.0f} s for Nano)" if measured else ""
+        print(f"compiling {what}: reusing {loaded} cached artifact file(s) from {cache.path}{soon}")
         return
-    guess = f"about {expected / 60:.0f} min" if expected else "minutes on CPU"
+    guess = f"about {measured.cold_s / 60:.0f} min for Nano" if measured else "minutes (not measured on this device)"
     where = f"; later runs reuse {cache.path}" if cache is not None else ""
     print(f"compiling {what}: the first call at each input size takes {guess}{where} ({switch} skips it)")
 

@@ -328,7 +328,7 @@ class TrainConfig:
     """fp16: double the loss scale after this many finite steps since the last overflow (GradScaler's rule)."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the train step (regional: each block kind compiles once); auto = on for the device
-    types where benchmarks/compile.py measured a win (rfdetr_fn.compile.FIRST_COMPILE_S)."""
+    types where benchmarks/compile.py measured a win (rfdetr_fn.compile.MEASURED)."""
     compile_cache: str | None = None
     """Directory of compiled artifacts reused by later runs of the same config; None = $RFDETR_FN_CACHE or
     ~/.cache/rfdetr_fn/compile."""

@@ -196,7 +196,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
-    compiled = use_compile(args.compile, device)
+    compiled = use_compile(args.compile, device, "inference")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawings = dict(zip(paths, _drawing_names(paths)))

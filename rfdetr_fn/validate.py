@@ -76,7 +76,7 @@ def evaluate(
     `compile` None follows `ecfg.compile` for the device; the compiled forward is `inference.forward_fn`'s."""
     world = world or distributed.World(rank=0, size=1, device=next(tree.leaves(params)).device)
     if compile is None:
-        compile = use_compile(ecfg.compile, world.device)
+        compile = use_compile(ecfg.compile, world.device, "inference")
     precision = resolve_precision(ecfg.precision, world.device)
     forward = forward_fn(cfg, world.device, compile=compile, cache_dir=cache_dir, precision=precision)
     loader = eval_loader(

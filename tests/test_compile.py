@@ -64,13 +64,15 @@ def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
 
 
 def test_use_compile_auto_follows_measurements(monkeypatch):
-    monkeypatch.setitem(compile_lib.FIRST_COMPILE_S, "cpu", None)
-    assert not compile_lib.use_compile("auto", torch.device("cpu"))
-    monkeypatch.setitem(compile_lib.FIRST_COMPILE_S, "cpu", 120.0)
-    assert compile_lib.use_compile("auto", torch.device("cpu"))
-    assert compile_lib.use_compile("on", torch.device("cpu")) and not compile_lib.use_compile(
-        "off", torch.device("cpu")
-    )
+    cpu = torch.device("cpu")
+    monkeypatch.delitem(compile_lib.MEASURED, "cpu", raising=False)
+    assert not compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 0.9, 1.4))
+    assert not compile_lib.use_compile("auto", cpu), "a compiled step slower than eager stays off"
+    assert compile_lib.use_compile("auto", cpu, "inference")
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.3, 1.0))
+    assert compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
+    assert compile_lib.use_compile("on", cpu) and not compile_lib.use_compile("off", cpu)
     with pytest.raises(ValueError, match="compile='yes'"):
         compile_lib.use_compile("yes", torch.device("cpu"))
 
@@ -167,3 +169,36 @@ def test_second_process_loads_the_compiled_artifacts(tmp_path):
     assert cold["files"] >= 1 and cold["diff"] < 1e-4 and warm["diff"] < 1e-4
     assert cold["fx_hits"] == 0 and warm["fx_hits"] >= 1
     assert warm["seconds"] < cold["seconds"]
+
+
+def test_inductor_compiles_without_regions_and_other_backends_with_them(monkeypatch, tmp_path):
+    """torch 2.13's inductor gave wrong LayerNorm weight gradients (up to 100 %) for repeated region calls
+    (benchmarks/RESULTS.md), so every inductor compile, step or forward, turns the one region switch off;
+    a train step and an evaluation forward in one run must agree on it, or each would retrace the other."""
+    monkeypatch.setattr(compile_lib.SWITCH, "regions", True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored afterwards
+    cfg, tcfg, _ = _tiny_setup()
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10)
+    compile_step(step, backend="inductor")  # compiles lazily: nothing is traced here
+    assert compile_lib.SWITCH.regions is False
+    compile_step(step, backend="aot_eager")
+    assert compile_lib.SWITCH.regions is True
+    from rfdetr_fn.inference import forward_fn
+
+    forward_fn(cfg, "cpu", compile=True, cache_dir=tmp_path)
+    assert compile_lib.SWITCH.regions is False
+    compile_step(step, backend="inductor", regions=True)  # by request only
+    assert compile_lib.SWITCH.regions is True
+
+
+def test_compile_cache_keeps_inductor_kernels_beside_the_artifacts(monkeypatch, tmp_path):
+    """The compiled CPU kernels (.so) are not inside the artifact files: inductor's folder moves into the
+    compile cache so a second run finds them, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
+    monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", None)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compile_lib.CompileCache(tmp_path / "cache", "k").load()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache" / "inductor").resolve())
+    monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", "/mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    compile_lib.CompileCache(tmp_path / "other", "k").load()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
