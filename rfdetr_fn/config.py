@@ -161,7 +161,8 @@ class ModelConfig:
     backbone_lora: bool = False
     """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
     gradient_checkpointing: bool = False
-    """Recompute ViT block activations in the backward pass: less memory, same numbers, slower."""
+    """Recompute activations in the backward pass (ViT blocks as upstream, and the decoder layers, two-stage
+    groups and heads): less memory, same numbers, slower."""
     use_grouppose_keypoints: bool = False
     """Adds upstream's GroupPose keypoint branch (needs num_keypoints_per_class)."""
     num_keypoints_per_class: tuple[int, ...] = ()

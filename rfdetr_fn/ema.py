@@ -42,7 +42,9 @@ def _blend(state: EmaState, params: tree.Params, delta: Tensor, counted: Tensor)
     ps = [flat_p[n].detach() for n in names]
     keep = delta.to(device=emas[0].device, dtype=emas[0].dtype)
     take = (1.0 - delta).to(device=emas[0].device, dtype=emas[0].dtype)
-    new = torch._foreach_add(torch._foreach_mul(emas, keep), torch._foreach_mul(ps, take))
+    new: list[Tensor] = []
+    for lo, hi in tree.chunks(emas):  # the products live per chunk, not for the whole model
+        new += torch._foreach_add(torch._foreach_mul(emas[lo:hi], keep), torch._foreach_mul(ps[lo:hi], take))
     return {"params": tree.unflatten(dict(zip(names, new))), "updates": state["updates"] + counted}
 
 

@@ -11,6 +11,12 @@ older train-state checkpoints have. `named(name, tx)` nests a link's state when 
 state) for schedules. Updates leaves may be None (no gradient): such parameters keep their value and
 their state, as torch.optim skips them. Scalars are 0-dim tensors, so a compiled step never recompiles
 as the schedule moves.
+
+Scalar links defer their factor: an update leaf may be a `Scaled` record (direction, pending factors,
+pending decoupled decay) that `apply_updates` rounds once, as p * (1 - lr*wd) + direction * (-lr / bias1)
+in float32 with the scalars folded in float64. That is torch.optim.AdamW's (and the earlier optim.py's)
+arithmetic, so the AdamW chain is bit-equal to it; multiplying each link's scalar into the tensor would
+round once per link. `materialize` turns records into plain tensors for links (and users) that need them.
 """
 
 from __future__ import annotations
@@ -38,15 +44,58 @@ class GradientTransformation(NamedTuple):
     update: Callable[..., tuple[tree.Params, State]]
 
 
+class Scaled(NamedTuple):
+    """An update not multiplied out yet: direction * prod(mul) / div + rate * prod(decay_mul) * param.
+
+    Scalar links append to `mul` (and to `decay_mul` once a decay is pending) instead of touching the
+    tensor; factors are Python floats or float64 0-dim tensors shared by a whole parameter group.
+    """
+
+    direction: Tensor
+    mul: tuple[Tensor | float, ...] = ()
+    div: Tensor | float = 1.0
+    rate: float = 0.0
+    decay_mul: tuple[Tensor | float, ...] = ()
+
+
 def apply_updates(params: tree.Params, updates: tree.Params) -> tree.Params:
-    """params + updates; leaves whose update is None or absent (frozen, no gradient) are kept as they are."""
+    """params + updates; leaves whose update is None or absent (frozen, no gradient) are kept as they are.
+
+    A `Scaled` leaf is applied as torch.optim.AdamW does: p * (1 + rate * decay_mul) first, then plus
+    direction * (mul / div), each scalar rounded to the parameter's dtype once.
+    """
     flat_p, flat_u = tree.flatten(params), tree.flatten(updates)
     names = [k for k, u in flat_u.items() if u is not None]
     missing = [k for k in names if k not in flat_p]
     if missing:
         raise KeyError(f"apply_updates: updates for leaves not in params: {missing[:5]}")
-    new = torch._foreach_add([flat_p[k] for k in names], [flat_u[k] for k in names]) if names else []
-    return tree.unflatten({**flat_p, **dict(zip(names, new))})
+    new = dict(flat_p)
+    for group, first in _groups(flat_u, names):
+        ps = [flat_p[n] for n in group]
+        if not isinstance(first, Scaled):
+            new.update(zip(group, torch._foreach_add(ps, [flat_u[n] for n in group])))
+            continue
+        if first.rate:
+            ps = torch._foreach_mul(ps, _scalar(1.0 + first.rate * _product(first.decay_mul), ps[0]))
+        new.update(zip(group, torch._foreach_add(ps, _directions(flat_u, group, first))))
+    return tree.unflatten(new)
+
+
+def materialize(updates: tree.Params, params: tree.Params | None = None) -> tree.Params:
+    """`updates` with every `Scaled` leaf multiplied out to a tensor (params needed for a pending decay)."""
+    flat_u = tree.flatten(updates)
+    names = [k for k, u in flat_u.items() if isinstance(u, Scaled)]
+    out = dict(flat_u)
+    for group, first in _groups(flat_u, names):
+        ds = _directions(flat_u, group, first)
+        if first.rate:
+            if params is None:
+                raise ValueError("materialize: a decayed update needs params")
+            flat_p = tree.flatten(params)
+            rate = _scalar(first.rate * _product(first.decay_mul), ds[0])
+            ds = torch._foreach_add(ds, torch._foreach_mul([flat_p[n] for n in group], rate))
+        out.update(zip(group, ds))
+    return tree.unflatten(out)
 
 
 # ---------------------------------------------------------------- combinators
@@ -143,7 +192,7 @@ def set_to_zero() -> GradientTransformation:
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """torch's clip_grad_norm_ as a link (the step uses `global_norm_clip` directly to log the norm)."""
-    return _stateless(lambda grads, params, extra: global_norm_clip(grads, max_norm)[0])
+    return _stateless(lambda grads, params, extra: global_norm_clip(materialize(grads, params), max_norm)[0])
 
 
 def global_norm_clip(grads: tree.Params, max_norm: float) -> tuple[tree.Params, Tensor]:
@@ -167,7 +216,8 @@ def global_norm_clip(grads: tree.Params, max_norm: float) -> tuple[tree.Params, 
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
-    """Adam's direction m_hat / (sqrt(v_hat) + eps), with torch's arithmetic (eps after bias correction).
+    """Adam's direction m_hat / (sqrt(v_hat) + eps), with torch's arithmetic (eps after bias correction);
+    the first moment's bias correction stays a pending divisor (`Scaled.div`), folded into the step size.
 
     State `{step: float32 0-dim, exp_avg, exp_avg_sq}`; one shared step count (torch counts per
     parameter, which differs only for a parameter that first gets a gradient after step 1).
@@ -182,7 +232,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         }
 
     def update(grads, state, params=None, **extra):
-        flat_g = tree.flatten(grads)
+        flat_g = tree.flatten(materialize(grads, params))
         flat_m, flat_v = tree.flatten(state["exp_avg"]), tree.flatten(state["exp_avg_sq"])
         names = [n for n, g in flat_g.items() if g is not None]
         missing = [n for n in names if n not in flat_m]
@@ -193,12 +243,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
             return grads, {**state, "step": step}
         step64 = step.to(torch.float64)
         gs = [flat_g[n] for n in names]
-        like = gs[0]
-        ms = torch._foreach_lerp([flat_m[n] for n in names], gs, 1.0 - b1)
-        vs = torch._foreach_addcmul(torch._foreach_mul([flat_v[n] for n in names], b2), gs, gs, value=1.0 - b2)
-        bias2_sqrt = _scalar(torch.sqrt(1.0 - b2**step64), like)
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(vs), bias2_sqrt), eps)
-        direction = torch._foreach_mul(torch._foreach_div(ms, denom), _scalar(1.0 / (1.0 - b1**step64), like))
+        bias2_sqrt = _scalar(torch.sqrt(1.0 - b2**step64), gs[0])
+        bias1 = 1.0 - b1**step64
+        ms, vs, direction = [], [], []
+        for lo, hi in tree.chunks(gs):  # temporaries per chunk, not per model
+            g = gs[lo:hi]
+            m = torch._foreach_lerp([flat_m[n] for n in names[lo:hi]], g, 1.0 - b1)
+            v = torch._foreach_addcmul(torch._foreach_mul([flat_v[n] for n in names[lo:hi]], b2), g, g, value=1.0 - b2)
+            denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), bias2_sqrt), eps)
+            direction += [Scaled(d, div=bias1) for d in torch._foreach_div(m, denom)]
+            ms += m
+            vs += v
         new_m, new_v = {**flat_m, **dict(zip(names, ms))}, {**flat_v, **dict(zip(names, vs))}
         state = {"step": step, "exp_avg": tree.unflatten(new_m), "exp_avg_sq": tree.unflatten(new_v)}
         return tree.unflatten({**flat_g, **dict(zip(names, direction))}), state
@@ -213,7 +268,7 @@ def trace(momentum: float, nesterov: bool = False) -> GradientTransformation:
         return {"momentum_buffer": tree.map_(torch.zeros_like, params)}
 
     def update(grads, state, params=None, **extra):
-        flat_g, flat_b = tree.flatten(grads), tree.flatten(state["momentum_buffer"])
+        flat_g, flat_b = tree.flatten(materialize(grads, params)), tree.flatten(state["momentum_buffer"])
         names = [n for n, g in flat_g.items() if g is not None]
         gs = [flat_g[n] for n in names]
         bs = torch._foreach_add(torch._foreach_mul([flat_b[n] for n in names], momentum), gs)
@@ -225,8 +280,12 @@ def trace(momentum: float, nesterov: bool = False) -> GradientTransformation:
 
 
 def add_decayed_weights(rate: Scalars) -> GradientTransformation:
-    """Decoupled weight decay: updates + rate * params (scaled by the learning rate further down the
-    chain, as AdamW does). `rate` is one value or a tree of per-leaf values; 0 skips the leaf."""
+    """Weight decay: updates + rate * params; `rate` is one value or a tree of per-leaf values, 0 skips.
+
+    On plain gradients (SGD's coupled decay) the sum is computed here, as torch.optim.SGD does. On a
+    pending `Scaled` update (after `scale_by_adam`: AdamW's decoupled decay) it stays pending: the later
+    learning rate scales it and `apply_updates` multiplies the weight by 1 - lr * rate first, as torch.
+    """
 
     def fn(grads, params, extra):
         if params is None:
@@ -235,9 +294,14 @@ def add_decayed_weights(rate: Scalars) -> GradientTransformation:
         rates = _per_leaf(rate, flat_g)
         out = dict(flat_g)
         for value, names in _buckets(rates, flat_g).items():
-            if value != 0.0:
-                got = torch._foreach_add([flat_g[n] for n in names], [flat_p[n] for n in names], alpha=value)
-                out.update(zip(names, got))
+            if value == 0.0:
+                continue
+            pending = {n for n in names if isinstance(flat_g[n], Scaled) and not flat_g[n].rate}
+            out.update((n, flat_g[n]._replace(rate=value)) for n in pending)
+            now = [n for n in names if n not in pending]
+            if now:
+                gs = tree.flatten(materialize(tree.unflatten({n: flat_g[n] for n in now}), params))
+                out.update(zip(now, torch._foreach_add(list(gs.values()), [flat_p[n] for n in now], alpha=value)))
         return tree.unflatten(out)
 
     return _stateless(fn)
@@ -246,7 +310,8 @@ def add_decayed_weights(rate: Scalars) -> GradientTransformation:
 def scale_by_learning_rate(lr: Scalars, schedule: Schedule | None = None) -> GradientTransformation:
     """updates * -(lr * schedule(step)): descent; `lr` is one value or a tree of per-leaf values (groups).
 
-    With a schedule, `update` needs `step=` (a 0-dim tensor) among its extra arguments.
+    The factor is folded in float64 (-(schedule * lr), as torch's group lr) and left pending on the
+    update (`Scaled`). With a schedule, `update` needs `step=` (a 0-dim tensor) among its extra arguments.
     """
 
     def fn(grads, params, extra):
@@ -254,23 +319,19 @@ def scale_by_learning_rate(lr: Scalars, schedule: Schedule | None = None) -> Gra
         factor = _schedule_factor(schedule, extra)
         out = dict(flat_g)
         for value, names in _buckets(_per_leaf(lr, flat_g), flat_g).items():
-            gs = [flat_g[n] for n in names]
-            out.update(zip(names, torch._foreach_mul(gs, _scalar(-(factor * value), gs[0]))))
+            out.update(_scale(flat_g, names, -(factor * value)))
         return tree.unflatten(out)
 
     return _stateless(fn)
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """updates * schedule(step) (needs `step=` among the extra arguments of `update`)."""
+    """updates * schedule(step), left pending (needs `step=` among the extra arguments of `update`)."""
 
     def fn(grads, params, extra):
         flat_g = tree.flatten(grads)
         names = [n for n, g in flat_g.items() if g is not None]
-        if not names:
-            return grads
-        factor = _scalar(_schedule_factor(schedule, extra), flat_g[names[0]])
-        return tree.unflatten({**flat_g, **dict(zip(names, torch._foreach_mul([flat_g[n] for n in names], factor)))})
+        return tree.unflatten({**flat_g, **_scale(flat_g, names, _schedule_factor(schedule, extra))})
 
     return _stateless(fn)
 
@@ -314,11 +375,53 @@ def _stateless(fn: Callable[[tree.Params, tree.Params | None, dict], tree.Params
 
 
 def _schedule_factor(schedule: Schedule | None, extra: dict) -> Tensor | float:
+    """schedule(step) in float64 (a Python float stays one)."""
     if schedule is None:
         return 1.0
     if "step" not in extra:
         raise ValueError("a scheduled transformation needs update(..., step=<0-dim tensor>)")
-    return schedule(extra["step"])
+    factor = schedule(extra["step"])
+    return factor.to(torch.float64) if isinstance(factor, Tensor) else float(factor)
+
+
+def _scale(flat_g: Mapping[str, Any], names: list[str], factor: Tensor | float) -> dict[str, Scaled]:
+    """The leaves `names` with one more pending factor (shared: one scalar op per group, not per leaf)."""
+    out = {}
+    for name in names:
+        u = flat_g[name] if isinstance(flat_g[name], Scaled) else Scaled(flat_g[name])
+        out[name] = u._replace(mul=(*u.mul, factor), decay_mul=(*u.decay_mul, factor) if u.rate else ())
+    return out
+
+
+def _product(factors: tuple[Tensor | float, ...]) -> Tensor | float:
+    out: Tensor | float = 1.0
+    for f in factors:
+        out = out * f
+    return out
+
+
+def _groups(flat_u: Mapping[str, Any], names: list[str]) -> list[tuple[list[str], Any]]:
+    """Leaves whose updates share every pending scalar (plain tensors form one group): one foreach each."""
+    out: dict[Any, list[str]] = {}
+    for name in names:
+        out.setdefault(_group_key(flat_u[name]), []).append(name)
+    return [(group, flat_u[group[0]]) for group in out.values()]
+
+
+def _group_key(u: Tensor | Scaled) -> Any:
+    if not isinstance(u, Scaled):
+        return None
+    ident = [f if isinstance(f, float) else id(f) for f in (*u.mul, u.div, *u.decay_mul)]
+    return (len(u.mul), u.rate, *ident)
+
+
+def _directions(flat_u: Mapping[str, Scaled], group: list[str], first: Scaled) -> list[Tensor]:
+    """direction * (prod(mul) / div) for one group, the scalar rounded once to the tensors' dtype."""
+    ds = [flat_u[n].direction for n in group]
+    scale = _product(first.mul) / first.div
+    if isinstance(scale, float) and scale == 1.0:
+        return ds
+    return torch._foreach_mul(ds, _scalar(scale, ds[0]))
 
 
 def _per_leaf(value: Scalars, flat_g: Mapping[str, Any]) -> dict[str, float]:
@@ -345,5 +448,7 @@ def _scalar(value: Tensor | float, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
-def _zeros_or_none(g: Tensor | None) -> Tensor | None:
-    return None if g is None else torch.zeros_like(g)
+def _zeros_or_none(g: Tensor | Scaled | None) -> Tensor | None:
+    if g is None:
+        return None
+    return torch.zeros_like(g.direction if isinstance(g, Scaled) else g)

@@ -6,7 +6,9 @@ inside the ViT, a reduced LR for the decoder, the base LR everywhere else; param
 
 The update is torch.optim.AdamW (decoupled decay, bias correction, no amsgrad) as the chain Adam
 scaling -> per-group decay -> per-group LR x schedule, on out-of-place `torch._foreach_*` ops, one set of
-calls per group. Its state keeps the layout `{step, exp_avg, exp_avg_sq}` of earlier train states. The step
+calls per group; its scalars stay pending until `apply_updates`, so it rounds as torch does
+(p * (1 - lr*wd) first, one step size lr / bias correction) and is bit-equal to the earlier hand-written
+update. Its state keeps the layout `{step, exp_avg, exp_avg_sq}` of earlier train states. The step
 count and the LR factor are tensors, so a compiled train step never recompiles as they change.
 `trainable` picks the leaves that train (freezing, LoRA); `make_optimizer` reads `train.optimizer`.
 """

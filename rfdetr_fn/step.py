@@ -171,7 +171,9 @@ def make_train_step(
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
         lr_factor = schedule(step)
         updates, new_opt = optimizer.update(grads, state["opt_state"], trainable, step=step)
+        del grads  # eager memory: each of these trees is the model's size; drop it as soon as it is used
         new_params = transforms.replace(params, tree.flatten(gt.apply_updates(trainable, updates)))
+        del updates
         if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
             new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
             new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])

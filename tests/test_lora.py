@@ -144,7 +144,18 @@ def test_backbone_lora_step_trains_adapters_and_heads_only():
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_same_gradients():
+def test_gradient_checkpointing_same_gradients(monkeypatch):
+    """ViT blocks, decoder layers, two-stage groups and heads are recomputed; the step is bit-identical."""
+    from rfdetr_fn.model import backbone, transformer
+
+    calls = []
+
+    def counted(fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    for module in (backbone, transformer, detector):
+        monkeypatch.setattr(module, "checkpoint", counted)
     cfg = presets.tiny(num_classes=2)
     params = detector.init(cfg, 0)
     tcfg = TrainConfig(drop_path=0.2)
@@ -155,6 +166,9 @@ def test_gradient_checkpointing_same_gradients():
         torch.manual_seed(3)
         new, metrics = step(init_state(params, tcfg, c), [_batch()])
         grads[flag] = (tree.flatten(new["params"]), float(metrics["loss"]))
+    blocks = cfg.out_feature_indexes[-1]
+    assert sorted(set(calls)) == ["_block", "_group_proposals", "_heads", "decoder_layer"]
+    assert len(calls) == blocks + cfg.dec_layers + cfg.group_detr + 1
     assert grads[True][1] == grads[False][1]
     for k, v in grads[False][0].items():
         assert torch.equal(v, grads[True][0][k]), k

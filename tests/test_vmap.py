@@ -40,7 +40,8 @@ def test_vmapped_ensemble_outputs_and_losses_equal_the_loop():
     out = ensemble.apply(stacked, batch["images"], batch["mask"], CFG)
     for i, params in enumerate(members):
         ref = detector.apply(params, batch["images"], batch["mask"], CFG, train=False)
-        torch.testing.assert_close(out["pred_logits"][i], ref["pred_logits"], rtol=0, atol=1e-5)
+        # 1e-6 of the logits' size: the batched matmuls sum in another order
+        torch.testing.assert_close(out["pred_logits"][i], ref["pred_logits"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out["pred_boxes"][i], ref["pred_boxes"], rtol=0, atol=1e-6)
     pair = ensemble.stack(members[:2])
     losses = ensemble.losses(pair, batch, CFG, TCFG)

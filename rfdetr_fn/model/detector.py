@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import lora, nn, tree
 from rfdetr_fn.config import ModelConfig
@@ -147,8 +148,13 @@ def apply(
         cfg,
         groups,
         cross_feats,
+        checkpointed=train and cfg.gradient_checkpointing,
     )
-    logits, boxes = _heads(params, tr["hs"], tr["ref"])
+    heads = {k: params[k] for k in ("bbox_embed", "class_embed")}
+    if train and cfg.gradient_checkpointing:  # every layer's outputs over every query group
+        logits, boxes = checkpoint(_heads, heads, tr["hs"], tr["ref"], use_reentrant=False)
+    else:
+        logits, boxes = _heads(heads, tr["hs"], tr["ref"])
     layers = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(cfg.dec_layers)]
     enc = {"pred_logits": tr["logits_ts"], "pred_boxes": tr["boxes_ts"]}
     if cfg.keypoints:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import nn
 from rfdetr_fn.compile import region
@@ -83,28 +84,45 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def two_stage(p: Params, memory: Tensor, mask: Tensor, shapes: Shapes, cfg: ModelConfig, groups: int):
+def _group_proposals(p: Params, g_key: str, memory: Tensor, proposals: Tensor, k: int) -> tuple[Tensor, ...]:
+    """One group's top-k memory rows: (selected memory, their boxes, their logits, indices)."""
+    m = nn.layer_norm(p["enc_output_norm"][g_key], nn.linear(p["enc_output"][g_key], memory))
+    scores = nn.linear(p["enc_out_class_embed"][g_key], m).max(-1).values
+    idx = torch.topk(scores, k, dim=1).indices
+    deltas = nn.mlp(p["enc_out_bbox_embed"][g_key], m, 3)
+    sel = _gather_rows(m, idx)
+    return sel, _gather_rows(apply_deltas(deltas, proposals), idx), nn.linear(p["enc_out_class_embed"][g_key], sel), idx
+
+
+def two_stage(
+    p: Params,
+    memory: Tensor,
+    mask: Tensor,
+    shapes: Shapes,
+    cfg: ModelConfig,
+    groups: int,
+    checkpointed: bool = False,
+):
     """Select `num_queries` encoder positions per group with that group's heads.
 
     Returns (memory_ts, boxes_ts, logits_ts, indices), each concatenated over groups along the query
     axis: memory_ts (B, k*G, d) the selected normalised memory, boxes_ts (B, k*G, 4) the encoder boxes
     (not detached: the encoder loss trains them), logits_ts their class logits and indices the
     flattened memory positions picked. Query slot i of a group takes its i-th best position
-    (torch.topk order, like upstream).
+    (torch.topk order, like upstream). `checkpointed` recomputes each group's projections in the
+    backward pass (every group projects the whole memory).
     """
     out_memory, proposals = encoder_proposals(memory, mask, shapes)
     k = min(cfg.num_queries, memory.shape[1])
     mems, boxes, logits, picks = [], [], [], []
     for g in range(groups):
-        g_key = str(g)
-        m = nn.layer_norm(p["enc_output_norm"][g_key], nn.linear(p["enc_output"][g_key], out_memory))
-        scores = nn.linear(p["enc_out_class_embed"][g_key], m).max(-1).values
-        idx = torch.topk(scores, k, dim=1).indices
-        deltas = nn.mlp(p["enc_out_bbox_embed"][g_key], m, 3)
-        sel = _gather_rows(m, idx)
+        args = (p, str(g), out_memory, proposals, k)
+        sel, box, logit, idx = (
+            checkpoint(_group_proposals, *args, use_reentrant=False) if checkpointed else _group_proposals(*args)
+        )
         mems.append(sel)
-        boxes.append(_gather_rows(apply_deltas(deltas, proposals), idx))
-        logits.append(nn.linear(p["enc_out_class_embed"][g_key], sel))
+        boxes.append(box)
+        logits.append(logit)
         picks.append(idx)
     return torch.cat(mems, 1), torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(picks, 1)
 
@@ -144,18 +162,23 @@ def decoder(
     groups: int,
     kp: Tensor | None = None,
     kp_memory: Tensor | None = None,
+    checkpointed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every layer around the same initial reference boxes; hs (L, B, N, d) after the shared norm.
 
     With keypoint tokens `kp` (B, N, K, d), each layer is followed by the GroupPose block (reading
     `kp_memory`); their states after every layer come back as (L, B, N, K, d), else None.
+    `checkpointed` recomputes each layer in the backward pass (it keeps only the layer's inputs: the
+    FFN over every query group is the largest activation of a train step); the layer draws nothing
+    random, so the numbers are identical.
     """
     ref_input = ref[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
     query_pos = nn.mlp(p["ref_point_head"], sine_for_boxes(ref_input[:, :, 0], cfg.hidden_dim // 2), 2)
     hs, kp_hs = [], []
     for i in range(cfg.dec_layers):
         layer = p["layers"][str(i)]
-        tgt = decoder_layer(layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        args = (layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
+        tgt = checkpoint(decoder_layer, *args, use_reentrant=False) if checkpointed else decoder_layer(*args)
         if kp is not None:
             pos = p["keypoint_pos_embed"]
             tgt, kp = keypoints.block(layer, tgt, kp, pos, query_pos, ref_input, kp_memory, mask, shapes, cfg)
@@ -196,6 +219,7 @@ def apply(
     cfg: ModelConfig,
     groups: int,
     cross_feats: list[Tensor] | None = None,
+    checkpointed: bool = False,
 ) -> dict[str, Tensor]:
     """Projector maps + level masks -> decoder states and two-stage outputs.
 
@@ -203,11 +227,12 @@ def apply(
     `cross_feats` are the dual projector's maps (same shapes as `feats`). Returns hs (L, B, N, d), ref
     (B, N, 4) the initial reference boxes, and `two_stage`'s memory_ts, boxes_ts, logits_ts and
     indices; keypoint models add kp_hs (L, B, N, K, d) and enc_keypoints (B, N, K, 8), compact.
+    `checkpointed`: gradient checkpointing of the decoder layers and the two-stage groups.
     """
     check_supported(cfg)
     memory, mask, shapes = flatten_levels(feats, masks)
     ratios = valid_ratios(masks).to(memory.dtype)
-    memory_ts, boxes_ts, logits_ts, indices = two_stage(p, memory, mask, shapes, cfg, groups)
+    memory_ts, boxes_ts, logits_ts, indices = two_stage(p, memory, mask, shapes, cfg, groups, checkpointed)
     b = memory.shape[0]
     tgt = query_feat[None].expand(b, -1, -1)
     learned = refpoint_embed[None].expand(b, -1, -1)
@@ -226,10 +251,14 @@ def apply(
     if registers:  # check_supported: no keypoint tokens here
         tgt_r = with_registers(tgt, p["register_tokens"], groups)
         ref_r = with_registers(ref, p["register_ref_points"], groups)
-        hs = decoder(p["decoder"], tgt_r, ref_r, dec_memory, mask, shapes, ratios, cfg, groups)[0]
+        hs = decoder(
+            p["decoder"], tgt_r, ref_r, dec_memory, mask, shapes, ratios, cfg, groups, checkpointed=checkpointed
+        )[0]
         out["hs"] = drop_registers(hs, groups, registers)
         return out
-    hs, kp_hs = decoder(p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups, kp, kp_memory)
+    hs, kp_hs = decoder(
+        p["decoder"], tgt, ref, dec_memory, mask, shapes, ratios, cfg, groups, kp, kp_memory, checkpointed
+    )
     out["hs"] = hs
     if cfg.keypoints:
         out["kp_hs"] = kp_hs
