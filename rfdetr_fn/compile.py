@@ -98,13 +98,19 @@ class Measured:
     warm_s: float
     step_speedup: float
     infer_speedup: float
+    infer_cold_s: float
+    infer_warm_s: float
 
 
 # Device types measured so far (benchmarks/RESULTS.md); `auto` compiles what reached the issue's bar there
 # (train step >= 1.25x, inference >= 1.5x eager: worth minutes of first compile) and stays eager elsewhere,
 # including device types never measured. CPU (2-core EPYC, torch 2.13, loss piece compiled, update eager):
 # 4.1 min cold, 23 s warm, step 1.14x, inference 1.41x -- below both bars, so auto stays eager there.
-MEASURED: dict[str, Measured] = {"cpu": Measured(cold_s=246.0, warm_s=22.7, step_speedup=1.14, infer_speedup=1.41)}
+MEASURED: dict[str, Measured] = {
+    "cpu": Measured(
+        cold_s=246.0, warm_s=22.7, step_speedup=1.14, infer_speedup=1.41, infer_cold_s=78.8, infer_warm_s=5.8
+    )
+}
 STEP_WIN, INFER_WIN = 1.25, 1.5
 
 
@@ -258,15 +264,28 @@ def _graph_count() -> int:
 
 
 def announce(
-    what: str, device: torch.device, cache: CompileCache | None, loaded: int, switch: str = "--train.compile off"
+    what: str,
+    device: torch.device,
+    cache: CompileCache | None,
+    loaded: int,
+    switch: str = "--train.compile off",
+    piece: str = "step",
 ) -> None:
-    """Say once what the first compiled call costs, so nobody waits minutes silently."""
+    """Say once what the first compiled call of the step (or the inference forward) costs, so nobody waits
+    minutes silently."""
     measured = MEASURED.get(device.type)
+    cold, warm = (
+        (None, None)
+        if measured is None
+        else (measured.cold_s, measured.warm_s)
+        if piece == "step"
+        else (measured.infer_cold_s, measured.infer_warm_s)
+    )
     if loaded:
-        soon = f" (measured: {measured.warm_s:.0f} s for Nano)" if measured else ""
+        soon = f" (measured: {warm:.0f} s for Nano)" if warm is not None else ""
         print(f"compiling {what}: reusing {loaded} cached artifact file(s) from {cache.path}{soon}")
         return
-    guess = f"about {measured.cold_s / 60:.0f} min for Nano" if measured else "minutes (not measured on this device)"
+    guess = f"about {cold:.0f} s for Nano" if cold is not None else "minutes (not measured on this device)"
     where = f"; later runs reuse {cache.path}" if cache is not None else ""
     print(f"compiling {what}: the first call at each input size takes {guess}{where} ({switch} skips it)")
 

@@ -67,10 +67,10 @@ def test_use_compile_auto_follows_measurements(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delitem(compile_lib.MEASURED, "cpu", raising=False)
     assert not compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
-    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.14, 1.6))
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.14, 1.6, 60.0, 5.0))
     assert not compile_lib.use_compile("auto", cpu), "a step win below 1.25x does not pay minutes of compile"
     assert compile_lib.use_compile("auto", cpu, "inference")
-    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.3, 1.41))
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.3, 1.41, 60.0, 5.0))
     assert compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
     assert compile_lib.use_compile("on", cpu) and not compile_lib.use_compile("off", cpu)
     with pytest.raises(ValueError, match="compile='yes'"):
@@ -210,3 +210,15 @@ def test_compile_cache_keeps_inductor_kernels_beside_the_artifacts(monkeypatch, 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
     compile_lib.CompileCache(tmp_path / "other", "k").load()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
+
+
+def test_announce_quotes_the_measured_piece(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(246.0, 22.7, 1.14, 1.41, 78.8, 5.8))
+    cache = compile_lib.CompileCache(tmp_path, "k")
+    compile_lib.announce("the train step", torch.device("cpu"), cache, 0)
+    compile_lib.announce("the forward pass", torch.device("cpu"), cache, 0, piece="inference")
+    compile_lib.announce("the forward pass", torch.device("cpu"), cache, 2, piece="inference")
+    compile_lib.announce("the train step", torch.device("meta"), None, 0)
+    step, forward, warm, unmeasured = capsys.readouterr().out.splitlines()
+    assert "about 246 s" in step and "about 79 s" in forward and "6 s for Nano" in warm
+    assert "not measured on this device" in unmeasured
