@@ -123,6 +123,14 @@ class _Switch:
 SWITCH = _Switch()
 
 
+def set_regions(backend: str, regions: bool | None = None) -> None:
+    """Turn the region markers on or off for what is compiled next; None = off under inductor, whose
+    torch 2.13 backward of repeated regions returned wrong LayerNorm weight gradients (RESULTS.md). One
+    process-wide rule, so a compiled step and a compiled forward never flip it for each other (a flip
+    retraces through Dynamo's guard)."""
+    SWITCH.regions = backend != "inductor" if regions is None else regions
+
+
 def region(fn: F) -> F:
     """Mark `fn` as a nested compile region (a no-op eagerly and when `SWITCH.regions` is off)."""
     marked = torch.compiler.nested_compile_region(fn)
@@ -273,14 +281,13 @@ def announce(
 ) -> None:
     """Say once what the first compiled call of the step (or the inference forward) costs, so nobody waits
     minutes silently."""
-    measured = MEASURED.get(device.type)
-    cold, warm = (
-        (None, None)
-        if measured is None
-        else (measured.cold_s, measured.warm_s)
-        if piece == "step"
-        else (measured.infer_cold_s, measured.infer_warm_s)
-    )
+    m = MEASURED.get(device.type)
+    if m is None:
+        cold = warm = None
+    elif piece == "step":
+        cold, warm = m.cold_s, m.warm_s
+    else:
+        cold, warm = m.infer_cold_s, m.infer_warm_s
     if loaded:
         soon = f" (measured: {warm:.0f} s for Nano)" if warm is not None else ""
         print(f"compiling {what}: reusing {loaded} cached artifact file(s) from {cache.path}{soon}")

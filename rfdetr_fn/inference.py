@@ -112,7 +112,7 @@ def _compiled_forward(cfg: ModelConfig, device_type: str, directory: str, backen
     cache = compile_lib.CompileCache(Path(directory), key)
     compile_lib.announce("the forward pass", device, cache, cache.load(), "--eval.compile off", piece="inference")
     compile_lib.raise_recompile_limit(16)  # a last, shorter batch is one more shape
-    compile_lib.SWITCH.regions = backend != "inductor"  # the train step's rule (compile_step): one switch
+    compile_lib.set_regions(backend)
     compiled = compile_lib.compile_fn(functools.partial(_eval_apply, cfg=cfg), backend=backend, mode=mode)
 
     def run(params: Params, images: Tensor, mask: Tensor | None) -> dict:

@@ -284,13 +284,13 @@ def compile_step(
     update: bool = True,
     regions: bool | None = None,
 ) -> Callable:
-    """torch.compile a step from `make_train_step`, by default piece by piece with nested regions.
+    """torch.compile a step from `make_train_step`, by default piece by piece (loss, update).
 
     regional (default): `loss` and `update` are each one fullgraph compiled function and autograd runs
     between them; AOTAutograd compiles the loss's backward. `regions` turns on the nested compile regions
     (each block kind traced and compiled once); None = only for backends other than inductor: with inductor
     (torch 2.13, CPU) the regions' backward returns wrong LayerNorm weight gradients for repeated ViT blocks
-    (up to 100 % off, tiny preset; tests/test_compile.py), so the inductor step compiles every block inline.
+    (up to 110 % off, tiny preset; benchmarks/RESULTS.md), so the inductor step compiles every block inline.
     whole: one fullgraph function with torch.func inside (the markers are
     switched off process-wide: they do not compose with torch.func under compile); slower to compile.
     update=False (regional only) keeps the optimizer/clip/EMA piece eager: a first compile about half as
@@ -302,7 +302,7 @@ def compile_step(
     compile_lib.raise_recompile_limit(max_shapes)
     pieces = getattr(step_fn, "pieces", None)
     if regional and pieces is not None:
-        compile_lib.SWITCH.regions = backend != "inductor" if regions is None else regions
+        compile_lib.set_regions(backend, regions)
         loss = compile_lib.compile_fn(pieces.loss, backend=backend, mode=mode)
         compiled_update = compile_lib.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
         return assemble_step(attrs.evolve(pieces, loss=loss, update=compiled_update))

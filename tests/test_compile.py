@@ -203,13 +203,14 @@ def test_compile_cache_keeps_inductor_kernels_beside_the_artifacts(monkeypatch, 
     compile cache so a second run finds them, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
     monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", None)
     # torch writes its default into the variable at its first look (importing inductor's config does that)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_default"))
     compile_lib.CompileCache(tmp_path / "cache", "k").load()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache" / "inductor").resolve())
-    monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", "/mine")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    mine = str(tmp_path / "mine")
+    monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", mine)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
     compile_lib.CompileCache(tmp_path / "other", "k").load()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == mine
 
 
 def test_announce_quotes_the_measured_piece(monkeypatch, capsys, tmp_path):
