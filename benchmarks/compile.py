@@ -9,7 +9,7 @@ Per preset, each measurement runs in its own subprocess (so peak RSS and the cac
   compile), graph count, graph breaks, step median and peak RSS, the numerical check (every loss term and
   every gradient of the compiled loss against eager autograd), compiled batch-1 inference;
 - warm: the same in a fresh process over the cold run's compile cache (artifacts and inductor's kernels), as a
-  user's second run (`rfdetr_fn.compile`);
+  user's second run (`rfdetr_fn.compiler`);
 - menu: Dynamo recompiles while cycling the multi-scale menu twice (backend aot_eager: recompiles are
   decided by Dynamo's guards, which do not depend on the backend, and it spares an inductor compile per size).
 Steady-state peak RSS is read from /proc/self/status after resetting it (clear_refs 5) once warm, so the
@@ -101,9 +101,8 @@ def child(args) -> dict:
     """One measurement in this process (see the module docstring)."""
     import torch._dynamo.utils as dutils
 
-    from rfdetr_fn import compile as compile_lib
-    from rfdetr_fn import rng, tree
-    from rfdetr_fn.inference import forward_fn
+    from rfdetr_fn import compiler, rng, tree
+    from rfdetr_fn.eval.inference import forward_fn
     from rfdetr_fn.step import assemble_step, compile_step, grad_and_value, init_state, make_train_step
 
     cfg, tcfg, params, device = _setup(args)
@@ -133,8 +132,8 @@ def child(args) -> dict:
         out["graph_breaks"] = sum(dutils.counters["graph_break"].values())
         return out
     # cold / warm: the compiled step and forward, caches as the parent arranged them
-    key = compile_lib.cache_key(cfg, tcfg, device=device, what="benchmark")
-    cache = compile_lib.CompileCache(Path(args.artifacts), key)
+    key = compiler.cache_key(cfg, tcfg, device=device, what="benchmark")
+    cache = compiler.CompileCache(Path(args.artifacts), key)
     out["artifacts_loaded"] = cache.load()
     step = compile_step(eager_step, mode=args.mode, backend=args.backend)
     # first the loss piece alone (its compile, and the numerical check), then the step (the update's compile)

@@ -128,7 +128,7 @@ def _reset_peak() -> None:
 
 def run_one(kind: str, backend: str, args: argparse.Namespace) -> dict:
     """One (kind, backend) evaluation in this process -> phase times (s) and peak RSS (MiB)."""
-    from rfdetr_fn.metrics import Evaluator
+    from rfdetr_fn.eval.coco import Evaluator
     from rfdetr_fn.model.postprocess import postprocess
 
     torch.set_num_threads(args.threads)

@@ -28,8 +28,10 @@ VARIANTS = ("full", "backbone_lora", "lora_only", "checkpointing")
 def step_variant(name: str, steps: int) -> dict:
     """One variant's train step on Nano 384, batch 2 (run in a child process)."""
     import rfdetr_fn as rf
-    from rfdetr_fn import lora, optim, transforms, tree
+    from rfdetr_fn import tree
     from rfdetr_fn.config import TrainConfig
+    from rfdetr_fn.model import lora
+    from rfdetr_fn.optim import recipe
     from rfdetr_fn.step import init_state, make_train_step
 
     sys.path.insert(0, "benchmarks")
@@ -42,7 +44,7 @@ def step_variant(name: str, steps: int) -> dict:
     if cfg.backbone_lora:
         params = lora.add_upstream_adapters(params)
     # lora_only is the transform alone: the adapters train, everything else is frozen
-    trainable = (lambda k, v: lora.is_adapter(k)) if name == "lora_only" else optim.trainable(cfg, tcfg)
+    trainable = (lambda k, v: lora.is_adapter(k)) if name == "lora_only" else recipe.trainable(cfg, tcfg)
     state = init_state(params, tcfg, cfg, trainable=trainable)
     step = make_train_step(cfg, tcfg, steps_per_epoch=100, trainable=trainable)
     batch = synthetic_batch(cfg, 2, 384, "cpu")
@@ -51,7 +53,7 @@ def step_variant(name: str, steps: int) -> dict:
         started = time.perf_counter()
         state, metrics = step(state, [batch])
         times.append(time.perf_counter() - started)
-    n_train = tree.num_params(transforms.partition(params, trainable)[0]) if trainable else tree.num_params(params)
+    n_train = tree.num_params(tree.partition(params, trainable)[0]) if trainable else tree.num_params(params)
     return {
         "variant": name,
         "params": tree.num_params(params),
@@ -82,7 +84,7 @@ def memory(steps: int, variants: list[str]) -> None:
 
 def ensemble_speed(repeats: int) -> None:
     import rfdetr_fn as rf
-    from rfdetr_fn import ensemble
+    from rfdetr_fn.research import ensemble
 
     cfg = rf.presets.tiny(num_classes=3)
     members = [rf.init(cfg, seed) for seed in range(4)]

@@ -10,7 +10,7 @@ alone. Timings are medians over --steps steps after --warmup steps (the compiled
 which compiles, is reported separately). On CUDA, --gpu-report also counts host syncs per step
 (torch.cuda.set_sync_debug_mode), kernels launched per step (profiler) and recompiles while stepping
 through the multi-scale menu after warm-up (for the graphed mode: new graph captures). "graphed" is the
-eager step replayed from one CUDA graph per input size (`rfdetr_fn.graphs`, `--train.cuda-graphs`); it needs
+eager step replayed from one CUDA graph per input size (`rfdetr_fn.train.graphs`, `--train.cuda-graphs`); it needs
 the device matcher, which --matcher auto picks on CUDA.
 """
 
@@ -49,8 +49,8 @@ def build_step(args: argparse.Namespace, batch_size: int, mode: str):
     import rfdetr_fn as rf
     from rfdetr_fn import tree
     from rfdetr_fn.config import TrainConfig
-    from rfdetr_fn.graphs import graphed_step
     from rfdetr_fn.step import compile_step, init_state, make_train_step
+    from rfdetr_fn.train.graphs import graphed_step
 
     device = torch.device(args.device)
     cfg = rf.presets.get(args.preset, resolution=args.resolution or rf.presets.get(args.preset).resolution)

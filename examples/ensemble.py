@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 import rfdetr_fn as rf
-from rfdetr_fn import ensemble
-from rfdetr_fn import gradient_transforms as gt
 from rfdetr_fn.config import DataConfig, TrainConfig
 from rfdetr_fn.data import build_dataset, train_loader
+from rfdetr_fn.optim import chain as gt
+from rfdetr_fn.research import ensemble
 
 STEPS = 6
 

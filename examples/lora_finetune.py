@@ -16,9 +16,10 @@ import attrs
 import torch
 
 import rfdetr_fn as rf
-from rfdetr_fn import lora, transforms
+from rfdetr_fn import tree
 from rfdetr_fn.config import DataConfig, TrainConfig
 from rfdetr_fn.fit import FitArgs, fit
+from rfdetr_fn.model import lora
 
 QUICK = dict(batch_size=4, lr=1e-3, lr_encoder=1e-3, multi_scale="off", compile="off", progress_bar=False,
              tensorboard=False)  # fmt: skip
@@ -40,7 +41,7 @@ def main(out: Path) -> None:
     print(f"LoRA run wrote {len(peft)} encoder tensors in upstream's PEFT layout, e.g. {peft[-1]}")
 
     cfg, params = rf.load_weights(tuned)  # keeps the adapters: the file says backbone_lora
-    adapters, _ = transforms.partition(params, lambda key, leaf: lora.is_adapter(key))
+    adapters, _ = tree.partition(params, lambda key, leaf: lora.is_adapter(key))
     share = rf.tree.num_params(adapters) / rf.tree.num_params(params)
     print(f"adapters: {rf.tree.num_params(adapters)} parameters, {share:.1%} of the model")
 

@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 import rfdetr_fn as rf
-from rfdetr_fn import transforms
 from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
+from rfdetr_fn.eval.loop import run_split
 from rfdetr_fn.fit import FitArgs, fit
-from rfdetr_fn.validate import run_split
+from rfdetr_fn.research import soup
 
 DATA = DataConfig(synthetic_images=32, num_workers=0)
 QUICK = dict(batch_size=4, lr_encoder=1e-3, multi_scale="off", compile="off", freeze_encoder=True,
@@ -43,8 +43,8 @@ def main(out: Path) -> None:
         return run_split(params, cfg, DATA, EvalConfig(), None, "valid", batch_size=4)["val/mAP_50_95"]
 
     alone = [score(params) for params in runs]
-    uniform = transforms.average(runs)
-    greedy, used = transforms.greedy_soup(runs, score, scores=alone)
+    uniform = soup.average(runs)
+    greedy, used = soup.greedy_soup(runs, score, scores=alone)
     print("\n   weights        mAP 50:95")
     for i, value in enumerate(alone):
         print(f"   run {i}          {value:.4f}")

@@ -7,12 +7,11 @@ out = rf.apply(params, images, mask, cfg, train=False)
 """
 
 from rfdetr_fn import presets, tree
-from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from rfdetr_fn.inference import predict
+from rfdetr_fn.eval.inference import predict
+from rfdetr_fn.io.weights import load_weights, save_weights
 from rfdetr_fn.model.detector import apply, init, param_shapes
 from rfdetr_fn.model.postprocess import postprocess
-from rfdetr_fn.weights import save_weights
 
 __all__ = [
     "presets",

@@ -12,9 +12,10 @@ from typing import Annotated
 import attrs
 import tyro
 
-from rfdetr_fn import transforms, weights
-from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import DataConfig, EvalConfig
+from rfdetr_fn.io import weights
+from rfdetr_fn.io.weights import load_weights
+from rfdetr_fn.research import soup
 
 
 @attrs.frozen(kw_only=True)
@@ -43,16 +44,16 @@ def run(args: AverageArgs) -> list[int]:
     trees = [first] + [load_weights(p, cfg)[1] for p in args.checkpoints[1:]]
     names = weights.class_names(args.checkpoints[0])
     if args.greedy:
-        from rfdetr_fn.validate import run_split
+        from rfdetr_fn.eval.loop import run_split
 
         def score(params) -> float:
             metrics = run_split(params, cfg, args.data, args.eval, None, "valid", batch_size=args.batch_size)
             return metrics["val/mAP_50_95"]
 
-        soup, used = transforms.greedy_soup(trees, score)
+        mixed, used = soup.greedy_soup(trees, score)
     else:
-        soup, used = transforms.average(trees, args.weights), list(range(len(trees)))
-    weights.save_weights(args.out, soup, cfg, class_names=names)
+        mixed, used = soup.average(trees, args.weights), list(range(len(trees)))
+    weights.save_weights(args.out, mixed, cfg, class_names=names)
     print(f"wrote {args.out}: average of {[args.checkpoints[i] for i in used]}")
     return used
 

@@ -7,16 +7,11 @@ so a bad value fails early with the field's name.
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
-import types
-import typing
 from typing import Any, Literal
 
 import attrs
 
-from rfdetr_fn.config_checks import check_keypoint_fields
 from rfdetr_fn.errors import UserError
 
 Encoder = Literal[
@@ -282,7 +277,7 @@ class TrainConfig:
     """AdamW betas."""
     optimizer: str = "adamw"
     """adamw (upstream's recipe), adam, sgd, or 'module:function' returning a GradientTransformation
-    (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.make_optimizer)."""
+    (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.recipe.make_optimizer)."""
     optimizer_kwargs: str = attrs.field(default="{}", converter=lambda v: v if isinstance(v, str) else _json(v))
     """JSON object of extra optimizer arguments, e.g. '{"momentum": 0.9}' for sgd."""
     freeze_encoder: bool = False
@@ -331,7 +326,7 @@ class TrainConfig:
     """fp16: double the loss scale after this many finite steps since the last overflow (GradScaler's rule)."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the train step (regional: each block kind compiles once); auto = on for the device
-    types where benchmarks/compile.py measured a win (rfdetr_fn.compile.MEASURED)."""
+    types where benchmarks/compile.py measured a win (rfdetr_fn.compiler.MEASURED)."""
     compile_cache: str | None = None
     """Directory of compiled artifacts reused by later runs of the same config; None = $RFDETR_FN_CACHE or
     ~/.cache/rfdetr_fn/compile."""
@@ -423,7 +418,7 @@ class TrainConfig:
     log_every_n_steps: int = attrs.field(default=10, validator=_positive)
     """Write a metrics.csv row every this many optimizer steps."""
 
-    # ---- experiment loggers (optional extras; see rfdetr_fn/loggers.py)
+    # ---- experiment loggers (optional extras; see rfdetr_fn/io/loggers.py)
     wandb: bool = False
     """Also log to Weights & Biases (WANDB_MODE=offline keeps it local)."""
     mlflow: bool = False
@@ -507,7 +502,7 @@ class EvalConfig:
     """predict: keep detections scoring above this."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the forward pass (regional, cached like the train step); auto = on inside fit when the
-    train step is compiled, else where rfdetr_fn.compile.use_compile says so for the device."""
+    train step is compiled, else where rfdetr_fn.compiler.use_compile says so for the device."""
 
     precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"
     """Evaluation forward: CUDA autocast (auto = bf16 on compute capability >= 8, else fp16; upstream's
@@ -519,79 +514,44 @@ class EvalConfig:
         _finite_floats(self)
 
 
-# ---------------------------------------------------------------- values from experiment files
+# ---------------------------------------------------------------- field groups
 
 
-def coerce_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Experiment-file values for the fields of `cls`, converted like the same values given as flags;
-    `where` prefixes each key in messages ("exp.yaml: train.").
-
-    YAML gives typed values where the command line gives strings, so each value is checked against the
-    field's type: `use_ema: "no"` or `batch_size: 2.5` are errors naming `where` and the key, `epochs: "3"`
-    and `lr: 1e-4` (a string to YAML) are numbers, and unquoted `off`/`on` (booleans to YAML 1.1) are the
-    choices of that name."""
-    hints = typing.get_type_hints(cls)
-    fields = attrs.fields_dict(cls)
-    out = {}
-    for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{where}{key}: unknown field{hint}")
-        converts = fields[key].converter is not None  # the field takes several forms itself (a dict as JSON)
-        out[key] = value if converts else coerce(value, hints[key], f"{where}{key}")
-    return out
-
-
-def coerce(value: Any, hint: Any, where: str) -> Any:
-    """`value` as type `hint` (bool, int, float, str, None, Literal, tuples, unions of those)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) and ("on" if value else "off") in args:
-            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
-        if isinstance(value, str) and value in args:
-            return value
-        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) != len(value):
-            raise ConfigError(f"{where}: expected {len(items)} values, got {len(value)}")
-        return tuple(coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and not isinstance(value, bool):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            return int(value)
-    if hint is float and not isinstance(value, bool):
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
-        return str(value)
-    if hint is type(None) and value is None:
-        return None
-    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
-
-
-def _describe(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    return " or ".join(_describe(a) for a in typing.get_args(hint)) or str(hint)
+def check_keypoint_fields(cfg: Any) -> None:
+    """ModelConfig's keypoint fields: a valid schema and only the settings upstream's keypoint preview uses."""
+    schema = cfg.num_keypoints_per_class
+    if any(k < 0 for k in schema):
+        raise ValueError(f"num_keypoints_per_class={schema} must not be negative")
+    if not cfg.use_grouppose_keypoints:
+        return
+    if not schema or sum(schema) == 0:
+        raise ValueError("use_grouppose_keypoints=True needs num_keypoints_per_class with at least one keypoint")
+    if len(schema) > cfg.num_classes:
+        raise ValueError(f"num_keypoints_per_class has {len(schema)} classes but num_classes={cfg.num_classes}")
+    if cfg.keypoint_names and len(cfg.keypoint_names) != sum(schema):
+        raise ValueError(
+            f"keypoint_names has {len(cfg.keypoint_names)} names but num_keypoints_per_class={schema} "
+            f"has {sum(schema)} keypoints"
+        )
+    edges = cfg.keypoint_skeleton
+    owner = [c for c, n in enumerate(schema) for _ in range(n)]
+    if len(edges) % 2 or any(not 0 <= v < len(owner) for v in edges):
+        raise ValueError(
+            f"keypoint_skeleton={edges} must hold pairs of keypoint indices in 0..{len(owner) - 1} "
+            f"(num_keypoints_per_class={schema})"
+        )
+    if any(owner[a] != owner[b] for a, b in zip(edges[0::2], edges[1::2])):
+        raise ValueError(f"keypoint_skeleton={edges} joins keypoints of different classes")
+    if cfg.inter_instance_kp_attn or cfg.grouppose_keypoint_dim_downscale != 1:
+        raise ValueError(
+            "inter_instance_kp_attn=True and grouppose_keypoint_dim_downscale != 1 are not supported "
+            "(upstream's keypoint preview uses False and 1)"
+        )
+    if cfg.segmentation_head:
+        raise ValueError("a keypoint model cannot also have segmentation_head=True")
+    if cfg.num_decoder_registers:
+        raise ValueError(
+            "a keypoint model cannot also have num_decoder_registers > 0 yet: upstream's transformer has the "
+            "path (registers get keypoint tokens too, dropped with them) but no upstream variant enables it and "
+            "no golden fixture checks it"
+        )

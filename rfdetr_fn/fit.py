@@ -18,25 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from rfdetr_fn import (
-    autobatch,
-    dirlock,
-    distributed,
-    grids,
-    imageio,
-    loggers,
-    lora,
-    presets,
-    rundir,
-    runlog,
-    summary,
-    trackers,
-    train_state,
-    tree,
-    weights,
-)
-from rfdetr_fn import compile as compile_lib
-from rfdetr_fn.adapt import load_weights
+from rfdetr_fn import compiler, presets, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
@@ -48,12 +30,15 @@ from rfdetr_fn.data import (
     train_loader,
 )
 from rfdetr_fn.errors import TrainingDiverged
+from rfdetr_fn.eval.loop import evaluate, run_split
 from rfdetr_fn.flags import parse, run_or_exit
-from rfdetr_fn.graphs import graphed_step
-from rfdetr_fn.model import detector
-from rfdetr_fn.precision import resolve_precision
+from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, imageio, loggers, rundir, runlog, weights
+from rfdetr_fn.io.weights import load_weights
+from rfdetr_fn.model import detector, lora
+from rfdetr_fn.model.precision import resolve_precision
 from rfdetr_fn.step import compile_step, init_state, make_train_step
-from rfdetr_fn.validate import evaluate
+from rfdetr_fn.train import autobatch, grids, summary, trackers
+from rfdetr_fn.train.graphs import graphed_step
 
 
 @attrs.frozen(kw_only=True)
@@ -83,7 +68,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
     out_dir = Path(tcfg.output_dir)
-    resume_dir = train_state.resume_dir(tcfg.resume, out_dir)
+    resume_dir = checkpoint.resume_dir(tcfg.resume, out_dir)
     if resume_dir is None and not tcfg.overwrite:
         rundir.refuse_used_dir(out_dir)
     torch.manual_seed(tcfg.seed)
@@ -103,7 +88,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     if tcfg.save_dataset_grids and world.main:
         written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
         print(f"dataset grids: {len(written)} PNG files in {out_dir / 'dataset_grids'}")
-    compiled = compile_lib.use_compile(tcfg.compile, world.device)
+    compiled = compiler.use_compile(tcfg.compile, world.device)
     # A compiled or graphed step specialises on input shapes: fix the target axis for the run, leaving image
     # sizes (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
@@ -157,9 +142,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     )
     cache = None
     if compiled:  # every rank loads the artifacts of this exact graph-shaping configuration
-        cache = compile_lib.CompileCache(
-            Path(tcfg.compile_cache) if tcfg.compile_cache else compile_lib.default_cache_dir(),
-            compile_lib.cache_key(
+        cache = compiler.CompileCache(
+            Path(tcfg.compile_cache) if tcfg.compile_cache else compiler.default_cache_dir(),
+            compiler.cache_key(
                 cfg,
                 tcfg,
                 device=world.device,
@@ -172,7 +157,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         loaded = cache.load()
         if world.main:
             sizes = len(scales) if tcfg.multi_scale != "off" else 1
-            compile_lib.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
+            compiler.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
     log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main, sinks=sinks)
     if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
         log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
@@ -274,8 +259,6 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         print(_end_summary(loop, tcfg, log.rows, out_dir, times))
     log.close()
     if tcfg.run_test and world.main:
-        from rfdetr_fn.validate import run_split
-
         _, best = load_weights(out_dir / "checkpoint_best_total.pth", cfg)
         record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
         print(summary.epoch_line(record, "best total"))
@@ -364,18 +347,18 @@ def _state_tree(state: dict, loop: dict) -> dict:
 
 def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
     """One save per epoch: `last/`, plus a hard-linked numbered copy when `keep` names one."""
-    train_state.save_state(path, _state_tree(state, loop), keep=keep)
+    checkpoint.save_state(path, _state_tree(state, loop), keep=keep)
 
 
 def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
     template = _state_tree(state, loop)
     try:
-        restored = train_state.load_state(path, template)
-    except weights.CheckpointError as err:  # saved before evaluations were tracked: none was pending
+        restored = checkpoint.load_state(path, template)
+    except formats.CheckpointError as err:  # saved before evaluations were tracked: none was pending
         if "missing loop/eval_pending" not in str(err):
             raise
         del template["loop"]["eval_pending"]
-        restored = train_state.load_state(path, template)
+        restored = checkpoint.load_state(path, template)
         restored["loop"]["eval_pending"] = -1
     loop = {
         "epoch": int(restored["loop"]["epoch"]),
@@ -506,7 +489,7 @@ def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Pa
         print(summary.epoch_line(record, summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)))
         if saved is not None:  # saved before this evaluation: give it the new records (a small JSON rewrite)
             records = _state_tree(state, loop)
-            train_state.update_values(saved, {k: v for k, v in records.items() if k != "state"})
+            checkpoint.update_values(saved, {k: v for k, v in records.items() if k != "state"})
     stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, run.world))
     if stop and run.world.main:
         print(f"early stopping at epoch {epoch}: no improvement in {tcfg.early_stopping_patience} evaluations")

@@ -8,18 +8,22 @@ command imports it without importing the others.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import tyro
 
 from rfdetr_fn import presets
-from rfdetr_fn.config import ConfigError, coerce_fields
+from rfdetr_fn.config import ConfigError
 from rfdetr_fn.errors import TrainingDiverged, UserError
 
 T = TypeVar("T")
@@ -39,7 +43,7 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
 def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None) -> T:
     """`cls()` with the experiment file's values and the preset's model fields applied.
 
-    File values go through the same types as flags (`config.coerce_fields`); every error names the file
+    File values go through the same types as flags (`coerce_fields`); every error names the file
     and the key."""
     values: dict[str, Any] = load_config_file(config) if config else {}
     where = str(config)
@@ -105,3 +109,81 @@ def run_or_exit(command: Callable[[list[str]], Any], argv: list[str] | None = No
         print(f"error: {err}", file=sys.stderr)
         print("(--debug or RFDETR_FN_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
+
+
+# ---------------------------------------------------------------- values from experiment files
+
+
+def coerce_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Experiment-file values for the fields of `cls`, converted like the same values given as flags;
+    `where` prefixes each key in messages ("exp.yaml: train.").
+
+    YAML gives typed values where the command line gives strings, so each value is checked against the
+    field's type: `use_ema: "no"` or `batch_size: 2.5` are errors naming `where` and the key, `epochs: "3"`
+    and `lr: 1e-4` (a string to YAML) are numbers, and unquoted `off`/`on` (booleans to YAML 1.1) are the
+    choices of that name."""
+    hints = typing.get_type_hints(cls)
+    fields = attrs.fields_dict(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{where}{key}: unknown field{hint}")
+        converts = fields[key].converter is not None  # the field takes several forms itself (a dict as JSON)
+        out[key] = value if converts else coerce(value, hints[key], f"{where}{key}")
+    return out
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as type `hint` (bool, int, float, str, None, Literal, tuples, unions of those)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ConfigError(f"{where}: expected {len(items)} values, got {len(value)}")
+        return tuple(coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    if hint is type(None) and value is None:
+        return None
+    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    return " or ".join(_describe(a) for a in typing.get_args(hint)) or str(hint)

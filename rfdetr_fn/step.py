@@ -32,15 +32,15 @@ import attrs
 import torch
 from torch import Tensor
 
-from rfdetr_fn import compile as compile_lib
-from rfdetr_fn import ema as ema_lib
-from rfdetr_fn import gradient_transforms as gt
-from rfdetr_fn import lora, optim, rng, schedules, transforms, tree
+from rfdetr_fn import compiler, rng, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
 from rfdetr_fn.loss.criterion import criterion, weight_dict
-from rfdetr_fn.model import detector
-from rfdetr_fn.precision import forward
+from rfdetr_fn.model import detector, lora
+from rfdetr_fn.model.precision import forward
+from rfdetr_fn.optim import chain as gt
+from rfdetr_fn.optim import ema as ema_lib
+from rfdetr_fn.optim import recipe, schedules
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
@@ -52,19 +52,19 @@ def init_state(
     cfg: ModelConfig | None = None,
     *,
     optimizer: gt.GradientTransformation | None = None,
-    trainable: transforms.Where | None = None,
+    trainable: tree.Where | None = None,
 ) -> TrainState:
     """A fresh train state; optimizer and EMA state are copies, never aliases, of the params.
 
-    The optimizer state covers the trainable leaves only (`optim.trainable`: freezing, LoRA); pass the
+    The optimizer state covers the trainable leaves only (`recipe.trainable`: freezing, LoRA); pass the
     model config when those are on, and the same `optimizer` as `make_train_step` when it is custom.
     """
     device = next(tree.leaves(params)).device
     cfg = cfg or ModelConfig()
-    where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
+    where = trainable if trainable is not None else recipe.trainable(cfg, tcfg)
     trainable, _ = _split(params, where)
     if optimizer is None:
-        optimizer = optim.make_optimizer(cfg, tcfg, tree.flatten(trainable))
+        optimizer = recipe.make_optimizer(cfg, tcfg, tree.flatten(trainable))
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "seed": rng.key_tensor(tcfg.seed, device),
@@ -76,9 +76,9 @@ def init_state(
     }
 
 
-def _split(params: tree.Params, where: transforms.Where | None) -> tuple[tree.Params, tree.Params]:
+def _split(params: tree.Params, where: tree.Where | None) -> tuple[tree.Params, tree.Params]:
     """(trainable, frozen); everything trains when `where` is None."""
-    return (params, {}) if where is None else transforms.partition(params, where)
+    return (params, {}) if where is None else tree.partition(params, where)
 
 
 def param_names(cfg: ModelConfig) -> list[str]:
@@ -95,7 +95,7 @@ def make_train_step(
     precision: str = "fp32",
     world_size: int = 1,
     optimizer: gt.GradientTransformation | None = None,
-    trainable: transforms.Where | None = None,
+    trainable: tree.Where | None = None,
     rank: int = 0,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
     """Bind the static configuration and return the pure step (compile it with `compile_step`).
@@ -103,7 +103,7 @@ def make_train_step(
     `rank` enters the random key, so drop path differs across the data shards of one step.
 
     `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it
-    gets `step=` for its schedules). Only the leaves `trainable` selects (default `optim.trainable`:
+    gets `step=` for its schedules). Only the leaves `trainable` selects (default `recipe.trainable`:
     freezing, LoRA) get gradients; pass the same `trainable` and `optimizer` to `init_state`.
 
     The step is two pure pieces around the gradient: `loss` (forward + criterion of one micro-batch) and
@@ -112,10 +112,10 @@ def make_train_step(
     """
     schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
     weighted = set(weight_dict(cfg, tcfg))
-    where = trainable if trainable is not None else optim.trainable(cfg, tcfg)
+    where = trainable if trainable is not None else recipe.trainable(cfg, tcfg)
     if optimizer is None:
-        names = [n for n in param_names(cfg) if where is None or transforms.matcher(where)(n, None)]
-        optimizer = optim.make_optimizer(cfg, tcfg, names, schedule)
+        names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
+        optimizer = recipe.make_optimizer(cfg, tcfg, names, schedule)
 
     def loss(
         trainable: tree.Params,
@@ -125,7 +125,7 @@ def make_train_step(
         key: Tensor,
         window: Tensor | None = None,
     ):
-        params = transforms.combine(trainable, frozen)
+        params = tree.combine(trainable, frozen)
         own = _num_boxes(batch["labels"], cfg.group_detr, world_size)
         num_boxes = own if window is None else window
         out = forward(
@@ -167,12 +167,12 @@ def make_train_step(
         if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
             averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
             grads, loss_sums = averaged["grads"], averaged["losses"]
-        grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.clip_max_norm)
+        grads, grad_norm = recipe.clip_by_global_norm(grads, tcfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
         lr_factor = schedule(step)
         updates, new_opt = optimizer.update(grads, state["opt_state"], trainable, step=step)
         del grads  # eager memory: each of these trees is the model's size; drop it as soon as it is used
-        new_params = transforms.replace(params, tree.flatten(gt.apply_updates(trainable, updates)))
+        new_params = tree.replace(params, tree.flatten(gt.apply_updates(trainable, updates)))
         del updates
         if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
             new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
@@ -299,15 +299,15 @@ def compile_step(
     """
     if not enabled:
         return step_fn
-    compile_lib.raise_recompile_limit(max_shapes)
+    compiler.raise_recompile_limit(max_shapes)
     pieces = getattr(step_fn, "pieces", None)
     if regional and pieces is not None:
-        compile_lib.set_regions(backend, regions)
-        loss = compile_lib.compile_fn(pieces.loss, backend=backend, mode=mode)
-        compiled_update = compile_lib.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
+        compiler.set_regions(backend, regions)
+        loss = compiler.compile_fn(pieces.loss, backend=backend, mode=mode)
+        compiled_update = compiler.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
         return assemble_step(attrs.evolve(pieces, loss=loss, update=compiled_update))
-    compile_lib.SWITCH.regions = False
-    return compile_lib.compile_fn(step_fn, backend=backend, mode=mode)
+    compiler.SWITCH.regions = False
+    return compiler.compile_fn(step_fn, backend=backend, mode=mode)
 
 
 def all_reduce_mean(grads: tree.Params) -> tree.Params:

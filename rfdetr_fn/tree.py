@@ -1,15 +1,25 @@
-"""Parameter pytrees: nested dicts of tensors whose dotted paths are upstream's state-dict keys.
+"""Parameter pytrees: nested dicts of tensors whose dotted paths are upstream's state-dict keys, and
+selections over them.
 
 Nested dicts let a layer take just its own subtree (`linear(p["fc1"], x)`); the flat dotted view is
 what checkpoints, optimizers and tests compare against.
+
+Research code changes *which* parameters move by selecting leaves of the tree, never by editing
+modules: freezing is a `partition`, LoRA adds a subtree. Selections are written over upstream's dotted
+state-dict keys (`backbone.0.encoder.*`), so a rule written for upstream checkpoints applies here
+unchanged. A `Where` is a glob (`fnmatch` over the whole dotted key), a compiled regex (`re.search`), a
+predicate `(key, leaf) -> bool`, or a list of these (any of them matches).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+import fnmatch
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import torch
+from torch import Tensor
 
 Params = dict[str, Any]  # nested dict whose leaves are tensors
 
@@ -89,3 +99,84 @@ def num_params(tree: Mapping[str, Any]) -> int:
 
 def shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+# ---------------------------------------------------------------- selections
+
+Where = Union[str, "re.Pattern[str]", Callable[[str, Tensor], bool], Sequence[Any]]
+
+
+def matcher(where: Where) -> Callable[[str, Tensor], bool]:
+    """The predicate `(key, leaf) -> bool` that a `Where` stands for."""
+    if isinstance(where, str):
+        return lambda key, leaf: fnmatch.fnmatchcase(key, where)
+    if isinstance(where, re.Pattern):
+        return lambda key, leaf: where.search(key) is not None
+    if callable(where):
+        return where
+    if isinstance(where, Sequence):
+        parts = [matcher(w) for w in where]
+        return lambda key, leaf: any(p(key, leaf) for p in parts)
+    raise TypeError(f"where must be a glob, a regex, a predicate or a list of them, got {type(where).__name__}")
+
+
+def select(params: Mapping[str, Any], where: Where) -> list[str]:
+    """Dotted keys of the leaves `where` matches, in tree order."""
+    match = matcher(where)
+    return [k for k, v in flatten(params).items() if match(k, v)]
+
+
+def partition(params: Mapping[str, Any], where: Where) -> tuple[Params, Params]:
+    """(selected, rest): two trees holding disjoint leaves; `combine(selected, rest)` restores `params`.
+
+    Leaves are shared, not copied. Unselected leaves are absent from `selected` (not None), so an
+    optimizer initialised on `selected` holds state for the selected leaves only.
+    """
+    match = matcher(where)
+    chosen: dict[str, Tensor] = {}
+    rest: dict[str, Tensor] = {}
+    for key, leaf in flatten(params).items():
+        (chosen if match(key, leaf) else rest)[key] = leaf
+    return unflatten(chosen), unflatten(rest)
+
+
+def combine(*trees: Mapping[str, Any]) -> Params:
+    """Join trees with disjoint leaves (the inverse of `partition`); a key present twice is an error."""
+    flat: dict[str, Tensor] = {}
+    for t in trees:
+        for key, leaf in flatten(t).items():
+            if key in flat:
+                raise ValueError(f"combine: leaf {key!r} is in more than one tree")
+            flat[key] = leaf
+    return unflatten(flat)
+
+
+def replace(params: Mapping[str, Any], values: Mapping[str, Tensor], *, strict: bool = True) -> Params:
+    """A copy of `params` with the leaves at the given dotted keys replaced (new keys need strict=False)."""
+    flat = flatten(params)
+    unknown = [k for k in values if k not in flat]
+    if strict and unknown:
+        raise KeyError(f"replace: no leaf at {unknown[:5]}")
+    return unflatten({**flat, **values})
+
+
+def map_where(fn: Callable[[Tensor], Tensor], params: Mapping[str, Any], where: Where) -> Params:
+    """Apply `fn` to the leaves `where` matches; the others pass through unchanged."""
+    match = matcher(where)
+    return unflatten({k: fn(v) if match(k, v) else v for k, v in flatten(params).items()})
+
+
+def labels(params: Mapping[str, Any], rules: Mapping[str, Where], default: str | None = None) -> Params:
+    """A tree of label strings, one per leaf: the first rule (in order) that matches names the leaf.
+
+    Leaves no rule matches get `default`; with default None they are an error, so a typo in a rule
+    never silently leaves parameters out of an optimizer.
+    """
+    matchers = [(name, matcher(w)) for name, w in rules.items()]
+    out: dict[str, str] = {}
+    for key, leaf in flatten(params).items():
+        name = next((n for n, m in matchers if m(key, leaf)), default)
+        if name is None:
+            raise ValueError(f"labels: no rule matches {key!r} and there is no default")
+        out[key] = name
+    return unflatten(out)

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 import rfdetr_fn as rf
-from rfdetr_fn import distributed, tree
+from rfdetr_fn import tree
 from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.io import distributed
+from rfdetr_fn.io.checkpoint import load_state, save_state
 from rfdetr_fn.step import compile_step, init_state, make_train_step
-from rfdetr_fn.train_state import load_state, save_state
 
 STEPS = 3
 WORLD = 2

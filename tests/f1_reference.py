@@ -1,6 +1,6 @@
 """Today's loop-based F1 sweep (before the vectorised one), kept only as the tests' oracle.
 
-`reference_f1_sweep(gt, detections, ...)` takes COCO result dicts and returns what `rfdetr_fn.metrics.f1_sweep`
+`reference_f1_sweep(gt, detections, ...)` takes COCO result dicts and returns what `rfdetr_fn.eval.coco.f1_sweep`
 must return, bit for bit: greedy matching one detection at a time per (image, class), then the sweep.
 """
 

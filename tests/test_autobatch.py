@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rfdetr_fn import autobatch, cli, presets
+from rfdetr_fn import cli, presets
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.grids import batch_pictures, grid_image
+from rfdetr_fn.train import autobatch
+from rfdetr_fn.train.grids import batch_pictures, grid_image
 
 MiB = 2**20
 

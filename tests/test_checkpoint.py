@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rfdetr_fn import adapt, presets, train_state, tree, weights
+from rfdetr_fn import presets, tree
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.io import adapt, checkpoint, formats, weights
 from rfdetr_fn.model.backbone import resize_pos_embed
 from tests.golden import reference_shapes
 
@@ -28,7 +29,7 @@ def golden(golden_dir: Path) -> dict:
     d = golden_dir / "tiny_det"
     info = json.loads((d / "config.json").read_text())
     mc = info["model_config"]
-    shared = {k: mc[k] for k in weights._UPSTREAM_FIELDS}
+    shared = {k: mc[k] for k in formats._UPSTREAM_FIELDS}
     shared = {k: tuple(v) if isinstance(v, list) else v for k, v in shared.items()}
     enc = info["encoder_overrides"]
     cfg = ModelConfig(
@@ -37,7 +38,7 @@ def golden(golden_dir: Path) -> dict:
         dim_feedforward=info["model_defaults"]["dim_feedforward"],
     )  # fmt: skip
     flat = load_file(str(d / "weights.safetensors"))
-    flat.pop(weights.KP_MASK)
+    flat.pop(formats.KP_MASK)
     return {"dir": d, "cfg": cfg, "weights": flat, "names": info["class_names"], "info": info}
 
 
@@ -50,7 +51,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def upstream_file(path: Path, sd: dict, **payload) -> Path:
-    torch.save({"model": {weights.KP_MASK: torch.zeros(0, 0, dtype=torch.bool), **sd}, **payload}, path)
+    torch.save({"model": {formats.KP_MASK: torch.zeros(0, 0, dtype=torch.bool), **sd}, **payload}, path)
     return path
 
 
@@ -59,12 +60,12 @@ def upstream_file(path: Path, sd: dict, **payload) -> Path:
 
 def test_golden_checkpoint_equals_weights_and_config(golden):
     with pytest.warns(UserWarning, match="vit_num_heads=1 is assumed"):
-        cfg, params = adapt.load_weights(golden["dir"] / "checkpoint.pth")
+        cfg, params = weights.load_weights(golden["dir"] / "checkpoint.pth")
     # Head count is the one thing the file cannot tell (2 in the golden model; DINOv2 convention gives 1).
     assert attrs.evolve(cfg, vit_num_heads=2) == golden["cfg"]
     assert_same(tree.flatten(params), golden["weights"])
     assert weights.class_names(golden["dir"] / "checkpoint.pth") == golden["names"]
-    cfg2, params2 = adapt.load_weights(golden["dir"] / "checkpoint.pth", golden["cfg"])
+    cfg2, params2 = weights.load_weights(golden["dir"] / "checkpoint.pth", golden["cfg"])
     assert cfg2 is golden["cfg"]
     assert_same(tree.flatten(params2), golden["weights"])
     assert len(tree.flatten(params2)) == 321  # 322 upstream entries minus _kp_active_mask
@@ -76,7 +77,7 @@ def test_lightning_ckpt_prefixes_and_repr_args(golden, tmp_path):
     text = "Namespace(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ", output_dir=PosixPath('x'))"
     torch.save({"state_dict": sd, "args": text, "epoch": 3}, tmp_path / "last.ckpt")
     with pytest.warns(UserWarning, match="vit_num_heads"):
-        cfg, params = adapt.load_weights(tmp_path / "last.ckpt")
+        cfg, params = weights.load_weights(tmp_path / "last.ckpt")
     assert attrs.evolve(cfg, vit_num_heads=2) == golden["cfg"]
     assert_same(tree.flatten(params), golden["weights"])
     assert weights.class_names(tmp_path / "last.ckpt") == golden["names"]
@@ -85,7 +86,7 @@ def test_lightning_ckpt_prefixes_and_repr_args(golden, tmp_path):
 def test_namespace_args_load_weights_only(golden, tmp_path):
     args = argparse.Namespace(**golden["info"]["checkpoint_args"])
     path = upstream_file(tmp_path / "legacy.pth", golden["weights"], args=args, optimizer={}, epoch=9)
-    cfg, params = adapt.load_weights(path, golden["cfg"])
+    cfg, params = weights.load_weights(path, golden["cfg"])
     assert_same(tree.flatten(params), golden["weights"])
     assert weights.class_names(path) == golden["names"]
 
@@ -96,7 +97,7 @@ def test_model_name_maps_to_preset(golden, tmp_path):
         model_config={**golden["info"]["model_config"], "model_name": "RFDETRSmall"},
     )  # fmt: skip
     with pytest.warns(UserWarning, match="vit_num_heads"):
-        cfg, _ = adapt.load_weights(path)
+        cfg, _ = weights.load_weights(path)
     assert cfg.name == "small" and cfg.model_name == "RFDETRSmall"
 
 
@@ -104,8 +105,8 @@ def test_shape_only_inference_matches_presets(golden_dir):
     """A bare upstream state dict (no args) gives back the preset it was built from."""
     for tsv, name in (("nano", "nano"), ("segnano", "seg_nano")):
         sd = {key: torch.empty(shape) for key, shape in reference_shapes(golden_dir.parent, tsv).items()}
-        sd.pop(weights.KP_MASK)
-        raw = weights.RawCheckpoint(Path(tsv), sd, {}, None, None, None)
+        sd.pop(formats.KP_MASK)
+        raw = formats.RawCheckpoint(Path(tsv), sd, {}, None, None, None)
         assert adapt.infer_config(raw) == presets.get(name)
 
 
@@ -115,7 +116,7 @@ def test_shape_only_inference_matches_presets(golden_dir):
 def test_pe_interpolated_to_config(golden, tmp_path):
     path = upstream_file(tmp_path / "w.pth", golden["weights"], args=golden["info"]["checkpoint_args"])
     cfg = attrs.evolve(golden["cfg"], resolution=256, positional_encoding_size=None)  # table 10x10 -> 16x16
-    _, params = adapt.load_weights(path, cfg)
+    _, params = weights.load_weights(path, cfg)
     table = tree.flatten(params)[PE_KEY]
     assert table.shape == (1, 16 * 16 + 1, 64)
     assert torch.equal(table, resize_pos_embed(golden["weights"][PE_KEY], (16, 16)))
@@ -133,7 +134,7 @@ def test_91_row_head_truncates_to_4_classes(golden, tmp_path):
     path = upstream_file(tmp_path / "coco.pth", sd, args=args)
     cfg = attrs.evolve(golden["cfg"], num_classes=4)
     with pytest.warns(UserWarning, match="from 90 to 4 classes"):
-        _, params = adapt.load_weights(path, cfg)
+        _, params = weights.load_weights(path, cfg)
     flat = tree.flatten(params)
     for k in heads:
         assert torch.equal(flat[k], sd[k][:5]), k
@@ -148,7 +149,7 @@ def test_head_grows_by_tiling():
 def test_query_slicing_per_group_and_flat(golden, tmp_path):
     path = upstream_file(tmp_path / "w.pth", golden["weights"], args=golden["info"]["checkpoint_args"])
     cfg = attrs.evolve(golden["cfg"], num_queries=10, num_select=10, group_detr=2)
-    _, params = adapt.load_weights(path, cfg)
+    _, params = weights.load_weights(path, cfg)
     flat = tree.flatten(params)
     for k in adapt._QUERY_KEYS:
         src = golden["weights"][k]
@@ -167,13 +168,13 @@ def test_pth_round_trip_is_bit_identical_and_upstream_readable(golden, tmp_path)
     path = tmp_path / "out.pth"
     weights.save_weights(path, params, golden["cfg"], class_names=golden["names"], extra={"epoch": 4})
     raw = torch.load(path, weights_only=True)  # no allow-listed classes needed
-    assert raw["model"][weights.KP_MASK].shape == (0, 0) and raw["model"][weights.KP_MASK].dtype == torch.bool
+    assert raw["model"][formats.KP_MASK].shape == (0, 0) and raw["model"][formats.KP_MASK].dtype == torch.bool
     assert raw["model_name"] == "RFDETRNano" and raw["epoch"] == 4
     for key in ("num_classes", "class_names", "num_queries", "group_detr", "patch_size", "resolution",
                 "segmentation_head", "hidden_dim", "dec_layers"):  # fmt: skip
         assert raw["args"][key] == golden["info"]["checkpoint_args"][key], key
-    assert set(raw["model_config"]) <= {*weights._UPSTREAM_FIELDS, "model_name"}  # upstream forbids extras
-    cfg, back = adapt.load_weights(path)
+    assert set(raw["model_config"]) <= {*formats._UPSTREAM_FIELDS, "model_name"}  # upstream forbids extras
+    cfg, back = weights.load_weights(path)
     assert cfg == golden["cfg"]
     assert_same(tree.flatten(back), golden["weights"])
     assert weights.class_names(path) == golden["names"]
@@ -184,10 +185,10 @@ def test_safetensors_round_trip(golden, tmp_path):
     weights.save_weights(path, tree.unflatten(golden["weights"]), golden["cfg"], class_names=golden["names"])
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        assert weights.KP_MASK not in set(f.keys())  # noqa: SIM118
-    assert weights.config_from_dict(json.loads(meta["rfdetr_fn_config"])) == golden["cfg"]
+        assert formats.KP_MASK not in set(f.keys())  # noqa: SIM118
+    assert formats.config_from_dict(json.loads(meta["rfdetr_fn_config"])) == golden["cfg"]
     assert json.loads(meta["class_names"]) == golden["names"]
-    cfg, back = adapt.load_weights(path)
+    cfg, back = weights.load_weights(path)
     assert cfg == golden["cfg"]
     assert_same(tree.flatten(back), golden["weights"])
 
@@ -201,12 +202,12 @@ def test_upstream_best_payload(golden, tmp_path):
     )  # fmt: skip
     raw = torch.load(path, weights_only=True)
     assert raw["epoch"] == 7 and raw["best_total_source"] == "ema" and raw["model_name"] == "RFDETRNano"
-    assert raw["rfdetr_version"] == weights.UPSTREAM_FORMAT_VERSION
+    assert raw["rfdetr_version"] == formats.UPSTREAM_FORMAT_VERSION
     assert raw["args"]["class_names"] == golden["names"] and raw["args"]["betas"] == [0.9, 0.999]
     assert raw["args"]["output_dir"] == repr(Path("out"))  # not weights-only readable -> repr, like upstream
     assert raw["model_config"]["num_classes"] == 5 and raw["model_config"]["positional_encoding_size"] == 10
     assert torch.equal(raw["state_dict"]["model.class_embed.weight"], golden["weights"]["class_embed.weight"])
-    cfg, back = adapt.load_weights(path)
+    cfg, back = weights.load_weights(path)
     assert cfg == golden["cfg"]
     assert_same(tree.flatten(back), golden["weights"])
     assert path.stat().st_size < 1.2 * (golden["dir"] / "checkpoint.pth").stat().st_size  # state_dict shares
@@ -233,26 +234,26 @@ def test_failed_save_keeps_previous_file(golden, tmp_path, monkeypatch):
 
 
 def test_bad_files_give_clear_errors(golden, tmp_path):
-    with pytest.raises(weights.CheckpointError, match="nope.pth: no such checkpoint"):
-        adapt.load_weights(tmp_path / "nope.pth")
+    with pytest.raises(formats.CheckpointError, match="nope.pth: no such checkpoint"):
+        weights.load_weights(tmp_path / "nope.pth")
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    with pytest.raises(weights.CheckpointError, match="notes.pth: not a readable torch checkpoint"):
-        adapt.load_weights(text)
+    with pytest.raises(formats.CheckpointError, match="notes.pth: not a readable torch checkpoint"):
+        weights.load_weights(text)
     cut = tmp_path / "cut.pth"
     cut.write_bytes((golden["dir"] / "checkpoint.pth").read_bytes()[:100_000])
-    with pytest.raises(weights.CheckpointError, match="cut.pth: not a readable torch checkpoint"):
-        adapt.load_weights(cut)
+    with pytest.raises(formats.CheckpointError, match="cut.pth: not a readable torch checkpoint"):
+        weights.load_weights(cut)
     cut_st = tmp_path / "cut.safetensors"
     cut_st.write_bytes((golden["dir"] / "weights.safetensors").read_bytes()[:50_000])
-    with pytest.raises(weights.CheckpointError, match="cut.safetensors: not a readable safetensors"):
-        adapt.load_weights(cut_st)
+    with pytest.raises(formats.CheckpointError, match="cut.safetensors: not a readable safetensors"):
+        weights.load_weights(cut_st)
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(weights.CheckpointError, match="list.pth: not a checkpoint"):
-        adapt.load_weights(tmp_path / "list.pth")
+    with pytest.raises(formats.CheckpointError, match="list.pth: not a checkpoint"):
+        weights.load_weights(tmp_path / "list.pth")
     torch.save({"optimizer": {}, "epoch": 1}, tmp_path / "opt.pth")
-    with pytest.raises(weights.CheckpointError, match="opt.pth: not a checkpoint: no 'model'"):
-        adapt.load_weights(tmp_path / "opt.pth")
+    with pytest.raises(formats.CheckpointError, match="opt.pth: not a checkpoint: no 'model'"):
+        weights.load_weights(tmp_path / "opt.pth")
 
 
 class Payload:
@@ -261,29 +262,29 @@ class Payload:
 
 def test_untrusted_pickle_is_refused(golden, tmp_path):
     path = upstream_file(tmp_path / "evil.pth", golden["weights"], args=Payload())
-    with pytest.raises(weights.CheckpointError, match=r"evil.pth: refused to load.*weights-only"):
-        adapt.load_weights(path)
+    with pytest.raises(formats.CheckpointError, match=r"evil.pth: refused to load.*weights-only"):
+        weights.load_weights(path)
 
 
 def test_wrong_architecture_is_refused(golden, tmp_path):
     path = upstream_file(tmp_path / "p16.pth", golden["weights"], args=golden["info"]["checkpoint_args"])
-    with pytest.raises(weights.CheckpointError, match="p16.pth: patch size 16 .* patch_size=14"):
-        adapt.load_weights(path, attrs.evolve(golden["cfg"], patch_size=14, resolution=196 + 28))
-    with pytest.raises(weights.CheckpointError, match="has no segmentation head"):
-        adapt.load_weights(path, attrs.evolve(golden["cfg"], segmentation_head=True))
+    with pytest.raises(formats.CheckpointError, match="p16.pth: patch size 16 .* patch_size=14"):
+        weights.load_weights(path, attrs.evolve(golden["cfg"], patch_size=14, resolution=196 + 28))
+    with pytest.raises(formats.CheckpointError, match="has no segmentation head"):
+        weights.load_weights(path, attrs.evolve(golden["cfg"], segmentation_head=True))
     with pytest.raises(
-        weights.CheckpointError,
+        formats.CheckpointError,
         match=r"shape mismatch \(6\): transformer.decoder.layers.0.linear1.bias: \(256,\) vs \(64,\)",
     ):
-        adapt.load_weights(path, attrs.evolve(golden["cfg"], dim_feedforward=64))
+        weights.load_weights(path, attrs.evolve(golden["cfg"], dim_feedforward=64))
 
 
 def test_strict_key_check_lists_differences(golden):
-    expected = {k: tuple(v[0]) for k, v in golden["info"]["state_dict_keys"].items() if k != weights.KP_MASK}
+    expected = {k: tuple(v[0]) for k, v in golden["info"]["state_dict_keys"].items() if k != formats.KP_MASK}
     sd = dict(golden["weights"])
     sd.pop("class_embed.bias")
     sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(weights.CheckpointError, match=r"missing \(1\): class_embed.bias[\s\S]*unexpected \(1\)"):
+    with pytest.raises(formats.CheckpointError, match=r"missing \(1\): class_embed.bias[\s\S]*unexpected \(1\)"):
         adapt.check_keys(sd, expected, where="f.pth")
     with pytest.warns(UserWarning, match="extra.weight"):
         adapt.check_keys(sd, expected, strict=False, where="f.pth")
@@ -293,10 +294,10 @@ def test_strict_key_check_lists_differences(golden):
 def test_non_strict_fills_missing_from_init(golden, tmp_path):
     sd = {k: v for k, v in golden["weights"].items() if k != "bbox_embed.layers.2.bias"}
     path = upstream_file(tmp_path / "w.pth", sd, args=golden["info"]["checkpoint_args"])
-    with pytest.raises(weights.CheckpointError, match="missing"):
-        adapt.load_weights(path, golden["cfg"])
+    with pytest.raises(formats.CheckpointError, match="missing"):
+        weights.load_weights(path, golden["cfg"])
     with pytest.warns(UserWarning, match="bbox_embed.layers.2.bias"):
-        _, params = adapt.load_weights(path, golden["cfg"], strict=False)
+        _, params = weights.load_weights(path, golden["cfg"], strict=False)
     assert tree.flatten(params)["bbox_embed.layers.2.bias"].shape == (4,)
 
 
@@ -325,7 +326,7 @@ def _state(seed: int) -> dict:
 
 
 def _assert_state_equal(a: dict, b: dict) -> None:
-    flat_a, flat_b = train_state._flat_state(a), train_state._flat_state(b)
+    flat_a, flat_b = checkpoint._flat_state(a), checkpoint._flat_state(b)
     assert list(flat_a) == list(flat_b)
     for k, v in flat_a.items():
         if isinstance(v, torch.Tensor):
@@ -336,23 +337,23 @@ def _assert_state_equal(a: dict, b: dict) -> None:
 
 def test_state_round_trip_is_exact(tmp_path):
     saved = _state(3)
-    train_state.save_state(tmp_path / "last", saved, keep="checkpoint_0003")
+    checkpoint.save_state(tmp_path / "last", saved, keep="checkpoint_0003")
     template = _state(0)
     snapshot = tree.clone({k: v for k, v in tree.flatten(template).items() if isinstance(v, torch.Tensor)})
-    restored = train_state.load_state(tmp_path / "last", template)
+    restored = checkpoint.load_state(tmp_path / "last", template)
     _assert_state_equal(restored, saved)
     assert restored["state"]["ema_state"] == {}
     assert all(torch.equal(v, tree.flatten(template)[k]) for k, v in snapshot.items())  # template untouched
-    _assert_state_equal(train_state.load_state(tmp_path / "checkpoint_0003", template), saved)
-    train_state.save_state(tmp_path / "last", _state(5))  # overwrite in place
-    _assert_state_equal(train_state.load_state(tmp_path / "last", template), _state(5))
+    _assert_state_equal(checkpoint.load_state(tmp_path / "checkpoint_0003", template), saved)
+    checkpoint.save_state(tmp_path / "last", _state(5))  # overwrite in place
+    _assert_state_equal(checkpoint.load_state(tmp_path / "last", template), _state(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0003", "last"]  # no temp dirs left
 
 
 def test_crash_during_state_save_keeps_previous(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    train_state.save_state(tmp_path / "last", _state(1))
+    checkpoint.save_state(tmp_path / "last", _state(1))
     real = dcp.save
 
     def crash(state, *, checkpoint_id, **kw):
@@ -361,35 +362,35 @@ def test_crash_during_state_save_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dcp, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_state.save_state(tmp_path / "last", _state(2))
+        checkpoint.save_state(tmp_path / "last", _state(2))
     monkeypatch.undo()
-    _assert_state_equal(train_state.load_state(tmp_path / "last", _state(0)), _state(1))
-    train_state.save_state(tmp_path / "last", _state(2))  # the next save cleans the debris
+    _assert_state_equal(checkpoint.load_state(tmp_path / "last", _state(0)), _state(1))
+    checkpoint.save_state(tmp_path / "last", _state(2))  # the next save cleans the debris
     assert [p.name for p in tmp_path.iterdir()] == ["last"]
 
 
 def test_crash_between_renames_recovers(tmp_path):
-    train_state.save_state(tmp_path / "last", _state(1))
+    checkpoint.save_state(tmp_path / "last", _state(1))
     (tmp_path / "last").rename(tmp_path / "last.old-999")  # killed after moving the old one aside
     with pytest.warns(UserWarning, match="restoring from last.old-999"):
-        restored = train_state.load_state(tmp_path / "last", _state(0))
+        restored = checkpoint.load_state(tmp_path / "last", _state(0))
     _assert_state_equal(restored, _state(1))
 
 
 def test_state_errors(tmp_path):
-    with pytest.raises(weights.CheckpointError, match="nowhere: no such train-state"):
-        train_state.load_state(tmp_path / "nowhere", _state(0))
+    with pytest.raises(formats.CheckpointError, match="nowhere: no such train-state"):
+        checkpoint.load_state(tmp_path / "nowhere", _state(0))
     (tmp_path / "junk").mkdir()
-    with pytest.raises(weights.CheckpointError, match="junk: not a complete train-state"):
-        train_state.load_state(tmp_path / "junk", _state(0))
-    train_state.save_state(tmp_path / "s", _state(1))
+    with pytest.raises(formats.CheckpointError, match="junk: not a complete train-state"):
+        checkpoint.load_state(tmp_path / "junk", _state(0))
+    checkpoint.save_state(tmp_path / "s", _state(1))
     bad = _state(0)
     bad["state"]["params"]["b"] = torch.zeros(6)
     bad["new"] = torch.zeros(1)
-    with pytest.raises(weights.CheckpointError, match=r"params/b: saved \(5,\).*missing new"):
-        train_state.load_state(tmp_path / "s", bad)
+    with pytest.raises(formats.CheckpointError, match=r"params/b: saved \(5,\).*missing new"):
+        checkpoint.load_state(tmp_path / "s", bad)
     with pytest.raises(TypeError, match="leaf 'x' is a object"):
-        train_state.save_state(tmp_path / "t", {"x": object()})
+        checkpoint.save_state(tmp_path / "t", {"x": object()})
 
 
 def test_state_in_gloo_group(tmp_path):
@@ -400,21 +401,21 @@ def test_state_in_gloo_group(tmp_path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "assuming single process" warnings in a real group
-            train_state.save_state(tmp_path / "last", _state(4))
-        _assert_state_equal(train_state.load_state(tmp_path / "last", _state(0)), _state(4))
+            checkpoint.save_state(tmp_path / "last", _state(4))
+        _assert_state_equal(checkpoint.load_state(tmp_path / "last", _state(0)), _state(4))
     finally:
         dist.destroy_process_group()
 
 
 _TWO_RANKS = """
 import sys, torch, torch.distributed as dist
-from rfdetr_fn import train_state
+from rfdetr_fn.io import checkpoint
 dist.init_process_group("gloo")
 out = sys.argv[1]
 state = {"params": {"w": torch.arange(6.0).reshape(2, 3)}, "step": torch.tensor(11), "epoch": 3}
-train_state.save_state(out + "/last", state, keep="checkpoint_0003")
+checkpoint.save_state(out + "/last", state, keep="checkpoint_0003")
 template = {"params": {"w": torch.zeros(2, 3)}, "step": torch.tensor(0), "epoch": 0}
-back = train_state.load_state(out + "/checkpoint_0003", template)
+back = checkpoint.load_state(out + "/checkpoint_0003", template)
 assert torch.equal(back["params"]["w"], state["params"]["w"])
 assert int(back["step"]) == 11 and back["epoch"] == 3
 open(f"{out}/rank{dist.get_rank()}.ok", "w").close()  # a file per rank: stdout lines interleave

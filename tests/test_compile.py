@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import rfdetr_fn as rf
-from rfdetr_fn import compile as compile_lib
-from rfdetr_fn import tree
+from rfdetr_fn import compiler, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
 from tests.test_train import _run, _tiny_setup
@@ -24,26 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cache_key_follows_graph_shaping_fields_only():
     cfg, tcfg = rf.presets.tiny(), TrainConfig()
-    key = compile_lib.cache_key(cfg, tcfg, device="cpu", precision="fp32")
-    assert key == compile_lib.cache_key(cfg, tcfg, device="cpu", precision="fp32")
+    key = compiler.cache_key(cfg, tcfg, device="cpu", precision="fp32")
+    assert key == compiler.cache_key(cfg, tcfg, device="cpu", precision="fp32")
     changed = [
-        compile_lib.cache_key(attrs.evolve(cfg, resolution=256), tcfg, device="cpu", precision="fp32"),
-        compile_lib.cache_key(cfg, attrs.evolve(tcfg, batch_size=8), device="cpu", precision="fp32"),
-        compile_lib.cache_key(cfg, attrs.evolve(tcfg, lr=2e-4), device="cpu", precision="fp32"),  # a graph constant
-        compile_lib.cache_key(cfg, attrs.evolve(tcfg, grad_accum_steps=2), device="cpu", precision="fp32"),
-        compile_lib.cache_key(cfg, attrs.evolve(tcfg, epochs=3), device="cpu", precision="fp32"),  # schedule
-        compile_lib.cache_key(cfg, tcfg, device="cpu", precision="fp16"),
-        compile_lib.cache_key(cfg, tcfg, device="meta", precision="fp32"),
+        compiler.cache_key(attrs.evolve(cfg, resolution=256), tcfg, device="cpu", precision="fp32"),
+        compiler.cache_key(cfg, attrs.evolve(tcfg, batch_size=8), device="cpu", precision="fp32"),
+        compiler.cache_key(cfg, attrs.evolve(tcfg, lr=2e-4), device="cpu", precision="fp32"),  # a graph constant
+        compiler.cache_key(cfg, attrs.evolve(tcfg, grad_accum_steps=2), device="cpu", precision="fp32"),
+        compiler.cache_key(cfg, attrs.evolve(tcfg, epochs=3), device="cpu", precision="fp32"),  # schedule
+        compiler.cache_key(cfg, tcfg, device="cpu", precision="fp16"),
+        compiler.cache_key(cfg, tcfg, device="meta", precision="fp32"),
     ]
     assert len({key, *changed}) == len(changed) + 1
     loop_only = attrs.evolve(tcfg, output_dir="elsewhere", seed=7, compile="on", compile_cache="/x")
-    assert compile_lib.cache_key(cfg, loop_only, device="cpu", precision="fp32") == key
-    assert {f.name for f in attrs.fields(TrainConfig)} >= compile_lib.LOOP_ONLY_FIELDS
+    assert compiler.cache_key(cfg, loop_only, device="cpu", precision="fp32") == key
+    assert {f.name for f in attrs.fields(TrainConfig)} >= compiler.LOOP_ONLY_FIELDS
 
 
 def test_cache_reads_only_its_own_key(tmp_path, capsys):
     """Artifacts of another config are never loaded; a corrupt file costs a recompile, not the run."""
-    mine = compile_lib.CompileCache(tmp_path, "key_a")
+    mine = compiler.CompileCache(tmp_path, "key_a")
     other = tmp_path / "key_b"
     other.mkdir()
     (other / "0.bin").write_bytes(b"not an artifact")
@@ -57,24 +56,24 @@ def test_cache_reads_only_its_own_key(tmp_path, capsys):
 
 def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RFDETR_FN_CACHE", str(tmp_path / "c"))
-    assert compile_lib.default_cache_dir() == tmp_path / "c"
+    assert compiler.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("RFDETR_FN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert compile_lib.default_cache_dir() == tmp_path / "rfdetr_fn" / "compile"
+    assert compiler.default_cache_dir() == tmp_path / "rfdetr_fn" / "compile"
 
 
 def test_use_compile_auto_follows_measurements(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delitem(compile_lib.MEASURED, "cpu", raising=False)
-    assert not compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
-    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.14, 1.6, 60.0, 5.0))
-    assert not compile_lib.use_compile("auto", cpu), "a step win below 1.25x does not pay minutes of compile"
-    assert compile_lib.use_compile("auto", cpu, "inference")
-    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(300.0, 20.0, 1.3, 1.41, 60.0, 5.0))
-    assert compile_lib.use_compile("auto", cpu) and not compile_lib.use_compile("auto", cpu, "inference")
-    assert compile_lib.use_compile("on", cpu) and not compile_lib.use_compile("off", cpu)
+    monkeypatch.delitem(compiler.MEASURED, "cpu", raising=False)
+    assert not compiler.use_compile("auto", cpu) and not compiler.use_compile("auto", cpu, "inference")
+    monkeypatch.setitem(compiler.MEASURED, "cpu", compiler.Measured(300.0, 20.0, 1.14, 1.6, 60.0, 5.0))
+    assert not compiler.use_compile("auto", cpu), "a step win below 1.25x does not pay minutes of compile"
+    assert compiler.use_compile("auto", cpu, "inference")
+    monkeypatch.setitem(compiler.MEASURED, "cpu", compiler.Measured(300.0, 20.0, 1.3, 1.41, 60.0, 5.0))
+    assert compiler.use_compile("auto", cpu) and not compiler.use_compile("auto", cpu, "inference")
+    assert compiler.use_compile("on", cpu) and not compiler.use_compile("off", cpu)
     with pytest.raises(ValueError, match="compile='yes'"):
-        compile_lib.use_compile("yes", torch.device("cpu"))
+        compiler.use_compile("yes", torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -132,8 +131,8 @@ _SECOND_PROCESS = """
 import json, sys, time
 import torch
 import rfdetr_fn as rf
-from rfdetr_fn import compile as compile_lib
-from rfdetr_fn.inference import forward_fn
+from rfdetr_fn import compiler
+from rfdetr_fn.eval.inference import forward_fn
 cfg = rf.presets.tiny(num_classes=3, resolution=64)
 cache_dir = sys.argv[1]
 params = rf.init(cfg, 0)
@@ -182,44 +181,44 @@ def test_inductor_compiles_without_regions_and_other_backends_with_them(monkeypa
     """torch 2.13's inductor gave wrong LayerNorm weight gradients (up to 100 %) for repeated region calls
     (benchmarks/RESULTS.md), so every inductor compile, step or forward, turns the one region switch off;
     a train step and an evaluation forward in one run must agree on it, or each would retrace the other."""
-    monkeypatch.setattr(compile_lib.SWITCH, "regions", True)
+    monkeypatch.setattr(compiler.SWITCH, "regions", True)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored afterwards
     cfg, tcfg, _ = _tiny_setup()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
     compile_step(step, backend="inductor")  # compiles lazily: nothing is traced here
-    assert compile_lib.SWITCH.regions is False
+    assert compiler.SWITCH.regions is False
     compile_step(step, backend="aot_eager")
-    assert compile_lib.SWITCH.regions is True
-    from rfdetr_fn.inference import forward_fn
+    assert compiler.SWITCH.regions is True
+    from rfdetr_fn.eval.inference import forward_fn
 
     forward_fn(cfg, "cpu", compile=True, cache_dir=tmp_path)
-    assert compile_lib.SWITCH.regions is False
+    assert compiler.SWITCH.regions is False
     compile_step(step, backend="inductor", regions=True)  # by request only
-    assert compile_lib.SWITCH.regions is True
+    assert compiler.SWITCH.regions is True
 
 
 def test_compile_cache_keeps_inductor_kernels_beside_the_artifacts(monkeypatch, tmp_path):
     """The compiled CPU kernels (.so) are not inside the artifact files: inductor's folder moves into the
     compile cache so a second run finds them, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
-    monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", None)
+    monkeypatch.setattr(compiler, "_USER_INDUCTOR_DIR", None)
     # torch writes its default into the variable at its first look (importing inductor's config does that)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_default"))
-    compile_lib.CompileCache(tmp_path / "cache", "k").load()
+    compiler.CompileCache(tmp_path / "cache", "k").load()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache" / "inductor").resolve())
     mine = str(tmp_path / "mine")
-    monkeypatch.setattr(compile_lib, "_USER_INDUCTOR_DIR", mine)
+    monkeypatch.setattr(compiler, "_USER_INDUCTOR_DIR", mine)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
-    compile_lib.CompileCache(tmp_path / "other", "k").load()
+    compiler.CompileCache(tmp_path / "other", "k").load()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == mine
 
 
 def test_announce_quotes_the_measured_piece(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(compile_lib.MEASURED, "cpu", compile_lib.Measured(246.0, 22.7, 1.14, 1.41, 78.8, 5.8))
-    cache = compile_lib.CompileCache(tmp_path, "k")
-    compile_lib.announce("the train step", torch.device("cpu"), cache, 0)
-    compile_lib.announce("the forward pass", torch.device("cpu"), cache, 0, piece="inference")
-    compile_lib.announce("the forward pass", torch.device("cpu"), cache, 2, piece="inference")
-    compile_lib.announce("the train step", torch.device("meta"), None, 0)
+    monkeypatch.setitem(compiler.MEASURED, "cpu", compiler.Measured(246.0, 22.7, 1.14, 1.41, 78.8, 5.8))
+    cache = compiler.CompileCache(tmp_path, "k")
+    compiler.announce("the train step", torch.device("cpu"), cache, 0)
+    compiler.announce("the forward pass", torch.device("cpu"), cache, 0, piece="inference")
+    compiler.announce("the forward pass", torch.device("cpu"), cache, 2, piece="inference")
+    compiler.announce("the train step", torch.device("meta"), None, 0)
     step, forward, warm, unmeasured = capsys.readouterr().out.splitlines()
     assert "about 246 s" in step and "about 79 s" in forward and "6 s for Nano" in warm
     assert "not measured on this device" in unmeasured

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rfdetr_fn.io.checkpoint import load_state, save_state
 from rfdetr_fn.step import make_train_step
-from rfdetr_fn.train_state import load_state, save_state
 from tests import dist_worker as w
 
 LAUNCH_TIMEOUT_S = 150  # the eager launch takes ~10-15 s on 2 cores
@@ -169,7 +169,7 @@ def test_compiled_step_traces_the_collectives(tmp_path):
 
 def test_device_flag_picks_the_gpu_it_names():
     """`--device cuda:N` is GPU N (the help promises it); plain `cuda` is cuda:LOCAL_RANK under torchrun."""
-    from rfdetr_fn.distributed import pick_device
+    from rfdetr_fn.io.distributed import pick_device
 
     pick = pick_device
     assert pick("cuda:1", local_rank=0, world_size=1, cuda_available=True) == torch.device("cuda", 1)

@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 import rfdetr_fn as rf
-from rfdetr_fn import adapt, cli, train_state, tree
-from rfdetr_fn.boxes import cxcywh_to_xyxy, pairwise_iou
+from rfdetr_fn import cli, tree
 from rfdetr_fn.config import DataConfig, TrainConfig
 from rfdetr_fn.data import build_dataset
 from rfdetr_fn.data.loader import collate
+from rfdetr_fn.io import checkpoint, weights
+from rfdetr_fn.model.boxes import cxcywh_to_xyxy, pairwise_iou
 from rfdetr_fn.step import init_state, make_train_step
 
 SHORT_STEPS = 30
@@ -183,13 +184,13 @@ def _resume_round_trip(tmp_path, images: int) -> None:
     cli.main(["fit", *_fit_args(straight, *common)])
     cli.main(["fit", *_fit_args(split, *common, "--train.max-steps", str(steps_per_epoch))])
     cli.main(["fit", *_fit_args(split, *common, "--train.resume", "auto")])
-    _, a = adapt.load_weights(straight / "last_ema.pth")
-    _, b = adapt.load_weights(split / "last_ema.pth")
+    _, a = weights.load_weights(straight / "last_ema.pth")
+    _, b = weights.load_weights(split / "last_ema.pth")
     for key, value in tree.flatten(a).items():
         assert torch.equal(value, tree.flatten(b)[key]), key
     template = init_state(rf.init(rf.presets.tiny(resolution=64), 0), TrainConfig())
-    state_a = train_state.load_state(straight / "last", {"state": template})
-    state_b = train_state.load_state(split / "last", {"state": template})
+    state_a = checkpoint.load_state(straight / "last", {"state": template})
+    state_b = checkpoint.load_state(split / "last", {"state": template})
     assert int(state_a["state"]["step"]) == int(state_b["state"]["step"]) > steps_per_epoch  # resumed past max-steps
     for key, value in tree.flatten(state_a["state"]["opt_state"]).items():
         assert torch.equal(value, tree.flatten(state_b["state"]["opt_state"])[key]), key

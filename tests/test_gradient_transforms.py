@@ -1,4 +1,4 @@
-"""Gradient transforms against torch.optim, the upstream AdamW recipe against the previous optim.py,
+"""Gradient transforms against torch.optim, the upstream AdamW recipe against the previous recipe.py,
 freezing (state only for trainable leaves) and the optimizer choice."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rfdetr_fn import gradient_transforms as gt
-from rfdetr_fn import optim, presets, transforms, tree
+from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.model import detector
+from rfdetr_fn.optim import chain as gt
+from rfdetr_fn.optim import recipe
 from rfdetr_fn.step import init_state, make_train_step
 
 
@@ -86,7 +87,7 @@ def test_masked_and_multi_transform_hold_state_for_their_leaves_only():
     updates = gt.materialize(updates)
     assert torch.equal(updates["b"], grads["b"]) and not torch.equal(updates["a"]["w"], grads["a"]["w"])
 
-    labels = transforms.labels(params, {"adam": "a.*", "sgd": "b"})
+    labels = tree.labels(params, {"adam": "a.*", "sgd": "b"})
     multi = gt.multi_transform({"adam": gt.adam(0.05), "sgd": gt.sgd(0.1)}, labels)
     state = multi.init(params)
     assert list(tree.flatten(state["adam"]["exp_avg"])) == ["a.w"] and state["sgd"] == {}
@@ -97,7 +98,7 @@ def test_masked_and_multi_transform_hold_state_for_their_leaves_only():
 
 
 def _previous_adamw(params, grads, state, groups, lr_factor, betas, eps):
-    """optim.adamw_update as it was before the gradient transforms (kept to compare against)."""
+    """recipe.adamw_update as it was before the gradient transforms (kept to compare against)."""
     b1, b2 = betas
     fp, fg = tree.flatten(params), tree.flatten(grads)
     fm, fv = tree.flatten(state["exp_avg"]), tree.flatten(state["exp_avg_sq"])
@@ -120,7 +121,7 @@ def _previous_adamw(params, grads, state, groups, lr_factor, betas, eps):
 
 
 def test_recipe_is_bit_equal_to_previous_optim_over_steps():
-    """The chain (Adam scaling -> decoupled decay -> per-group LR x schedule) rounds as the earlier optim.py
+    """The chain (Adam scaling -> decoupled decay -> per-group LR x schedule) rounds as the earlier recipe.py
     and torch.optim.AdamW do: weights, moments and step count bit-equal over several steps of upstream's
     groups (layer-wise ViT decay, no-decay names, component decay), one gradient missing."""
     cfg = presets.tiny()
@@ -128,18 +129,18 @@ def test_recipe_is_bit_equal_to_previous_optim_over_steps():
         lr=1e-2, lr_encoder=2e-2, weight_decay=0.05, betas=(0.8, 0.95), eps=1e-6,
         lr_vit_layer_decay=0.8, lr_component_decay=0.7,
     )  # fmt: skip
-    groups = optim.param_groups(list(detector.param_shapes(cfg)), cfg, tcfg)
+    groups = recipe.param_groups(list(detector.param_shapes(cfg)), cfg, tcfg)
     assert len({g.lr for g in groups}) >= 4 and {g.weight_decay for g in groups} == {0.0, 0.05}
     params = detector.init(cfg, 0)
     skipped = "class_embed.bias"
     gen = torch.Generator().manual_seed(3)
-    old, new = (params, optim.adamw_init(params)), (params, optim.adamw_init(params))
+    old, new = (params, recipe.adamw_init(params)), (params, recipe.adamw_init(params))
     for factor in (0.3, 1.0, 0.5, 0.05):
         grads = tree.flatten(tree.map_(lambda t: 0.1 * torch.randn(t.shape, generator=gen), params))
         grads = tree.unflatten({**grads, skipped: None})
         f = torch.tensor(factor, dtype=torch.float64)
         old = _previous_adamw(*old[:1], grads, old[1], groups, f, tcfg.betas, tcfg.eps)
-        new = optim.adamw_update(new[0], grads, new[1], groups, f, betas=tcfg.betas, eps=tcfg.eps)
+        new = recipe.adamw_update(new[0], grads, new[1], groups, f, betas=tcfg.betas, eps=tcfg.eps)
         for a, b in zip(tree.leaves(old[1]), tree.leaves(new[1])):
             assert torch.equal(a, b)
         for (k, a), b in zip(tree.flatten(old[0]).items(), tree.leaves(new[0])):
@@ -153,7 +154,7 @@ def test_freezing_keeps_no_optimizer_state_and_no_update_for_the_encoder():
         params = detector.init(presets.nano(), 0)
     full = tree.num_params(init_state(params, TrainConfig())["opt_state"])
     frozen = tree.num_params(init_state(params, TrainConfig(freeze_encoder=True))["opt_state"])
-    vit = tree.num_params(transforms.partition(params, "backbone.0.encoder.*")[0])
+    vit = tree.num_params(tree.partition(params, "backbone.0.encoder.*")[0])
     assert full == 2 * tree.num_params(params) + 1
     assert frozen == full - 2 * vit  # the ViT's ~22M parameters hold no moments at all
 
@@ -183,14 +184,14 @@ def make_hook(cfg, tcfg, groups, schedule, scale=1.0):
 def test_make_optimizer_names_kwargs_and_hook():
     cfg = presets.tiny()
     names = list(detector.param_shapes(cfg))
-    sgd = optim.make_optimizer(cfg, TrainConfig(optimizer="sgd", optimizer_kwargs={"momentum": 0.9}), names)
+    sgd = recipe.make_optimizer(cfg, TrainConfig(optimizer="sgd", optimizer_kwargs={"momentum": 0.9}), names)
     assert list(sgd.init({"w": torch.zeros(2)})) == ["momentum_buffer"]
     with pytest.raises(ValueError, match="optimizer_kwargs"):
-        optim.make_optimizer(cfg, TrainConfig(optimizer="sgd", optimizer_kwargs='{"nope": 1}'), names)
+        recipe.make_optimizer(cfg, TrainConfig(optimizer="sgd", optimizer_kwargs='{"nope": 1}'), names)
     with pytest.raises(ValueError, match="train.optimizer='lion'"):
-        optim.make_optimizer(cfg, TrainConfig(optimizer="lion"), names)
+        recipe.make_optimizer(cfg, TrainConfig(optimizer="lion"), names)
     hook = TrainConfig(optimizer="tests.test_gradient_transforms:make_hook", optimizer_kwargs='{"scale": 2.0}')
-    tx = optim.make_optimizer(cfg, hook, names)
+    tx = recipe.make_optimizer(cfg, hook, names)
     updates, _ = tx.update({"w": torch.tensor([0.1])}, {}, {"w": torch.zeros(1)})
     assert gt.materialize(updates)["w"].item() == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="optimizer_kwargs"):

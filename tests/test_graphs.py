@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import rfdetr_fn as rf
-from rfdetr_fn import graphs, rng, tree
+from rfdetr_fn import rng, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.graphs import EagerCapture, GraphedStep, graph_mode_problem, graphed_step
 from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.train import graphs
+from rfdetr_fn.train.graphs import EagerCapture, GraphedStep, graph_mode_problem, graphed_step
 
 CPU = torch.device("cpu")
 

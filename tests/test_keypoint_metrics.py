@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rfdetr_fn import keypoint_metrics as km
+from rfdetr_fn.eval import keypoints as km
 
 
 def _label_space(scenario: dict) -> tuple[dict, list[int], list[dict]]:

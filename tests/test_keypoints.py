@@ -16,13 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from rfdetr_fn import presets, tree
-from rfdetr_fn.adapt import load_weights
 from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.io.weights import KP_CLASS_MASK, KP_MASK, class_names, load_weights, save_weights
 from rfdetr_fn.loss.criterion import criterion, keypoint_coefs, weight_dict
 from rfdetr_fn.loss.matcher import MatchCosts, match, match_costs
 from rfdetr_fn.model import backbone, detector, keypoints, postprocess, projector, transformer
 from rfdetr_fn.step import grad_and_value, init_state, make_train_step
-from rfdetr_fn.weights import KP_CLASS_MASK, KP_MASK, class_names, save_weights
 from tests.golden import golden_config, golden_params, golden_targets
 from tests.test_model_parity import FP32_TOL, FP64_TOL, flat_outputs, worst_deltas
 
@@ -426,7 +425,7 @@ def test_keypoint_predict_json_and_skeleton_drawing(tmp_path):
 def test_drawing_a_box_with_negative_height_draws_its_extent():
     """An untrained model predicted y2 < y1 (seen in test_cli_fit_validate_test_predict_short); Pillow
     refused such a rectangle and predict crashed."""
-    from rfdetr_fn.predict_cli import class_colour, draw_detections
+    from rfdetr_fn.eval.drawing import class_colour, draw_detections
 
     det = {"boxes": torch.tensor([[10.0, 30.0, 40.0, 20.0]]), "labels": torch.tensor([0]), "scores": torch.ones(1)}
     drawn = np.asarray(draw_detections(np.zeros((50, 50, 3), np.uint8), det, ["a"]))
@@ -437,8 +436,8 @@ def test_keypoint_skeleton_edges_are_drawn_and_nothing_else():
     """Only the skeleton's edges are drawn: class 1 of schema (4, 3) with skeleton [4, 6] (flat indices:
     its keypoints 0 and 2) joins (20, 20)-(60, 20) but not (20, 20)-(20, 60); a keypoint below
     KEYPOINT_MIN_SCORE is neither dotted nor joined. Weights files keep the skeleton in the config."""
-    from rfdetr_fn.predict_cli import class_colour, draw_detections
-    from rfdetr_fn.weights import config_from_dict, config_to_dict
+    from rfdetr_fn.eval.drawing import class_colour, draw_detections
+    from rfdetr_fn.io.formats import config_from_dict, config_to_dict
 
     image = np.zeros((100, 100, 3), np.uint8)
     points = torch.tensor([[[20.0, 20.0, 0.9], [20.0, 60.0, 0.9], [60.0, 20.0, 0.9], [0.0, 0.0, 0.0]]])

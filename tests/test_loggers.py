@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rfdetr_fn import loggers, runlog
 from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.io import loggers, runlog
 
 ROWS = [
     {"step": 1, "epoch": 0, "train/loss": 3.5, "train/lr": 1e-4},

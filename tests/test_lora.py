@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import rfdetr_fn as rf
-from rfdetr_fn import lora, presets, transforms, tree
+from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.model import detector
+from rfdetr_fn.model import detector, lora, nn
 from rfdetr_fn.step import init_state, make_train_step
 
 QUERY = "backbone.0.encoder.encoder.encoder.layer.0.attention.attention.query"
@@ -41,12 +41,12 @@ def test_dora_merge_matches_peft_forward_and_gradients():
     assert not flat["m.lora_B.default.weight"].any()  # starts as the base model
     torch.testing.assert_close(flat["m.lora_magnitude_vector.default.weight"], w.norm(dim=1))
     assert flat["m.lora_A.default.weight"].abs().max() <= 1 / 5**0.5
-    torch.testing.assert_close(rf.nn.linear(merge(adapters, frozen)["m"], x), F.linear(x, w, bias))
+    torch.testing.assert_close(nn.linear(merge(adapters, frozen)["m"], x), F.linear(x, w, bias))
 
     trained = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in flat.items()}
     ours = {k: v.clone().requires_grad_() for k, v in trained.items()}
     ref = {k: v.clone().requires_grad_() for k, v in trained.items()}
-    y = rf.nn.linear(merge(tree.unflatten(ours), frozen)["m"], x)
+    y = nn.linear(merge(tree.unflatten(ours), frozen)["m"], x)
     want = _peft_dora_linear(x, w, bias, *(ref[f"m.{p}.default.weight"] for p in lora.ADAPTER_PARTS), 2.0)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
     y.square().sum().backward()
@@ -93,7 +93,7 @@ def test_upstream_targets_and_peft_key_layout():
 def test_lora_weights_file_round_trip_keep_or_merge(tmp_path):
     cfg = attrs.evolve(presets.tiny(num_classes=2), backbone_lora=True)
     params = lora.add_upstream_adapters(detector.init(cfg, 0))
-    params = transforms.map_where(lambda t: t + 0.05, params, re.compile(r"lora_(A|B)\."))
+    params = tree.map_where(lambda t: t + 0.05, params, re.compile(r"lora_(A|B)\."))
     path = tmp_path / "lora.pth"
     rf.save_weights(path, params, cfg)
     saved = torch.load(path, weights_only=True)["model"]

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from scipy.optimize import linear_sum_assignment
 
-from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss import matcher as matcher_lib
 from rfdetr_fn.loss.assignment import hungarian, sanitize_cost
 from rfdetr_fn.loss.criterion import cls_loss_coef, criterion, mask_losses, uncertain_points, weight_dict
 from rfdetr_fn.loss.matcher import MatchCosts, match, match_costs
+from rfdetr_fn.model import boxes as box_ops
 
 TINY_DET = ModelConfig(
     name="tiny_det",

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from rfdetr_fn.metrics import (
+from rfdetr_fn.eval.coco import (
     UPSTREAM_IOU_THRESHOLDS,
     UPSTREAM_RECALL_THRESHOLDS,
     Detections,
@@ -796,15 +796,15 @@ def test_evaluator_keeps_rle_not_masks_and_merges_ranks():
 
 
 def test_evaluate_frees_each_batch_of_masks(monkeypatch):
-    """validate.evaluate hands every batch to the Evaluator (RLE) and keeps no mask tensors: when compute()
+    """loop.evaluate hands every batch to the Evaluator (RLE) and keeps no mask tensors: when compute()
     starts, the masks of every batch but the last (still a local of the loop) are garbage."""
     import gc
     import weakref
 
     import rfdetr_fn as rf
-    from rfdetr_fn import validate
     from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
     from rfdetr_fn.data import build_dataset
+    from rfdetr_fn.eval import loop
 
     cfg = rf.presets.tiny(num_classes=2, resolution=64, segmentation_head=True)
     dcfg = DataConfig(synthetic_images=24, synthetic_classes=2, synthetic_size=64, num_workers=0)
@@ -824,6 +824,6 @@ def test_evaluate_frees_each_batch_of_masks(monkeypatch):
 
     monkeypatch.setattr(Evaluator, "update", spy_update)
     monkeypatch.setattr(Evaluator, "compute", spy_compute)
-    metrics = validate.evaluate(rf.init(cfg, seed=0), cfg, dataset, batch_size=2, ecfg=EvalConfig())
+    metrics = loop.evaluate(rf.init(cfg, seed=0), cfg, dataset, batch_size=2, ecfg=EvalConfig())
     assert len(batches) == 3 and "segm_mAP_50_95" in metrics
     assert alive_at_compute in ([], [2])

@@ -10,9 +10,9 @@ import torch
 
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.ema import _delta, ema_init, ema_maybe_update, ema_update
-from rfdetr_fn.optim import adamw_init, adamw_update, clip_by_global_norm, param_groups, param_settings
-from rfdetr_fn.schedules import lr_factor, lr_kwargs, schedule_lengths
+from rfdetr_fn.optim.ema import _delta, ema_init, ema_maybe_update, ema_update
+from rfdetr_fn.optim.recipe import adamw_init, adamw_update, clip_by_global_norm, param_groups, param_settings
+from rfdetr_fn.optim.schedules import lr_factor, lr_kwargs, schedule_lengths
 
 
 def _recipe(golden_dir, name: str) -> dict:

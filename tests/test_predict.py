@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import rfdetr_fn as rf
 from rfdetr_fn import tree
-from rfdetr_fn.inference import preprocess
+from rfdetr_fn.eval.inference import preprocess
 from tests.golden import golden_config, golden_params
 
 

@@ -13,8 +13,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import rfdetr_fn as rf
-from rfdetr_fn import cli, weights
-from rfdetr_fn.predict_cli import PredictArgs, class_colour, collect_images, main, run
+from rfdetr_fn import cli
+from rfdetr_fn.eval.drawing import class_colour
+from rfdetr_fn.io import weights
+from rfdetr_fn.predict_cli import PredictArgs, collect_images, main, run
 
 SIZES = {"a.png": (60, 80), "b.png": (90, 50)}  # name -> (height, width)
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rfdetr_fn import atomic, cli, train_state, tree, weights
-from rfdetr_fn.adapt import load_weights
+from rfdetr_fn import cli, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.fit import FitArgs
 from rfdetr_fn.flags import parse, run_or_exit
+from rfdetr_fn.io import atomic, checkpoint, weights
+from rfdetr_fn.io.weights import load_weights
 
 DATA = ["--data.synthetic-images", "4", "--data.synthetic-size", "64", "--data.num-workers", "0"]
 
@@ -33,7 +34,7 @@ def fit_argv(out, *extra: str) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _no_plots(monkeypatch):
-    from rfdetr_fn import runlog
+    from rfdetr_fn.io import runlog
 
     monkeypatch.setattr(runlog, "plot", lambda rows, out: [])
 
@@ -105,7 +106,7 @@ def test_2_divergence_stops_with_last_good_state_and_no_nan_weights(tmp_path, ch
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"non-finite .* at step 2.*lr"):
         cli.main(fit_argv(out, "--train.epochs", "3"))
-    restored = train_state.load_state(out / "last", {"state": {"step": torch.zeros((), dtype=torch.int64)}})
+    restored = checkpoint.load_state(out / "last", {"state": {"step": torch.zeros((), dtype=torch.int64)}})
     assert int(restored["state"]["step"]) == 1  # the last good state
     assert not (out / "checkpoint_best_total.pth").exists() and not (out / "last_ema.pth").exists()
     for wfile in out.glob("*.pth"):
@@ -168,7 +169,7 @@ def test_3_state_is_saved_before_evaluating_and_a_resume_evaluates_first(tmp_pat
     with pytest.raises(OSError, match="hiccup"):
         cli.main(fit_argv(out, "--train.epochs", "1"))
     template = {"state": {"step": torch.zeros((), dtype=torch.int64)}, "loop": {"epoch": 0, "eval_pending": 0}}
-    saved = train_state.load_state(out / "last", template)
+    saved = checkpoint.load_state(out / "last", template)
     assert int(saved["state"]["step"]) > 0 and saved["loop"] == {"epoch": 1, "eval_pending": 0}  # epoch kept
 
     cheap_fit.setattr(fit, "_evaluate_epoch", lambda *a: {"val/mAP_50_95": 0.25, "val/ema_mAP_50_95": 0.25})
@@ -186,16 +187,16 @@ def test_8_resume_takes_the_newest_complete_copy_and_keeps_one_row_per_step(tmp_
 
     out = tmp_path / "run"
     every = ("--train.epochs", "2", "--train.log-every-n-steps", "1")
-    real_save = train_state.save_state
+    real_save = checkpoint.save_state
 
     def save_and_copy_the_first(directory, state, **kw):
         real_save(directory, state, **kw)
         if not (tmp_path / "at_step_2").exists():
             shutil.copytree(directory, tmp_path / "at_step_2")
 
-    cheap_fit.setattr(train_state, "save_state", save_and_copy_the_first)
+    cheap_fit.setattr(checkpoint, "save_state", save_and_copy_the_first)
     cli.main(fit_argv(out, *every, "--train.max-steps", "4", "--train.save-every-n-steps", "2"))
-    cheap_fit.setattr(train_state, "save_state", real_save)
+    cheap_fit.setattr(checkpoint, "save_state", real_save)
     # killed mid-swap of the step-4 save: the old copy moved aside, the new one complete under its temp name
     (out / "last").rename(out / "last.tmp-999")
     (tmp_path / "at_step_2").rename(out / "last.old-999")
@@ -276,8 +277,8 @@ def _train_split(data):
 
 
 def test_4_exif_orientation_is_applied_by_every_reader_and_sizes_are_checked(tmp_path):
-    from rfdetr_fn import imageio
-    from rfdetr_fn.inference import read_image
+    from rfdetr_fn.eval.inference import read_image
+    from rfdetr_fn.io import imageio
 
     data = make_roboflow(tmp_path / "data", counts=(("train", 1),), size=48)
     stored = Image.new("RGB", (32, 48), (200, 30, 30))  # a phone photo stored sideways, 32 wide
@@ -298,7 +299,7 @@ def test_4_exif_orientation_is_applied_by_every_reader_and_sizes_are_checked(tmp
 def test_5_sixteen_bit_png_decodes_to_scaled_8_bit(tmp_path):
     import numpy as np
 
-    from rfdetr_fn.inference import read_image
+    from rfdetr_fn.eval.inference import read_image
 
     data = make_roboflow(tmp_path / "data", counts=(("train", 1),), size=64)
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
@@ -391,7 +392,7 @@ def test_also_train_state_is_saved_every_n_steps(tmp_path, cheap_fit):
 
     saved = []
     cheap_fit.setattr(fit, "_save_state", lambda path, state, loop, keep=None: saved.append(int(state["step"])))
-    cheap_fit.setattr(train_state, "update_values", lambda *a: None)
+    cheap_fit.setattr(checkpoint, "update_values", lambda *a: None)
     cli.main(fit_argv(tmp_path / "run", "--train.epochs", "2", "--train.save-every-n-steps", "2"))
     assert saved == [2, 4, 5, 6, 8, 10]  # mid-epoch every 2 steps and at each epoch end
 
@@ -462,7 +463,7 @@ def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
     wfile = tmp_path / "w.pth"
     atomic.atomic_write(wfile, lambda tmp: torch.save({"v": 1}, tmp))
     state = {"a": torch.ones(3)}
-    train_state.save_state(tmp_path / "last", state)
+    checkpoint.save_state(tmp_path / "last", state)
     before = sorted(p.name for p in tmp_path.iterdir())
 
     def full_torch_save(obj, f, *a, **k):
@@ -484,9 +485,7 @@ def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
         atomic.atomic_write(wfile, lambda tmp: torch.save({"v": 2}, tmp))
     monkeypatch.setattr(dcp, "save", full_dcp_save)
     with pytest.raises(atomic.DiskFullError, match=f"no space left in {tmp_path}"):
-        train_state.save_state(tmp_path / "last", {"a": torch.zeros(3)})
+        checkpoint.save_state(tmp_path / "last", {"a": torch.zeros(3)})
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp files or directories left
-    assert torch.load(wfile)["v"] == 1 and torch.equal(
-        train_state.load_state(tmp_path / "last", state)["a"], state["a"]
-    )
+    assert torch.load(wfile)["v"] == 1 and torch.equal(checkpoint.load_state(tmp_path / "last", state)["a"], state["a"])

@@ -7,6 +7,7 @@ import torch
 
 import rfdetr_fn as rf
 from rfdetr_fn import cli, presets, tree
+from rfdetr_fn.io import weights
 from rfdetr_fn.model import detector
 
 
@@ -28,7 +29,7 @@ def test_average_command_writes_the_mean(tmp_path):
     runs = [tree.flatten(rf.load_weights(p, cfg)[1]) for p in paths]
     for k, v in tree.flatten(soup).items():
         torch.testing.assert_close(v, (runs[0][k] + runs[1][k] + runs[2][k]) / 3, rtol=1e-6, atol=1e-7)
-    assert rf.weights.class_names(out) == ["a", "b"]
+    assert weights.class_names(out) == ["a", "b"]
 
     cli.main(["average", *paths[:2], "--out", str(out), "--weights", "3", "1"])
     key = "class_embed.weight"
@@ -41,7 +42,7 @@ def test_average_command_writes_the_mean(tmp_path):
 
 def test_greedy_soup_command_scores_on_the_validation_split(tmp_path, monkeypatch):
     cfg, paths = _files(tmp_path)
-    import rfdetr_fn.validate as validate
+    from rfdetr_fn.eval import loop
 
     seen = []
 
@@ -50,6 +51,6 @@ def test_greedy_soup_command_scores_on_the_validation_split(tmp_path, monkeypatc
         ref = tree.flatten(rf.load_weights(paths[1], cfg)[1])
         return {"val/mAP_50_95": -sum(float((v - ref[k]).abs().sum()) for k, v in tree.flatten(params).items())}
 
-    monkeypatch.setattr(validate, "run_split", fake_split)
+    monkeypatch.setattr(loop, "run_split", fake_split)
     used = cli.main(["average", *paths, "--out", str(tmp_path / "g.pth"), "--greedy"])
     assert used == [1] and len(seen) == 3 + 2

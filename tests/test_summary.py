@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from rfdetr_fn import runlog, summary
 from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
 from rfdetr_fn.fit import _evaluate_epoch, _monitored
+from rfdetr_fn.io import runlog
+from rfdetr_fn.train import summary
 
 
 def test_start_summary_has_the_batch_arithmetic():
@@ -92,7 +93,7 @@ def test_atomic_writes_keep_the_users_umask(tmp_path):
     """metrics.csv, weights and JSON records get the mode a plain open() would give, not mkstemp's 0600."""
     import os
 
-    from rfdetr_fn.atomic import atomic_write
+    from rfdetr_fn.io.atomic import atomic_write
 
     old = os.umask(0o022)
     try:

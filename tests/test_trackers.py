@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rfdetr_fn.trackers import (
+from rfdetr_fn.train.trackers import (
     BestState,
     EarlyStopState,
     best_total_source,

@@ -47,8 +47,8 @@ def test_decoder_registers_join_every_group_and_leave_the_outputs():
 def test_eval_precision_and_test_loss():
 
     from rfdetr_fn.config import DataConfig, EvalConfig, TrainConfig
-    from rfdetr_fn.precision import forward, resolve_precision
-    from rfdetr_fn.validate import run_split
+    from rfdetr_fn.eval.loop import run_split
+    from rfdetr_fn.model.precision import forward, resolve_precision
 
     cfg = _tiny()
     params = detector.init(cfg, 0)
@@ -89,17 +89,17 @@ def test_other_channel_counts_are_refused_by_the_dataset_readers():
 def test_patch_embedding_adapts_to_other_channel_counts_on_load(tmp_path):
     """Upstream's rule: 1 channel = mean kernel; more = tiled and scaled by 3/C, so C/3 copies of an RGB
     image give the same embedding as the image itself."""
-    from rfdetr_fn import adapt, weights
+    from rfdetr_fn.io import adapt, weights
 
     cfg = _tiny()
     params = detector.init(cfg, 0)
     path = tmp_path / "rgb.pth"
     weights.save_weights(path, params, cfg)
     kernel = tree.flatten(params)[adapt.PATCH_KEY]
-    gray_cfg, gray = adapt.load_weights(path, _tiny(num_channels=1))
+    gray_cfg, gray = weights.load_weights(path, _tiny(num_channels=1))
     assert gray_cfg.num_channels == 1
     torch.testing.assert_close(tree.flatten(gray)[adapt.PATCH_KEY], kernel.mean(1, keepdim=True))
-    _, six = adapt.load_weights(path, _tiny(num_channels=6))
+    _, six = weights.load_weights(path, _tiny(num_channels=6))
     rgb = torch.randn(1, 3, 16, 16)
     six_kernel = tree.flatten(six)[adapt.PATCH_KEY]
     embed = torch.nn.functional.conv2d(rgb, kernel, stride=16)
@@ -110,12 +110,12 @@ def test_patch_embedding_adapts_to_other_channel_counts_on_load(tmp_path):
 
 
 def test_decoder_registers_survive_a_weights_file(tmp_path):
-    from rfdetr_fn import adapt, weights
+    from rfdetr_fn.io import adapt, weights
 
     cfg = _tiny(num_decoder_registers=3, group_detr=2)
     params = detector.init(cfg, 0)
     weights.save_weights(tmp_path / "r.pth", params, cfg)
-    loaded_cfg, loaded = adapt.load_weights(tmp_path / "r.pth")
+    loaded_cfg, loaded = weights.load_weights(tmp_path / "r.pth")
     assert loaded_cfg.num_decoder_registers == 3
     assert torch.equal(
         tree.flatten(loaded)["transformer.register_tokens"], tree.flatten(params)["transformer.register_tokens"]

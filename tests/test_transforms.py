@@ -7,8 +7,9 @@ import re
 import pytest
 import torch
 
-from rfdetr_fn import presets, transforms, tree
+from rfdetr_fn import presets, tree
 from rfdetr_fn.model import detector
+from rfdetr_fn.research import soup
 
 
 def _params():
@@ -24,52 +25,52 @@ def _params():
 
 def test_partition_by_glob_regex_predicate_and_combine_restores():
     params = _params()
-    enc, rest = transforms.partition(params, "backbone.0.encoder.*")
+    enc, rest = tree.partition(params, "backbone.0.encoder.*")
     assert list(tree.flatten(enc)) == [
         "backbone.0.encoder.encoder.embeddings.cls_token",
         "backbone.0.encoder.encoder.encoder.layer.0.attention.attention.query.weight",
     ]
     assert list(tree.flatten(rest)) == ["backbone.0.projector.stages.0.weight", "class_embed.bias"]
-    back = transforms.combine(enc, rest)
+    back = tree.combine(enc, rest)
     assert all(a is b for a, b in zip(tree.leaves(back), tree.leaves(params)))  # shared, not copied
-    by_regex, _ = transforms.partition(params, re.compile(r"\.(query|key)\.weight$"))
+    by_regex, _ = tree.partition(params, re.compile(r"\.(query|key)\.weight$"))
     assert list(tree.flatten(by_regex)) == [
         "backbone.0.encoder.encoder.encoder.layer.0.attention.attention.query.weight"
     ]
-    by_pred, _ = transforms.partition(params, lambda k, v: v.numel() == 2)
+    by_pred, _ = tree.partition(params, lambda k, v: v.numel() == 2)
     assert list(tree.flatten(by_pred)) == ["class_embed.bias"]
-    both, _ = transforms.partition(params, ["class_embed.*", re.compile("projector")])
+    both, _ = tree.partition(params, ["class_embed.*", re.compile("projector")])
     assert len(tree.flatten(both)) == 2
     with pytest.raises(ValueError, match="class_embed.bias"):
-        transforms.combine(rest, {"class_embed": {"bias": torch.zeros(2)}})
+        tree.combine(rest, {"class_embed": {"bias": torch.zeros(2)}})
     with pytest.raises(TypeError, match="glob"):
-        transforms.matcher(3)
+        tree.matcher(3)
 
 
 def test_replace_map_where_and_labels():
     params = _params()
-    new = transforms.replace(params, {"class_embed.bias": torch.zeros(2)})
+    new = tree.replace(params, {"class_embed.bias": torch.zeros(2)})
     assert not new["class_embed"]["bias"].any() and params["class_embed"]["bias"].all()
     with pytest.raises(KeyError, match="class_embed.weight"):
-        transforms.replace(params, {"class_embed.weight": torch.zeros(2)})
-    doubled = transforms.map_where(lambda t: t * 2, params, "*.bias")
+        tree.replace(params, {"class_embed.weight": torch.zeros(2)})
+    doubled = tree.map_where(lambda t: t * 2, params, "*.bias")
     assert doubled["class_embed"]["bias"].tolist() == [8.0, 8.0]
     assert doubled["backbone"] is not params["backbone"] and torch.equal(
         tree.flatten(doubled)["backbone.0.projector.stages.0.weight"], torch.full((3,), 3.0)
     )
-    lab = tree.flatten(transforms.labels(params, {"vit": "backbone.0.encoder.*"}, default="rest"))
+    lab = tree.flatten(tree.labels(params, {"vit": "backbone.0.encoder.*"}, default="rest"))
     assert list(lab.values()) == ["vit", "vit", "rest", "rest"]
     with pytest.raises(ValueError, match="no rule matches 'backbone.0.projector"):
-        transforms.labels(params, {"vit": "backbone.0.encoder.*", "head": "class_embed.*"})
+        tree.labels(params, {"vit": "backbone.0.encoder.*", "head": "class_embed.*"})
 
 
 def test_freeze_encoder_selects_the_whole_vit_of_nano():
     """Upstream's freeze_encoder freezes exactly the `backbone.0.encoder` parameters: 12 blocks x 18 + 7."""
     params = tree.unflatten({k: torch.zeros(()) for k in detector.param_shapes(presets.nano())})
-    frozen = transforms.select(params, "backbone.0.encoder.*")
+    frozen = tree.select(params, "backbone.0.encoder.*")
     assert len(frozen) == 12 * 18 + 7
     assert all(k.startswith("backbone.0.encoder.") for k in frozen)
-    rest = tree.flatten(transforms.partition(params, "backbone.0.encoder.*")[1])
+    rest = tree.flatten(tree.partition(params, "backbone.0.encoder.*")[1])
     assert len(rest) + len(frozen) == len(tree.flatten(params)) and not any(k in rest for k in frozen)
 
 
@@ -77,14 +78,14 @@ def test_average_lerp_and_greedy_soup():
     a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(3)}
     c = {"w": torch.tensor([8.0, -10.0]), "n": torch.tensor(3)}
-    assert transforms.average([a, b])["w"].tolist() == [2.0, 4.0]
-    assert transforms.average([a, b], [3, 1])["w"].tolist() == [1.0, 3.0]
-    assert transforms.average([a, b])["n"].item() == 3  # integer leaves are taken, not averaged
-    assert transforms.lerp(a, b, 0.25)["w"].tolist() == [1.0, 3.0]
+    assert soup.average([a, b])["w"].tolist() == [2.0, 4.0]
+    assert soup.average([a, b], [3, 1])["w"].tolist() == [1.0, 3.0]
+    assert soup.average([a, b])["n"].item() == 3  # integer leaves are taken, not averaged
+    assert soup.lerp(a, b, 0.25)["w"].tolist() == [1.0, 3.0]
     with pytest.raises(ValueError, match="weights"):
-        transforms.average([a, b], [1.0])
+        soup.average([a, b], [1.0])
     with pytest.raises(ValueError, match="shape of 'w'"):
-        transforms.average([a, {"w": torch.zeros(3), "n": torch.tensor(3)}])
+        soup.average([a, {"w": torch.zeros(3), "n": torch.tensor(3)}])
 
     # score = -|w - target|: b alone is best; adding a helps (soup [2, 4] is closer); c hurts
     target = torch.tensor([2.5, 4.0])
@@ -94,7 +95,7 @@ def test_average_lerp_and_greedy_soup():
         calls.append(p["w"].tolist())
         return -float((p["w"] - target).abs().sum())
 
-    soup, used = transforms.greedy_soup([a, b, c], score)
+    mixed, used = soup.greedy_soup([a, b, c], score)
     assert used == [1, 0]
-    assert soup["w"].tolist() == [2.0, 4.0]
+    assert mixed["w"].tolist() == [2.0, 4.0]
     assert len(calls) == 3 + 2  # every candidate alone, then one trial per remaining candidate

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rfdetr_fn import ensemble, presets, transforms, tree
+from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.kernels import ms_deform_attn_gather, ms_deform_attn_reference
 from rfdetr_fn.loss.criterion import criterion, match_all
 from rfdetr_fn.model import backbone, detector
+from rfdetr_fn.research import ensemble
 
 CFG = presets.tiny(num_classes=3)
 TCFG = TrainConfig()
@@ -95,7 +96,7 @@ def test_jvp_matches_finite_differences_and_reverse_mode():
 
     vit = params["backbone"]["0"]["encoder"]
     # position_embeddings pass through a float32 resize, too coarse for a difference quotient: hold them still
-    v_dir = transforms.map_where(torch.zeros_like, direction["backbone"]["0"]["encoder"], "*position_embeddings")
+    v_dir = tree.map_where(torch.zeros_like, direction["backbone"]["0"]["encoder"], "*position_embeddings")
     eps = 1e-6
 
     def features(p):

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rfdetr_fn import imageio, rng
+from rfdetr_fn import rng
 from rfdetr_fn.data import augment
 from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data import transforms as T
 from rfdetr_fn.data.masks import decode_masks
 from rfdetr_fn.data.source import DatasetError, Source, check_source
+from rfdetr_fn.io import imageio
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from rfdetr_fn import imageio
 from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data.masks import polygon_area
 from rfdetr_fn.data.source import IMAGE_SUFFIXES, DatasetError, Source
+from rfdetr_fn.io import imageio
 
 YAML_NAMES = ("data.yaml", "data.yml")
 _YAML_KEYS = {"train": ("train",), "valid": ("val", "valid"), "val": ("val", "valid"), "test": ("test",)}

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.loss import keypoints as kp_loss
@@ -26,6 +25,7 @@ from rfdetr_fn.loss.matcher import (
     safe_target_boxes,
     unpack_pred_masks,
 )
+from rfdetr_fn.model import boxes as box_ops
 
 OVERSAMPLE = 3
 IMPORTANCE = 0.75

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import boxes as box_ops
 from rfdetr_fn import rng
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.loss import keypoints as kp_loss
 from rfdetr_fn.loss.assignment import solve
+from rfdetr_fn.model import boxes as box_ops
 
 FOCAL_GAMMA = 2.0
 # Padding target boxes become (cx, cy, w, h) = (0.5, 0.5, 1, 1), so no cost or loss divides by a zero area.

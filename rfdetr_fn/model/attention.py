@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import nn
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.kernels import ms_deform_attn
+from rfdetr_fn.model import nn
 from rfdetr_fn.tree import Params
 
 Shapes = list[tuple[int, int]]
@@ -33,7 +33,7 @@ def self_attention(
     w_q, w_k, w_v = p["in_proj_weight"].chunk(3)
     b_q, b_k, b_v = p["in_proj_bias"].chunk(3)
 
-    def heads_view(t: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+    def heads_view(t: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compiler.py
         return t.reshape(b * groups, n // groups, heads, d // heads).transpose(1, 2).contiguous()
 
     q = heads_view(qk @ w_q.T + b_q)

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from rfdetr_fn import nn, rng
-from rfdetr_fn.compile import region
+from rfdetr_fn import rng
+from rfdetr_fn.compiler import region
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.model import nn
 from rfdetr_fn.tree import Params
 
 _EPS = 1e-6  # every LayerNorm in the ViT
@@ -119,7 +120,7 @@ def _embed(p: Params, images: Tensor, cfg: ModelConfig) -> Tensor:
 def _attention(p: Params, x: Tensor, num_heads: int) -> Tensor:
     n, t, d = x.shape
 
-    def heads(y: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compile.py
+    def heads(y: Tensor) -> Tensor:  # contiguous: see the note in rfdetr_fn/compiler.py
         return y.reshape(n, t, num_heads, d // num_heads).transpose(1, 2).contiguous()
 
     a = p["attention"]

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from rfdetr_fn import lora, nn, tree
+from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import backbone, keypoints, projector, segmentation, transformer
+from rfdetr_fn.model import backbone, keypoints, lora, nn, projector, segmentation, transformer
 from rfdetr_fn.tree import Params
 
 _PRIOR_PROB = 0.01  # class biases start at -log((1 - p) / p): every sigmoid score starts near 0.01

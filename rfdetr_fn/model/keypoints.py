@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import nn, tree
+from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig
-from rfdetr_fn.model import attention
+from rfdetr_fn.model import attention, nn
 from rfdetr_fn.tree import Params
 
 CHANNELS = 8  # x, y, findable, visible, log_l11, l21, log_l22, class

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn.boxes import cxcywh_to_xyxy
 from rfdetr_fn.model import keypoints
+from rfdetr_fn.model.boxes import cxcywh_to_xyxy
 
 _MASK_CHUNK = 32  # masks are upsampled this many at a time: full-size float logits of 300 queries are large
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rfdetr_fn import nn
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.model import nn
 from rfdetr_fn.tree import Params
 
 NUM_BLOCKS = 3  # C2f bottlenecks per level (upstream's num_blocks)

@@ -3,7 +3,7 @@
 COCO numbers come from COCOeval itself (pycocotools, or faster_coco_eval: same numbers, faster) run on
 in-memory dicts: no JSON files, no torchmetrics. Ground truth is a COCO dict in label space (category ids
 are the model's labels); predictions are postprocess outputs (xyxy boxes in original pixels), kept as
-columns (`rfdetr_fn.detections.Detections`). The F1 sweep lives in `rfdetr_fn.f1`.
+columns (`rfdetr_fn.eval.detections.Detections`). The F1 sweep lives in `rfdetr_fn.eval.f1`.
 
 Both backends get upstream's threshold grids (`UPSTREAM_IOU_THRESHOLDS`, `UPSTREAM_RECALL_THRESHOLDS`):
 upstream builds them with torchmetrics' float32 `torch.linspace(...).tolist()`, so 0.55 is 0.550000011920929
@@ -27,8 +27,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from rfdetr_fn.detections import Detections, check_gt, check_image_ids, detections_to_coco, rle_area, squeeze_masks
-from rfdetr_fn.f1 import f1_sweep
+from rfdetr_fn.eval.detections import Detections, check_gt, check_image_ids, detections_to_coco, rle_area, squeeze_masks
+from rfdetr_fn.eval.f1 import f1_sweep
 
 Backend = Literal["pycocotools", "faster_coco_eval"]
 IouType = Literal["bbox", "segm"]

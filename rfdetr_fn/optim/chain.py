@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from rfdetr_fn import transforms, tree
+from rfdetr_fn import tree
 
 State = dict[str, Any]
 Schedule = Callable[[Tensor], Tensor]
@@ -136,23 +136,23 @@ def _wrap(name: str, result: tuple[tree.Params, State]) -> tuple[tree.Params, St
     return result[0], {name: result[1]}
 
 
-def masked(link: GradientTransformation, where: transforms.Where) -> GradientTransformation:
+def masked(link: GradientTransformation, where: tree.Where) -> GradientTransformation:
     """Run `link` on the leaves `where` selects (state for those only); the others pass through."""
 
     def init(params):
-        return link.init(transforms.partition(params, where)[0])
+        return link.init(tree.partition(params, where)[0])
 
     def update(grads, state, params=None, **extra):
-        chosen, rest = transforms.partition(grads, where)
-        sub_params = None if params is None else transforms.partition(params, where)[0]
+        chosen, rest = tree.partition(grads, where)
+        sub_params = None if params is None else tree.partition(params, where)[0]
         out, state = link.update(chosen, state, sub_params, **extra)
-        return transforms.combine(out, rest), state
+        return tree.combine(out, rest), state
 
     return GradientTransformation(init, update)
 
 
 def multi_transform(links: Mapping[str, GradientTransformation], labels: tree.Params) -> GradientTransformation:
-    """A different link per label; `labels` is a tree of label strings (see `transforms.labels`).
+    """A different link per label; `labels` is a tree of label strings (see `tree.labels`).
 
     State is `{label: that link's state}` over that label's leaves only.
     """
@@ -162,7 +162,7 @@ def multi_transform(links: Mapping[str, GradientTransformation], labels: tree.Pa
         raise ValueError(f"multi_transform: labels {unknown} have no transformation")
 
     def part(t, label):
-        return transforms.partition(t, lambda key, leaf: flat_labels.get(key) == label)[0]
+        return tree.partition(t, lambda key, leaf: flat_labels.get(key) == label)[0]
 
     def init(params):
         return {label: link.init(part(params, label)) for label, link in links.items()}
@@ -173,7 +173,7 @@ def multi_transform(links: Mapping[str, GradientTransformation], labels: tree.Pa
             sub_params = None if params is None else part(params, label)
             out, new_state[label] = link.update(part(grads, label), state[label], sub_params, **extra)
             outs.append(out)
-        return transforms.combine(*outs), new_state
+        return tree.combine(*outs), new_state
 
     return GradientTransformation(init, update)
 

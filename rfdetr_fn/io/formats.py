@@ -1,9 +1,9 @@
-"""Weights files: upstream .pth/.ckpt and our .safetensors, read and written in upstream's key layout.
+"""Weights file formats: upstream .pth/.ckpt and our .safetensors, read as they are.
 
 Weights are flat dicts whose keys are upstream rfdetr's state-dict keys, so a file written here loads
 in upstream and the other way round. Reading returns the file's tensors and recorded fields as they are
-(`RawCheckpoint`); fitting them to a config is `rfdetr_fn.adapt`. Every write is atomic: a crash
-mid-save leaves the previous file intact.
+(`RawCheckpoint`); fitting them to a config is `rfdetr_fn.io.adapt`; `rfdetr_fn.io.weights` loads and
+saves whole models.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from rfdetr_fn import lora, tree
-from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.errors import UserError
-from rfdetr_fn.tree import Params
 
 KP_MASK = "_kp_active_mask"  # upstream's schema buffer (classes x max keypoints): dropped on load, rebuilt on save
 KP_CLASS_MASK = "transformer.decoder.keypoint_class_mask"  # the other schema-derived buffer (keypoint models)
@@ -246,125 +243,3 @@ def _upstream_fields(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- writing files
-
-
-def class_names(path: str | os.PathLike) -> list[str] | None:
-    """Class names stored in a weights file (upstream `args.class_names` or our metadata), if any."""
-    return read_checkpoint(path).class_names
-
-
-def save_weights(
-    path: str | os.PathLike, params: Params, cfg: ModelConfig, *, class_names: list[str] | None = None,
-    extra: dict | None = None,
-) -> None:  # fmt: skip
-    """Write weights atomically: `.safetensors` (ours) or `.pth` (upstream legacy layout, loads upstream)."""
-    path = Path(path)
-    names = list(class_names) if class_names is not None else None
-    extra = {str(k): _plain(v) for k, v in (extra or {}).items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        flat = _cpu_flat(params)
-        meta = {CONFIG_META: json.dumps(config_to_dict(cfg))}
-        if names is not None:
-            meta[NAMES_META] = json.dumps(names)
-        meta.update({k: json.dumps(v) for k, v in extra.items()})
-        atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
-        return
-    payload = _pth_payload(params, cfg, args=_upstream_args(cfg, names), extra=extra)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def write_upstream_best(
-    path: str | os.PathLike, params: Params, cfg: ModelConfig, *, epoch: int, class_names: list[str] | None,
-    train_args: dict, source: str | None = None,
-) -> None:  # fmt: skip
-    """Upstream 1.11.2 best-model `.pth` (checkpoint_best_{regular,ema,total}.pth, last_ema.pth).
-
-    `args` is the train config plus class names; values a weights-only load cannot read become repr().
-    `source` ("ema"/"regular") marks checkpoint_best_total.pth.
-    """
-    names = list(class_names) if class_names is not None else None
-    extra: dict[str, Any] = {
-        "epoch": int(epoch),
-        "optimizer_states": [],
-        "lr_schedulers": [],
-        "rfdetr_version": UPSTREAM_FORMAT_VERSION,
-    }
-    if source is not None:
-        extra["best_total_source"] = source
-    args = {**_plain(dict(train_args)), "class_names": names}
-    payload = _pth_payload(params, cfg, args=args, extra=extra, lightning=True)
-    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
-
-
-def _pth_payload(
-    params: Params, cfg: ModelConfig, *, args: dict[str, Any], extra: dict[str, Any], lightning: bool = False
-) -> dict[str, Any]:
-    """The one `.pth` layout both writers use: upstream's `model`/`args`/`model_config`, our exact config,
-    and with `lightning` the `state_dict` view Lightning checkpoints carry (sharing storage: no extra bytes)."""
-    model = _with_buffers(_cpu_flat(params), cfg)
-    payload = {
-        "model": model,
-        "args": args,
-        "model_name": cfg.model_name,
-        "model_config": {**_upstream_fields(cfg), "model_name": cfg.model_name},
-        CONFIG_META: config_to_dict(cfg),
-        **extra,
-    }
-    if lightning:
-        payload["state_dict"] = {f"model.{k}": v for k, v in model.items()}
-    return payload
-
-
-def _cpu_flat(params: Params) -> dict[str, Tensor]:
-    """Flat CPU tensors under upstream's keys (DoRA adapters in PEFT's layout, as upstream writes them)."""
-    return lora.to_peft({k: v.detach().cpu().contiguous() for k, v in tree.flatten(params).items()})
-
-
-def _with_buffers(flat: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Upstream's state dict: the schema buffers where upstream keeps them (the mask first, the class
-    mask after the keypoint position embedding)."""
-    from rfdetr_fn.model import keypoints
-
-    active, blocked = keypoints.buffers(cfg)
-    out = {KP_MASK: active}
-    for key, value in flat.items():
-        out[key] = value
-        if key == "transformer.decoder.keypoint_pos_embed":
-            out[KP_CLASS_MASK] = blocked
-    return out
-
-
-def _upstream_args(cfg: ModelConfig, names: list[str] | None) -> dict[str, Any]:
-    """Legacy `args`: upstream's argument names for the architecture, plus class names."""
-    return {
-        **_upstream_fields(cfg),
-        "dim_feedforward": cfg.dim_feedforward,
-        "class_names": names,
-        "pretrain_weights": None,
-    }
-
-
-def _plain(value: Any) -> Any:
-    """Only what `torch.load(weights_only=True)` and JSON accept; anything else becomes its repr()."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return repr(value)
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A weights file, or a training output directory (its best_total, else last_ema)."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("checkpoint_best_total.pth", "last_ema.pth", "checkpoint_best_ema.pth"):
-            if (p / name).exists():
-                return p / name
-        raise FileNotFoundError(f"{p} holds no checkpoint_best_total.pth, last_ema.pth or checkpoint_best_ema.pth")
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return p

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rfdetr_fn.metrics import Backend, Evaluator, _backend, _coco_api, _quiet
+from rfdetr_fn.eval.coco import Backend, Evaluator, _backend, _coco_api, _quiet
 
 COCO_PERSON_SIGMAS = np.array(
     [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]

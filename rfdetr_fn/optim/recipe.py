@@ -24,9 +24,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from rfdetr_fn import gradient_transforms as gt
-from rfdetr_fn import transforms, tree
+from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.optim import chain as gt
 
 AdamWState = dict[str, Any]
 """{"step": float32 0-dim count of updates done, "exp_avg": tree, "exp_avg_sq": tree}."""
@@ -139,7 +139,7 @@ def adamw_update(
 clip_by_global_norm = gt.global_norm_clip
 
 
-def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> transforms.Where | None:
+def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> tree.Where | None:
     """Which leaves train (None: all). Frozen leaves get no gradient and no optimizer state.
 
     freeze_encoder: everything but the ViT (upstream sets requires_grad False on `backbone.0.encoder`).

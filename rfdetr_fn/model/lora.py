@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from rfdetr_fn import transforms, tree
+from rfdetr_fn import tree
 
 ENCODER = "backbone.0.encoder."
 PEFT_PREFIX = "backbone.0.encoder.base_model.model."
@@ -44,7 +44,7 @@ def lora(
     params: tree.Params,
     rank: int = UPSTREAM_RANK,
     alpha: float = UPSTREAM_ALPHA,
-    where: transforms.Where = UPSTREAM_TARGETS,
+    where: tree.Where = UPSTREAM_TARGETS,
     *,
     dora: bool = True,
     seed: int = 0,
@@ -56,7 +56,7 @@ def lora(
     """
     if rank <= 0:
         raise ValueError(f"LoRA rank={rank} must be positive")
-    keys = [k for k in transforms.select(params, where) if k.endswith(".weight")]
+    keys = [k for k in tree.select(params, where) if k.endswith(".weight")]
     if not keys:
         raise ValueError("lora: `where` selects no `.weight` leaf")
     gen = torch.Generator().manual_seed(seed)
@@ -78,7 +78,7 @@ def lora(
         if dora:
             adapters[f"{module}.lora_magnitude_vector.default.weight"] = torch.linalg.norm(weight.detach(), dim=1)
     scaling = alpha / rank
-    return tree.unflatten(adapters), params, lambda ad, frozen: merge(transforms.combine(ad, frozen), scaling)
+    return tree.unflatten(adapters), params, lambda ad, frozen: merge(tree.combine(ad, frozen), scaling)
 
 
 def is_adapter(key: str) -> bool:
@@ -109,7 +109,7 @@ def add_upstream_adapters(params: tree.Params, seed: int = 0) -> tree.Params:
     if any(is_adapter(k) for k in tree.flatten(params)):
         return params
     adapters, frozen, _ = lora(params, seed=seed)
-    return transforms.combine(adapters, frozen)
+    return tree.combine(adapters, frozen)
 
 
 def adapter_shapes(shapes: Mapping[str, tuple[int, ...]], rank: int = UPSTREAM_RANK) -> dict[str, tuple[int, ...]]:

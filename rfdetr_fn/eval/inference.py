@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from rfdetr_fn import compile as compile_lib
-from rfdetr_fn import imageio
-from rfdetr_fn import precision as precision_lib
+from rfdetr_fn import compiler
 from rfdetr_fn.config import ModelConfig
+from rfdetr_fn.io import imageio
+from rfdetr_fn.model import precision as precision_lib
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.tree import Params, leaves
 
@@ -89,13 +89,13 @@ def forward_fn(
 ) -> Forward:
     """`detector.apply(params, images, mask, cfg, train=False)` bound to `cfg`; with compile, a regional
     fullgraph compiled function (one per config, device and backend in this process) whose artifacts are
-    cached on disk like the train step's (`rfdetr_fn.compile.CompileCache`). `precision` (resolved, see
-    `rfdetr_fn.precision`) bf16/fp16 runs under CUDA autocast, eagerly."""
+    cached on disk like the train step's (`rfdetr_fn.compiler.CompileCache`). `precision` (resolved, see
+    `rfdetr_fn.model.precision`) bf16/fp16 runs under CUDA autocast, eagerly."""
     if precision != "fp32":
         return functools.partial(_eval_apply, cfg=cfg, precision=precision)
     if not compile:
         return functools.partial(_eval_apply, cfg=cfg)
-    directory = Path(cache_dir) if cache_dir is not None else compile_lib.default_cache_dir()
+    directory = Path(cache_dir) if cache_dir is not None else compiler.default_cache_dir()
     return _compiled_forward(cfg, torch.device(device).type, str(directory), backend, mode)
 
 
@@ -108,12 +108,12 @@ def _eval_apply(
 @functools.cache
 def _compiled_forward(cfg: ModelConfig, device_type: str, directory: str, backend: str, mode: str | None) -> Forward:
     device = torch.device(device_type)
-    key = compile_lib.cache_key(cfg, device=device, what="inference", backend=backend, mode=mode)
-    cache = compile_lib.CompileCache(Path(directory), key)
-    compile_lib.announce("the forward pass", device, cache, cache.load(), "--eval.compile off", piece="inference")
-    compile_lib.raise_recompile_limit(16)  # a last, shorter batch is one more shape
-    compile_lib.set_regions(backend)
-    compiled = compile_lib.compile_fn(functools.partial(_eval_apply, cfg=cfg), backend=backend, mode=mode)
+    key = compiler.cache_key(cfg, device=device, what="inference", backend=backend, mode=mode)
+    cache = compiler.CompileCache(Path(directory), key)
+    compiler.announce("the forward pass", device, cache, cache.load(), "--eval.compile off", piece="inference")
+    compiler.raise_recompile_limit(16)  # a last, shorter batch is one more shape
+    compiler.set_regions(backend)
+    compiled = compiler.compile_fn(functools.partial(_eval_apply, cfg=cfg), backend=backend, mode=mode)
 
     def run(params: Params, images: Tensor, mask: Tensor | None) -> dict:
         out = compiled(params, images, mask)

@@ -154,7 +154,7 @@ def measure_peaks(run: Callable[[int], None], peak: Callable[[], float], reset: 
 def resolve(cfg: ModelConfig, tcfg: TrainConfig, params, device: torch.device, world_size: int) -> AutoBatch:
     """Measure and decide (called by fit before the loaders are built)."""
     from rfdetr_fn.data import multi_scale_scales
-    from rfdetr_fn.precision import resolve_precision
+    from rfdetr_fn.model.precision import resolve_precision
     from rfdetr_fn.step import init_state, make_train_step
 
     size = cfg.resolution

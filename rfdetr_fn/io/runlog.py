@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from rfdetr_fn.atomic import atomic_write
+from rfdetr_fn.io.atomic import atomic_write
 
 
 class RunLog:
@@ -17,7 +17,7 @@ class RunLog:
 
     def __init__(self, output_dir: Path, *, tensorboard: bool = True, enabled: bool = True, sinks=()):
         self.path = output_dir / "metrics.csv"
-        self.sinks = list(sinks)  # experiment loggers (rfdetr_fn.loggers): each gets every row
+        self.sinks = list(sinks)  # experiment loggers (rfdetr_fn.io.loggers): each gets every row
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = _read_rows(self.path) if enabled else []
         self.writer = _tensorboard_writer(output_dir / "tensorboard") if enabled and tensorboard else None

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rfdetr_fn import dirlock
-from rfdetr_fn.atomic import atomic_write
 from rfdetr_fn.config import ConfigError, TrainConfig
+from rfdetr_fn.io import dirlock
+from rfdetr_fn.io.atomic import atomic_write
 
 # What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
 RUN_FILES = (

@@ -50,7 +50,7 @@ def save_grids(
     batches: Iterable[dict[str, Tensor]], out_dir: Path, split: str, class_names: Sequence[str] | None
 ) -> list[Path]:
     """Write `{split}_batch{k}.png` for the first GRID_BATCHES batches; returns the paths."""
-    from rfdetr_fn.predict_cli import draw_detections
+    from rfdetr_fn.eval.drawing import draw_detections
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfdetr_fn import distributed, tree
-from rfdetr_fn.atomic import atomic_write, raise_if_disk_full, replace_dir
-from rfdetr_fn.weights import CheckpointError
+from rfdetr_fn import tree
+from rfdetr_fn.io import distributed
+from rfdetr_fn.io.atomic import atomic_write, raise_if_disk_full, replace_dir
+from rfdetr_fn.io.formats import CheckpointError
 
 STATE_MARKER = "rfdetr_fn_state.json"  # written last: a state directory without it is incomplete
 

@@ -2,8 +2,8 @@
 
 `infer_config` reads the architecture from our metadata, upstream's recorded fields or the tensor shapes.
 `adapt` brings a state dict to a config the way upstream's fine-tuning loader does: position-table
-interpolation, class-head tiling/truncation and per-group query slicing. `load_weights` is read, infer or
-adapt, then a key-by-key check against the model.
+interpolation, class-head tiling/truncation and per-group query slicing. `rfdetr_fn.io.weights.load_weights`
+is read, infer or adapt, then a key-by-key check against the model.
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 from torch import Tensor
 
-from rfdetr_fn import lora, presets, tree
+from rfdetr_fn import presets
 from rfdetr_fn.config import UPSTREAM_NAMES, ModelConfig
-from rfdetr_fn.tree import Params
-from rfdetr_fn.weights import (
-    KP_MASK,
+from rfdetr_fn.io.formats import (
     CheckpointError,
     RawCheckpoint,
     config_from_dict,
     config_to_dict,
-    read_checkpoint,
 )
 
 PE_SUFFIX = "embeddings.position_embeddings"
@@ -325,53 +321,3 @@ def check_keys(
     if strict or wrong:
         raise CheckpointError("\n".join(lines))
     warnings.warn("\n".join(lines), stacklevel=3)
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]] | None:
-    try:
-        from rfdetr_fn.model import detector
-    except ImportError:
-        warnings.warn("rfdetr_fn.model.detector is not available; the key check is skipped", stacklevel=3)
-        return None
-    shapes = detector.param_shapes(cfg)
-    return {k: tuple(v) for k, v in shapes.items() if k != KP_MASK}
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_weights(
-    path: str | os.PathLike, cfg: ModelConfig | None = None, *, strict: bool = True
-) -> tuple[ModelConfig, Params]:
-    """Load weights as (config, nested params).
-
-    cfg None: the config is read from the file (ours), upstream's `model_config`/`args`, or the tensor shapes.
-    cfg given: the checkpoint is adapted to it (PE, class head, query groups) and checked key by key;
-    strict=False only warns about missing/unexpected keys (missing ones are taken from a fresh init).
-    """
-    raw = read_checkpoint(path)
-    dense, adapters = lora.from_peft(raw.state_dict)  # a backbone_lora run's file (upstream's or ours)
-    raw = attrs.evolve(raw, state_dict=dense)
-    if cfg is None:
-        cfg = infer_config(raw)
-    if adapters and not cfg.backbone_lora:  # as upstream: merge the adapters into a plain encoder
-        raw = attrs.evolve(raw, state_dict=tree.flatten(lora.merge(tree.unflatten({**dense, **adapters}))))
-        adapters = {}
-    src = raw.config or raw.fields
-    src_q = _get(src, "num_queries"), _get(src, "group_detr")
-    flat = adapt(raw.state_dict, cfg, src_queries=src_q, where=raw.path)
-    expected = _expected_shapes(cfg)
-    if expected is not None:
-        check_keys(flat, expected, strict=strict, where=raw.path)
-        missing = [k for k in expected if k not in flat]
-        if missing:
-            from rfdetr_fn.model import detector
-
-            fresh = tree.flatten(detector.init(cfg, 0))
-            flat.update({k: fresh[k] for k in missing})
-        flat = {k: flat[k] for k in expected}  # model order; unexpected keys dropped
-    return cfg, tree.unflatten({**flat, **adapters})
-
-
-def _get(src: ModelConfig | Mapping[str, Any], name: str) -> Any:
-    return getattr(src, name) if isinstance(src, ModelConfig) else src.get(name)

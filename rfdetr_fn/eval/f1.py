@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from rfdetr_fn.boxes import elementwise_iou
-from rfdetr_fn.detections import Detections, check_gt, check_image_ids
+from rfdetr_fn.eval.detections import Detections, check_gt, check_image_ids
+from rfdetr_fn.model.boxes import elementwise_iou
 
 __all__ = ["f1_sweep"]
 
