@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from rfdetr_fn.loss.assignment import assign_device, hungarian, sanitize_cost_batched, shortest_augmenting_paths
-from rfdetr_fn.loss.matcher import MatchCosts, match_costs
+from rfdetr_fn.losses.assignment import assign_device, hungarian, sanitize_cost_batched, shortest_augmenting_paths
+from rfdetr_fn.losses.matcher import MatchCosts, match_costs
 
 LAYERS, GROUPS, QUERIES, CLASSES = 3, 13, 300, 90
 

@@ -1,5 +1,5 @@
 """Kernels installed as `rfdetr_fn.kernels`: multi-scale deformable attention (reference and Triton), and
-`assign_triton`, the batched linear-assignment solver behind `rfdetr_fn.loss.assignment` on CUDA.
+`assign_triton`, the batched linear-assignment solver behind `rfdetr_fn.losses.assignment` on CUDA.
 
 `ms_deform_attn` picks the implementation by device (Triton custom op on CUDA, the PyTorch reference
 elsewhere); `set_backend` or the env var RFDETR_FN_MSDA ("auto" | "reference" | "triton") overrides it.

@@ -1,6 +1,6 @@
 """Triton kernel for batched linear assignment: one program solves one problem, loops inside the kernel.
 
-The same shortest-augmenting-path algorithm as `rfdetr_fn.loss.assignment.shortest_augmenting_paths`
+The same shortest-augmenting-path algorithm as `rfdetr_fn.losses.assignment.shortest_augmenting_paths`
 (Jonker-Volgenant with dual potentials, scipy's tie rule), but where the torch version must run every
 problem for the worst-case number of steps with static loop bounds, here each program loops only as long
 as its own problem needs (a data-dependent `while` on the device, no host involvement): one launch per

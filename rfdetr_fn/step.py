@@ -35,7 +35,7 @@ from torch import Tensor
 from rfdetr_fn import compiler, rng, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
-from rfdetr_fn.loss.criterion import criterion, weight_dict
+from rfdetr_fn.losses.criterion import criterion, weight_dict
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import forward
 from rfdetr_fn.optim import chain as gt

@@ -7,9 +7,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from rfdetr_fn.loss import assignment
-from rfdetr_fn.loss.assignment import assign_device, hungarian, sanitize_cost, shortest_augmenting_paths
-from rfdetr_fn.loss.matcher import assign
+from rfdetr_fn.losses import assignment
+from rfdetr_fn.losses.assignment import assign_device, hungarian, sanitize_cost, shortest_augmenting_paths
+from rfdetr_fn.losses.matcher import assign
 
 
 def scipy_answer(cost: Tensor, n_valid: Tensor) -> tuple[Tensor, Tensor]:

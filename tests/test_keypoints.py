@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.io.weights import KP_CLASS_MASK, KP_MASK, class_names, load_weights, save_weights
-from rfdetr_fn.loss.criterion import criterion, keypoint_coefs, weight_dict
-from rfdetr_fn.loss.matcher import MatchCosts, match, match_costs
+from rfdetr_fn.losses.criterion import criterion, keypoint_coefs, weight_dict
+from rfdetr_fn.losses.matcher import MatchCosts, match, match_costs
 from rfdetr_fn.model import backbone, detector, keypoints, postprocess, projector, transformer
 from rfdetr_fn.step import grad_and_value, init_state, make_train_step
 from tests.golden import golden_config, golden_params, golden_targets

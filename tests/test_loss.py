@@ -14,10 +14,10 @@ from scipy.optimize import linear_sum_assignment
 
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
-from rfdetr_fn.loss import matcher as matcher_lib
-from rfdetr_fn.loss.assignment import hungarian, sanitize_cost
-from rfdetr_fn.loss.criterion import cls_loss_coef, criterion, mask_losses, uncertain_points, weight_dict
-from rfdetr_fn.loss.matcher import MatchCosts, match, match_costs
+from rfdetr_fn.losses import matcher as matcher_lib
+from rfdetr_fn.losses.assignment import hungarian, sanitize_cost
+from rfdetr_fn.losses.criterion import cls_loss_coef, criterion, mask_losses, uncertain_points, weight_dict
+from rfdetr_fn.losses.matcher import MatchCosts, match, match_costs
 from rfdetr_fn.model import boxes as box_ops
 
 TINY_DET = ModelConfig(

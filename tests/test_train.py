@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import rfdetr_fn as rf
 from rfdetr_fn import rng, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.loss.criterion import criterion
+from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
 from tests.golden import golden_config, golden_params, golden_targets

@@ -9,7 +9,7 @@ import torch
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.kernels import ms_deform_attn_gather, ms_deform_attn_reference
-from rfdetr_fn.loss.criterion import criterion, match_all
+from rfdetr_fn.losses.criterion import criterion, match_all
 from rfdetr_fn.model import backbone, detector
 from rfdetr_fn.research import ensemble
 

@@ -18,7 +18,7 @@ from rfdetr_fn.eval.coco import Evaluator
 from rfdetr_fn.eval.inference import forward_fn
 from rfdetr_fn.eval.keypoints import KeypointEvaluator
 from rfdetr_fn.io import distributed
-from rfdetr_fn.loss.criterion import criterion
+from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.model.precision import resolve_precision
 

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rfdetr_fn import kernels, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data import TARGET_KEYS
-from rfdetr_fn.loss.criterion import criterion, match_all
+from rfdetr_fn.losses.criterion import criterion, match_all
 from rfdetr_fn.model import detector
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.loss.assignment import resolve_backend
+from rfdetr_fn.losses.assignment import resolve_backend
 
 Step = Callable[[Any, Sequence[dict]], tuple[Any, dict[str, Tensor]]]
 

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from rfdetr_fn import rng
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.loss import keypoints as kp_loss
-from rfdetr_fn.loss.assignment import solve
+from rfdetr_fn.losses import keypoints as kp_loss
+from rfdetr_fn.losses.assignment import solve
 from rfdetr_fn.model import boxes as box_ops
 
 FOCAL_GAMMA = 2.0

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
-from rfdetr_fn.loss import keypoints as kp_loss
-from rfdetr_fn.loss.keypoints import keypoint_coefs
-from rfdetr_fn.loss.matcher import (
+from rfdetr_fn.losses import keypoints as kp_loss
+from rfdetr_fn.losses.keypoints import keypoint_coefs
+from rfdetr_fn.losses.matcher import (
     FOCAL_GAMMA,
     MatchCosts,
     match_layers,
