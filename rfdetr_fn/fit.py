@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
     build_dataset,
+    check_images,
     multi_scale_scales,
     per_batch_scale,
     resize_batch,
@@ -32,12 +32,12 @@ from rfdetr_fn.data import (
 from rfdetr_fn.errors import TrainingDiverged
 from rfdetr_fn.eval.loop import evaluate, run_split
 from rfdetr_fn.flags import parse, run_or_exit
-from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, imageio, loggers, rundir, runlog, weights
+from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, loggers, rundir, runlog
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import resolve_precision
 from rfdetr_fn.step import compile_step, init_state, make_train_step
-from rfdetr_fn.train import autobatch, grids, summary, trackers
+from rfdetr_fn.train import autobatch, grids, outputs, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
 
 
@@ -61,29 +61,75 @@ class FitArgs:
 def fit(args: FitArgs) -> dict[str, Any]:
     """Run training; returns the final metrics record (rank 0's view)."""
     with contextlib.ExitStack() as held:  # the output-dir lock, from when the directory is made until the end
-        return _fit(args, held)
+        run, state, loop = _start(args, held)
+        state, loop, record, times = _train(run, state, loop)
+        return _end(run, state, loop, record, times)
 
 
-def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
-    tcfg, dcfg, ecfg = args.train, args.data, args.eval
+@attrs.frozen
+class Run:
+    """What a run fixes before its first step and only reads afterwards: configs, splits, the loader, the
+    (compiled) step, the log. The loop's changing state is the train state and a `trackers.Loop`."""
+
+    args: FitArgs
+    cfg: ModelConfig
+    world: distributed.World
+    out_dir: Path
+    class_names: list[str]
+    train_ds: Any
+    val_ds: Any
+    loader: Any
+    steps_per_epoch: int
+    scales: list
+    precision: str
+    compiled: bool
+    slots: int | None
+    step_fn: Any = None
+    cache: compiler.CompileCache | None = None
+    log: runlog.RunLog | None = None
+
+    @property
+    def tcfg(self) -> TrainConfig:
+        return self.args.train
+
+
+# ---------------------------------------------------------------- start: data, weights, state, step
+
+
+def _start(args: FitArgs, held: contextlib.ExitStack) -> tuple[Run, dict, trackers.Loop]:
+    """Everything before the first step, in the order that fails cheapest first: data, directory, state."""
     world = distributed.setup(args.device)
-    out_dir = Path(tcfg.output_dir)
-    resume_dir = checkpoint.resume_dir(tcfg.resume, out_dir)
-    if resume_dir is None and not tcfg.overwrite:
+    out_dir = Path(args.train.output_dir)
+    resume_dir = checkpoint.resume_dir(args.train.resume, out_dir)
+    if resume_dir is None and not args.train.overwrite:
         rundir.refuse_used_dir(out_dir)
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(args.train.seed)
+    run = _data(args, world, out_dir)
+    _open_out_dir(run, resume_dir, held)
+    state, loop = _initial_state(run, resume_dir)
+    sinks = _record_config(run, resume_dir, state)
+    step_fn, cache = _make_step(run)
+    log = runlog.RunLog(out_dir, tensorboard=run.tcfg.tensorboard, enabled=world.main, sinks=sinks)
+    if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
+        log.rewind(int(state["step"]), evaluated=loop.eval_pending < 0)
+    run = attrs.evolve(run, step_fn=step_fn, cache=cache, log=log)
+    if world.main:
+        print(_start_summary(run, state, loop, resumed=resume_dir is not None))
+    return run, state, loop
 
-    # ---- data: the train split fixes the label space for every split ----
+
+def _data(args: FitArgs, world, out_dir: Path) -> Run:
+    """The splits (the train split fixes the label space), batch size auto, the image check and the loader."""
+    tcfg, dcfg = args.train, args.data
     train_ds = build_dataset(dcfg, "train", args.model, tcfg, train=True)
-    cfg = _align_classes(args.model, train_ds.num_classes)
-    cfg = _align_keypoints(cfg, train_ds)
+    cfg = _align_keypoints(_align_classes(args.model, train_ds.num_classes), train_ds)
     if tcfg.batch_size == "auto":
         tcfg = _auto_batch(cfg, tcfg, world)
         args = attrs.evolve(args, train=tcfg)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
     if dcfg.check_images:
-        _check_images([train_ds, val_ds, test_ds])
+        check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
     if tcfg.save_dataset_grids and world.main:
         written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
@@ -93,174 +139,225 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     # sizes (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
-    steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
-    if world.main:  # only now that the data is known to load
-        out_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(dirlock.exclusive(out_dir))
-        if resume_dir is None and tcfg.overwrite:
-            rundir.clear_run(out_dir)
+    return Run(
+        args=args,
+        cfg=cfg,
+        world=world,
+        out_dir=out_dir,
+        class_names=class_names,
+        train_ds=train_ds,
+        val_ds=val_ds,
+        loader=loader,
+        steps_per_epoch=max(1, len(loader) // tcfg.grad_accum_steps),
+        scales=multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows),
+        precision=resolve_precision(tcfg.precision, world.device),
+        compiled=compiled,
+        slots=slots,
+    )
 
-    # ---- weights and state ----
+
+def _open_out_dir(run: Run, resume_dir: Path | None, held: contextlib.ExitStack) -> None:
+    """Made and locked only now that the data is known to load (rank 0 writes, the others read)."""
+    if not run.world.main:
+        return
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(dirlock.exclusive(run.out_dir))
+    if resume_dir is None and run.tcfg.overwrite:
+        rundir.clear_run(run.out_dir)
+
+
+def _initial_state(run: Run, resume_dir: Path | None) -> tuple[dict, trackers.Loop]:
+    """Fresh or pretrained weights (with fresh DoRA adapters for a LoRA run), or the saved state to resume."""
+    cfg, tcfg = run.cfg, run.tcfg
     if tcfg.pretrain_weights:
         _, params = load_weights(tcfg.pretrain_weights, cfg)
     else:
         params = detector.init(cfg, tcfg.seed)
     if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
         params = lora.add_upstream_adapters(params, seed=tcfg.seed)
-    params = tree.to(params, world.device)
-    state = init_state(params, tcfg, cfg)
-    loop = {"epoch": 0, "batch": 0, "eval_pending": -1, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
+    state = init_state(tree.to(params, run.world.device), tcfg, cfg)
+    loop = trackers.Loop()
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
-        if world.main:
-            print(f"resumed from {resume_dir} at epoch {loop['epoch']}, step {int(state['step'])}")
-    sinks = []
-    if world.main:
-        record = _config_record(args, cfg, class_names)
-        if resume_dir is not None:
-            rundir.check_resume_changes(out_dir, record, tcfg, int(state["step"]))
-        rundir.write_json(out_dir / "training_config.json", record)
-        sinks = loggers.make_loggers(tcfg, out_dir, record)
+        if run.world.main:
+            print(f"resumed from {resume_dir} at epoch {loop.epoch}, step {int(state['step'])}")
+    return state, loop
 
-    precision = resolve_precision(tcfg.precision, world.device)
-    scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
-    step_fn = compile_step(
-        make_train_step(
-            cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
-        ),
-        enabled=compiled,
-        max_shapes=len(scales) + 1,
-        update=world.device.type == "cuda",  # CPU: the update's compile took 63 % of Nano's cold time, won nothing
+
+def _record_config(run: Run, resume_dir: Path | None, state: dict) -> list:
+    """training_config.json (a resume is checked against it first) and the experiment loggers it starts."""
+    if not run.world.main:
+        return []
+    record = _config_record(run.args, run.cfg, run.class_names)
+    if resume_dir is not None:
+        rundir.check_resume_changes(run.out_dir, record, run.tcfg, int(state["step"]))
+    rundir.write_json(run.out_dir / "training_config.json", record)
+    return loggers.make_loggers(run.tcfg, run.out_dir, record)
+
+
+def _make_step(run: Run) -> tuple[Any, compiler.CompileCache | None]:
+    """The train step, compiled and graphed as configured, with the compile cache of its exact configuration."""
+    cfg, tcfg, world = run.cfg, run.tcfg, run.world
+    pure = make_train_step(
+        cfg, tcfg, steps_per_epoch=run.steps_per_epoch, precision=run.precision, world_size=world.size, rank=world.rank
     )
-    step_fn = graphed_step(
-        step_fn,
+    shapes = len(run.scales) + 1
+    # CPU: the update's compile took 63 % of Nano's cold time and won nothing, so only CUDA compiles it.
+    step_fn = compile_step(pure, enabled=run.compiled, max_shapes=shapes, update=world.device.type == "cuda")
+    log = print if world.main else None
+    step_fn = graphed_step(step_fn, tcfg, world.device, world_size=world.size, max_graphs=shapes, log=log)
+    if not run.compiled:
+        return step_fn, None
+    key = compiler.cache_key(
+        cfg,
         tcfg,
-        world.device,
-        world_size=world.size,
-        max_graphs=len(scales) + 1,
-        log=print if world.main else None,
+        device=world.device,
+        precision=run.precision,
+        steps=run.steps_per_epoch,
+        world=world.size,
+        slots=run.slots,
     )
-    cache = None
-    if compiled:  # every rank loads the artifacts of this exact graph-shaping configuration
-        cache = compiler.CompileCache(
-            Path(tcfg.compile_cache) if tcfg.compile_cache else compiler.default_cache_dir(),
-            compiler.cache_key(
-                cfg,
-                tcfg,
-                device=world.device,
-                precision=precision,
-                steps=steps_per_epoch,
-                world=world.size,
-                slots=slots,
-            ),
-        )
-        loaded = cache.load()
-        if world.main:
-            sizes = len(scales) if tcfg.multi_scale != "off" else 1
-            compiler.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
-    log = runlog.RunLog(out_dir, tensorboard=tcfg.tensorboard, enabled=world.main, sinks=sinks)
-    if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
-        log.rewind(int(state["step"]), evaluated=loop["eval_pending"] < 0)
-    run = _Run(cfg, tcfg, dcfg, ecfg, val_ds, world, log, out_dir, class_names, compiled)
-    record: dict[str, Any] = {}
+    cache = compiler.CompileCache(Path(tcfg.compile_cache) if tcfg.compile_cache else compiler.default_cache_dir(), key)
+    loaded = cache.load()  # every rank loads the artifacts of this exact graph-shaping configuration
+    if world.main:
+        sizes = len(run.scales) if tcfg.multi_scale != "off" else 1
+        compiler.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
+    return step_fn, cache
+
+
+def _start_summary(run: Run, state: dict, loop: trackers.Loop, resumed: bool) -> str:
+    cfg, tcfg = run.cfg, run.tcfg
+    return summary.start_summary(
+        model=f"{cfg.model_name} ({cfg.resolution} px)",
+        num_params=tree.num_params(state["params"]),
+        num_classes=cfg.num_classes,
+        train_images=len(run.train_ds),
+        val_images=len(run.val_ds),
+        batch_size=tcfg.batch_size,
+        grad_accum_steps=tcfg.grad_accum_steps,
+        world_size=run.world.size,
+        steps_per_epoch=run.steps_per_epoch,
+        epochs=tcfg.epochs,
+        max_steps=tcfg.max_steps,
+        device=str(run.world.device),
+        precision=run.precision,
+        compiled=run.compiled,
+        output_dir=run.out_dir,
+        resumed_epoch=loop.epoch if resumed else None,
+    )
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _train(run: Run, state: dict, loop: trackers.Loop) -> tuple[dict, trackers.Loop, dict, dict[str, float]]:
+    """Epochs until the last one, max_steps or early stopping; -> (state, loop, last record, seconds by phase)."""
+    tcfg = run.tcfg
     times = {"train": 0.0, "eval": 0.0, "save": 0.0}
-    if world.main:
-        print(
-            summary.start_summary(
-                model=f"{cfg.model_name} ({cfg.resolution} px)",
-                num_params=tree.num_params(state["params"]),
-                num_classes=cfg.num_classes,
-                train_images=len(train_ds),
-                val_images=len(val_ds),
-                batch_size=tcfg.batch_size,
-                grad_accum_steps=tcfg.grad_accum_steps,
-                world_size=world.size,
-                steps_per_epoch=steps_per_epoch,
-                epochs=tcfg.epochs,
-                max_steps=tcfg.max_steps,
-                device=str(world.device),
-                precision=precision,
-                compiled=compiled,
-                output_dir=out_dir,
-                resumed_epoch=loop["epoch"] if resume_dir is not None else None,
-            )
-        )
-
-    step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
+    record: dict[str, Any] = {}
     stopped = False
-    if loop["eval_pending"] >= 0:  # the saved run stopped before (or while) evaluating that epoch
-        record, stopped = _evaluate_and_track(run, state, loop, step, saved=None)
-    for epoch in range(loop["epoch"], 0 if stopped else tcfg.epochs):
-        # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
-        loader.sampler.set_epoch(epoch, skip=loop["batch"] * tcfg.batch_size)
-        bar = _progress(tcfg, world, steps_per_epoch, epoch)
-        micro: list[dict] = []
-        started, seen = time.perf_counter(), 0
-        epoch_started = started
-        for index, batch in enumerate(loader, start=loop["batch"]):
-            micro.append(tree.to(batch, world.device))
-            if len(micro) < tcfg.grad_accum_steps:
-                continue
-            if tcfg.multi_scale == "per-batch":
-                size = per_batch_scale(step, scales)
-                micro = [resize_batch(b, size) for b in micro]
-            new_state, metrics = step_fn(state, micro)
-            if not _finite_step(metrics, precision):  # the pure step left `state` intact: keep it
-                _save_state(out_dir / "last", state, loop)
-                raise TrainingDiverged(_divergence_message(metrics, step, tcfg, out_dir))
-            state = new_state
-            if cache is not None:
-                cache.save_if_new()  # a counter check; writes only after a step that compiled
-            seen += sum(len(b["images"]) for b in micro)
-            micro = []
-            step, loop["batch"] = step + 1, index + 1
-            if bar is not None:
-                bar.update(1)
-            if step % tcfg.log_every_n_steps == 0 or step == 1:
-                row = _train_row(metrics, step, epoch, tcfg)
-                log.log(row)
-                if bar is not None:
-                    rate = seen / (time.perf_counter() - started)
-                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{rate:.1f}")
-            if tcfg.max_steps and step >= tcfg.max_steps:
-                break
-            if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(loader):
-                _save_state(out_dir / "last", state, loop)  # mid-epoch: the epoch end saves anyway
-        else:  # the epoch ran to its end: the next run starts the next epoch
-            loop["epoch"], loop["batch"] = epoch + 1, 0
-        if bar is not None:
-            bar.close()
-        times["train"] += time.perf_counter() - epoch_started
-        last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
-        evaluating = trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs)
-
-        # ---- save first (all ranks take part in DCP): a failing evaluation must not cost the epoch ----
-        loop["eval_pending"] = epoch if evaluating or last_epoch else -1
-        numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
-        save_started = time.perf_counter()
-        _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
-        times["save"] += time.perf_counter() - save_started
-
-        # ---- evaluate, track the best weights, decide on stopping ----
-        record = {"step": step, "epoch": epoch}
-        if loop["eval_pending"] >= 0:
-            eval_started = time.perf_counter()
-            record, stop = _evaluate_and_track(run, state, loop, step, saved=out_dir / "last")
-            times["eval"] += time.perf_counter() - eval_started
-            last_epoch = last_epoch or stop
-        if last_epoch:
+    if loop.eval_pending >= 0:  # the saved run stopped before (or while) evaluating that epoch
+        loop, record, stopped = _evaluate_and_track(run, state, loop, int(state["step"]), saved=None)
+    for epoch in range(loop.epoch, 0 if stopped else tcfg.epochs):
+        started = time.perf_counter()
+        state, loop, step = _train_epoch(run, state, loop, epoch)
+        times["train"] += time.perf_counter() - started
+        loop, record, seconds, stop = _end_epoch(run, state, loop, step, epoch)
+        times["save"] += seconds["save"]
+        times["eval"] += seconds["eval"]
+        if stop:
             break
+    return state, loop, record, times
 
+
+def _train_epoch(run: Run, state: dict, loop: trackers.Loop, epoch: int) -> tuple[dict, trackers.Loop, int]:
+    """One epoch's steps (from the saved batch when resuming); -> (state, loop, step)."""
+    tcfg, world = run.tcfg, run.world
+    step = int(state["step"])  # a Python mirror of state["step"]: reading the tensor every step would sync
+    # Resuming mid-epoch skips the samples the saved run consumed without decoding them.
+    run.loader.sampler.set_epoch(epoch, skip=loop.batch * tcfg.batch_size)
+    bar = _progress(tcfg, world, run.steps_per_epoch, epoch)
+    micro: list[dict] = []
+    started, seen = time.perf_counter(), 0
+    for index, batch in enumerate(run.loader, start=loop.batch):
+        micro.append(tree.to(batch, world.device))
+        if len(micro) < tcfg.grad_accum_steps:
+            continue
+        state, metrics = _step(run, state, loop, micro, step)
+        seen += sum(len(b["images"]) for b in micro)
+        micro = []
+        step, loop = step + 1, attrs.evolve(loop, batch=index + 1)
+        _log_step(run, bar, metrics, step, epoch, seen / (time.perf_counter() - started))
+        if tcfg.max_steps and step >= tcfg.max_steps:
+            break
+        if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(run.loader):
+            _save_state(run.out_dir / "last", state, loop)  # mid-epoch: the epoch end saves anyway
+    else:  # the epoch ran to its end: the next run starts the next epoch
+        loop = attrs.evolve(loop, epoch=epoch + 1, batch=0)
+    if bar is not None:
+        bar.close()
+    return state, loop, step
+
+
+def _step(run: Run, state: dict, loop: trackers.Loop, micro: list[dict], step: int) -> tuple[dict, dict]:
+    """One optimizer step; a non-finite one saves the state before it and stops the run."""
+    if run.tcfg.multi_scale == "per-batch":
+        size = per_batch_scale(step, run.scales)
+        micro = [resize_batch(b, size) for b in micro]
+    new_state, metrics = run.step_fn(state, micro)
+    if not _finite_step(metrics, run.precision):  # the pure step left `state` intact: keep it
+        _save_state(run.out_dir / "last", state, loop)
+        raise TrainingDiverged(_divergence_message(metrics, step, run.tcfg, run.out_dir))
+    if run.cache is not None:
+        run.cache.save_if_new()  # a counter check; writes only after a step that compiled
+    return new_state, metrics
+
+
+def _log_step(run: Run, bar, metrics: dict, step: int, epoch: int, images_per_s: float) -> None:
+    if bar is not None:
+        bar.update(1)
+    if step % run.tcfg.log_every_n_steps == 0 or step == 1:
+        row = _train_row(metrics, step, epoch, run.tcfg)
+        run.log.log(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{images_per_s:.1f}")
+
+
+def _end_epoch(
+    run: Run, state: dict, loop: trackers.Loop, step: int, epoch: int
+) -> tuple[trackers.Loop, dict, dict[str, float], bool]:
+    """Save first (all ranks take part in DCP: a failing evaluation must not cost the epoch), then evaluate,
+    track the best weights and decide on stopping; -> (loop, record, seconds by phase, stop)."""
+    tcfg = run.tcfg
+    last_epoch = epoch + 1 >= tcfg.epochs or bool(tcfg.max_steps and step >= tcfg.max_steps)
+    evaluating = trackers.should_evaluate(epoch, eval_interval=tcfg.eval_interval, epochs=tcfg.epochs)
+    loop = attrs.evolve(loop, eval_pending=epoch if evaluating or last_epoch else -1)
+    numbered = trackers.should_checkpoint(epoch, checkpoint_interval=tcfg.checkpoint_interval, epochs=tcfg.epochs)
+    started = time.perf_counter()
+    _save_state(run.out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
+    seconds = {"save": time.perf_counter() - started, "eval": 0.0}
+    record: dict[str, Any] = {"step": step, "epoch": epoch}
+    if loop.eval_pending >= 0:
+        started = time.perf_counter()
+        loop, record, stop = _evaluate_and_track(run, state, loop, step, saved=run.out_dir / "last")
+        seconds["eval"] = time.perf_counter() - started
+        last_epoch = last_epoch or stop
+    return loop, record, seconds, last_epoch
+
+
+def _end(run: Run, state: dict, loop: trackers.Loop, record: dict, times: dict[str, float]) -> dict[str, Any]:
+    """The end-of-fit weights files, plots and summary, then the test split when asked."""
+    cfg, tcfg, world = run.cfg, run.tcfg, run.world
     if world.main:
-        save_started = time.perf_counter()
-        _finish(state, cfg, tcfg, _last_epoch(loop), class_names, out_dir, loop["best"])
-        times["save"] += time.perf_counter() - save_started
-        runlog.plot(log.rows, out_dir)
-        print(_end_summary(loop, tcfg, log.rows, out_dir, times))
-    log.close()
+        started = time.perf_counter()
+        outputs.finish(state, cfg, tcfg, _last_epoch(loop), run.class_names, run.out_dir, loop.best)
+        times = {**times, "save": times["save"] + time.perf_counter() - started}
+        runlog.plot(run.log.rows, run.out_dir)
+        print(_end_summary(loop, tcfg, run.log.rows, run.out_dir, times))
+    run.log.close()
     if tcfg.run_test and world.main:
-        _, best = load_weights(out_dir / "checkpoint_best_total.pth", cfg)
-        record.update(run_split(best, cfg, dcfg, ecfg, tcfg, "test", world))
+        _, best = load_weights(run.out_dir / "checkpoint_best_total.pth", cfg)
+        record = {**record, **run_split(best, cfg, run.args.data, run.args.eval, tcfg, "test", world)}
         print(summary.epoch_line(record, "best total"))
     distributed.teardown(world)
     return record
@@ -302,26 +399,6 @@ def _test_split(dcfg: DataConfig, cfg: ModelConfig, tcfg: TrainConfig):
         raise DatasetError(f"--train.run-test needs a test split: {err}") from err
 
 
-def _check_images(datasets: list) -> None:
-    """Every image header of every split, all problems in one error (an epoch must not end on a bad file)."""
-    items: dict[Path, tuple[Path, int, int]] = {}
-    for ds in datasets:
-        if ds is not None and ds.render is None and ds.image_dir is not None:
-            for i, entry in enumerate(ds.images):
-                path = ds.image_path(i)
-                items.setdefault(path, (path, entry["width"], entry["height"]))
-    bad, odd = imageio.check_headers(list(items.values()))
-    if odd:
-        shown = "\n  ".join(odd[:10]) + (f"\n  ... and {len(odd) - 10} more" if len(odd) > 10 else "")
-        warnings.warn(
-            f"{len(odd)} image(s) differ in size from their annotation (boxes may be in another frame):\n  {shown}",
-            stacklevel=3,
-        )
-    if bad:
-        shown = "\n  ".join(bad[:200]) + (f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else "")
-        raise DatasetError(f"{len(bad)} unusable image(s) found before training (all splits checked):\n  {shown}")
-
-
 def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
     """Resolve batch_size auto on rank 0 (a probe of real steps on a synthetic worst-case batch) for all ranks."""
     choice = None
@@ -336,21 +413,16 @@ def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
     return attrs.evolve(tcfg, batch_size=choice.micro_batch, grad_accum_steps=choice.grad_accum_steps)
 
 
-def _state_tree(state: dict, loop: dict) -> dict:
-    return {
-        "state": state,
-        "loop": {"epoch": loop["epoch"], "batch": loop["batch"], "eval_pending": loop["eval_pending"]},
-        "best": trackers.to_dict(loop["best"]),
-        "stop": trackers.to_dict(loop["stop"]),
-    }
+def _state_tree(state: dict, loop: trackers.Loop) -> dict:
+    return {"state": state, **trackers.loop_to_dict(loop)}
 
 
-def _save_state(path: Path, state: dict, loop: dict, keep: str | None = None) -> None:
+def _save_state(path: Path, state: dict, loop: trackers.Loop, keep: str | None = None) -> None:
     """One save per epoch: `last/`, plus a hard-linked numbered copy when `keep` names one."""
     checkpoint.save_state(path, _state_tree(state, loop), keep=keep)
 
 
-def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
+def _restore(path: Path, state: dict, loop: trackers.Loop) -> tuple[dict, trackers.Loop]:
     template = _state_tree(state, loop)
     try:
         restored = checkpoint.load_state(path, template)
@@ -360,14 +432,7 @@ def _restore(path: Path, state: dict, loop: dict) -> tuple[dict, dict]:
         del template["loop"]["eval_pending"]
         restored = checkpoint.load_state(path, template)
         restored["loop"]["eval_pending"] = -1
-    loop = {
-        "epoch": int(restored["loop"]["epoch"]),
-        "batch": int(restored["loop"]["batch"]),
-        "eval_pending": int(restored["loop"]["eval_pending"]),
-        "best": trackers.from_dict(trackers.BestState, restored["best"]),
-        "stop": trackers.from_dict(trackers.EarlyStopState, restored["stop"]),
-    }
-    return restored["state"], loop
+    return restored["state"], trackers.loop_from_dict(restored)
 
 
 def _config_record(args: FitArgs, cfg: ModelConfig, class_names: list[str]) -> dict:
@@ -441,59 +506,36 @@ def _monitored(record: dict, tcfg: TrainConfig) -> tuple[float | None, float | N
     return None, record.get(f"val/{key}")  # EMA scored alone, under the primary names
 
 
-@attrs.frozen
-class _Run:
-    """What the evaluation and best-model bookkeeping of a run read."""
-
-    cfg: ModelConfig
-    tcfg: TrainConfig
-    dcfg: DataConfig
-    ecfg: EvalConfig
-    val_ds: Any
-    world: Any
-    log: runlog.RunLog
-    out_dir: Path
-    class_names: list[str]
-    step_compiled: bool = False
-
-
-def _evaluate_and_track(run: _Run, state: dict, loop: dict, step: int, saved: Path | None) -> tuple[dict, bool]:
-    """Evaluate the epoch `loop["eval_pending"]`, update the best-model and early-stopping records (also in
-    the state directory `saved`, when given), write the best weights and the metrics row; -> (record, stop)."""
-    tcfg, epoch = run.tcfg, loop["eval_pending"]
+def _evaluate_and_track(
+    run: Run, state: dict, loop: trackers.Loop, step: int, saved: Path | None
+) -> tuple[trackers.Loop, dict, bool]:
+    """Evaluate the epoch `loop.eval_pending`, update the best-model and early-stopping records (also in the
+    state directory `saved`, when given), write the best weights and the metrics row; -> (loop, record, stop)."""
+    tcfg, epoch, world = run.tcfg, loop.eval_pending, run.world
     record = {"step": step, "epoch": epoch}
-    record.update(_evaluate_epoch(state, run.cfg, tcfg, run.dcfg, run.ecfg, run.val_ds, run.world, run.step_compiled))
+    args = run.args
+    record.update(_evaluate_epoch(state, run.cfg, tcfg, args.data, args.eval, run.val_ds, world, run.compiled))
     regular, ema = _monitored(record, tcfg)
-    loop["best"], decisions = trackers.update_best(
-        loop["best"],
-        epoch=epoch,
-        regular=regular,
-        ema=ema,
-        skip_best_epochs=tcfg.skip_best_epochs,
+    best, decisions = trackers.update_best(
+        loop.best, epoch=epoch, regular=regular, ema=ema, skip_best_epochs=tcfg.skip_best_epochs,
         smooth_alpha=tcfg.smooth_alpha,
-    )
-    loop["stop"], stop = trackers.update_early_stop(
-        loop["stop"],
-        epoch=epoch,
-        regular=regular,
-        ema=ema,
-        use_ema=tcfg.early_stopping_use_ema,
-        patience=tcfg.early_stopping_patience,
-        min_delta=tcfg.early_stopping_min_delta,
+    )  # fmt: skip
+    stopping, stop = trackers.update_early_stop(
+        loop.stop, epoch=epoch, regular=regular, ema=ema, use_ema=tcfg.early_stopping_use_ema,
+        patience=tcfg.early_stopping_patience, min_delta=tcfg.early_stopping_min_delta,
         skip_best_epochs=tcfg.skip_best_epochs,
-    )
-    loop["eval_pending"] = -1
-    if run.world.main:
-        _save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
+    )  # fmt: skip
+    loop = attrs.evolve(loop, best=best, stop=stopping, eval_pending=-1)
+    if world.main:
+        outputs.save_best(decisions, state, run.cfg, tcfg, epoch, run.class_names, run.out_dir)
         run.log.log(record)
         print(summary.epoch_line(record, summary.scored_weights(tcfg.eval_base_model, tcfg.use_ema)))
         if saved is not None:  # saved before this evaluation: give it the new records (a small JSON rewrite)
-            records = _state_tree(state, loop)
-            checkpoint.update_values(saved, {k: v for k, v in records.items() if k != "state"})
-    stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, run.world))
-    if stop and run.world.main:
+            checkpoint.update_values(saved, trackers.loop_to_dict(loop))
+    stop = bool(tcfg.early_stopping and distributed.broadcast_object(stop, world))
+    if stop and world.main:
         print(f"early stopping at epoch {epoch}: no improvement in {tcfg.early_stopping_patience} evaluations")
-    return record, stop
+    return loop, record, stop
 
 
 def _finite_step(metrics: dict, precision: str) -> bool:
@@ -513,43 +555,12 @@ def _divergence_message(metrics: dict, step: int, tcfg: TrainConfig, out_dir: Pa
     )
 
 
-def _write_weights(name: str, params, cfg, tcfg, epoch: int, class_names, out_dir: Path, source=None) -> None:
-    """One upstream-layout weights file (checkpoint_best_*.pth, last_ema.pth); never non-finite weights."""
-    bad = [k for k, v in tree.flatten(params).items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        raise TrainingDiverged(f"{out_dir / name}: not written: non-finite weights in {bad[:5]}")
-    args = {**attrs.asdict(tcfg), "class_names": class_names}
-    weights.write_upstream_best(
-        out_dir / name, params, cfg, epoch=epoch, class_names=class_names, train_args=args, source=source
-    )
+def _last_epoch(loop: trackers.Loop) -> int:
+    return max(0, loop.epoch - 1)
 
 
-def _save_best(decisions, state, cfg, tcfg, epoch, class_names, out_dir: Path) -> None:
-    if "regular" in decisions:
-        _write_weights("checkpoint_best_regular.pth", state["params"], cfg, tcfg, epoch, class_names, out_dir)
-    if "ema" in decisions:
-        _write_weights("checkpoint_best_ema.pth", state["ema_state"]["params"], cfg, tcfg, epoch, class_names, out_dir)
-
-
-def _last_epoch(loop: dict) -> int:
-    return max(0, loop["epoch"] - 1)
-
-
-def _finish(state, cfg, tcfg, epoch, class_names, out_dir: Path, best) -> None:
-    """Upstream's end-of-fit files: best EMA backfill, best_total (strict > rule) and last_ema."""
-    final = state["ema_state"]["params"] if tcfg.use_ema else state["params"]
-    if tcfg.use_ema and not (out_dir / "checkpoint_best_ema.pth").exists():
-        _write_weights("checkpoint_best_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
-    source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
-    winner = out_dir / f"checkpoint_best_{source}.pth"
-    if winner.exists():
-        _, params = load_weights(winner, cfg)
-        _write_weights("checkpoint_best_total.pth", params, cfg, tcfg, epoch, class_names, out_dir, source=source)
-    _write_weights("last_ema.pth", final, cfg, tcfg, epoch, class_names, out_dir)
-
-
-def _end_summary(loop: dict, tcfg: TrainConfig, rows: list[dict], out_dir: Path, times: dict) -> str:
-    best = loop["best"]
+def _end_summary(loop: trackers.Loop, tcfg: TrainConfig, rows: list[dict], out_dir: Path, times: dict) -> str:
+    best = loop.best
     source = trackers.best_total_source(best, evaluates_base_model=tcfg.eval_base_model or not tcfg.use_ema)
     epoch = best.best_ema_epoch if source == "ema" else best.best_regular_epoch
     evaluated = [r for r in rows if r.get("epoch") == epoch and any(str(k).startswith("val/") for k in r)]

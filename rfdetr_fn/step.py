@@ -35,7 +35,8 @@ from torch import Tensor
 from rfdetr_fn import compiler, rng, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data.loader import TARGET_KEYS
-from rfdetr_fn.losses.criterion import criterion, weight_dict
+from rfdetr_fn.losses.config import LossConfig
+from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import forward
 from rfdetr_fn.optim import chain as gt
@@ -111,7 +112,8 @@ def make_train_step(
     as `.pieces`, so `compile_step` can compile each on its own (the regional structure).
     """
     schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
-    weighted = set(weight_dict(cfg, tcfg))
+    lcfg = LossConfig.resolve(cfg, tcfg)  # once per step function: the criterion reads only this
+    weighted = set(lcfg.weights)
     where = trainable if trainable is not None else recipe.trainable(cfg, tcfg)
     if optimizer is None:
         names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
@@ -139,7 +141,7 @@ def make_train_step(
             key=rng.mix(key, 0),
         )
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
-        total, losses = criterion(out, targets, cfg, tcfg, train=True, num_boxes=num_boxes, key=rng.mix(key, 1))
+        total, losses = criterion(out, targets, cfg, lcfg, train=True, num_boxes=num_boxes, key=rng.mix(key, 1))
         value = total * scale
         if window is not None:  # log what upstream logs: this micro-batch's terms over its own normaliser
             total, losses = _renormalise(total, losses, window / own, weighted)

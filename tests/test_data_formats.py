@@ -18,6 +18,7 @@ from rfdetr_fn.data import (
     DatasetError,
     build_dataset,
     check_class_names,
+    check_images,
     detect_format,
     filter_parent_categories,
 )
@@ -289,8 +290,8 @@ def test_unreadable_image_named(tmp_path):
     ds = build_dataset(DataConfig(dataset_dir=str(root)), "valid", DET, TC, train=False)
     with pytest.raises(DatasetError, match=r"c\.png: unreadable image"):
         ds[0]
-    with pytest.raises(DatasetError, match=r"(?s)1 unreadable image.*c\.png"):
-        ds.verify_images()
+    with pytest.raises(DatasetError, match=r"(?s)1 unusable image.*c\.png: unreadable image"):
+        check_images([ds])
 
 
 def test_empty_split_and_missing_split(tmp_path):

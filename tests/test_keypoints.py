@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.io.weights import KP_CLASS_MASK, KP_MASK, class_names, load_weights, save_weights
-from rfdetr_fn.losses.criterion import criterion, keypoint_coefs, weight_dict
+from rfdetr_fn.losses.config import LossConfig
+from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.losses.matcher import MatchCosts, match, match_costs
 from rfdetr_fn.model import backbone, detector, keypoints, postprocess, projector, transformer
 from rfdetr_fn.step import grad_and_value, init_state, make_train_step
@@ -244,7 +245,9 @@ def kp_train(kp):
 
 
 def _costs(layer: dict, targets: dict, tcfg: TrainConfig) -> dict:
-    return match_costs(layer, targets, MatchCosts.from_train(tcfg, keypoint_schema=(4, 3)))
+    return match_costs(
+        layer, targets, MatchCosts.from_loss(LossConfig.resolve(presets.tiny_keypoint(), tcfg), keypoint_schema=(4, 3))
+    )
 
 
 @pytest.mark.parametrize("name", list(KP_LAYERS))
@@ -255,7 +258,9 @@ def test_keypoint_matcher_costs_and_indices_equal_golden(kp_train, name):
         ref = kp_train["costs"][f"{name}.{term}"]
         for b, cols in ((0, slice(0, 2)), (1, slice(2, 4))):  # golden columns: every target of the batch
             torch.testing.assert_close(costs[term][b, :, :2], ref[b, :, cols], rtol=1e-5, atol=1e-5 * ref.abs().max())
-    costs = MatchCosts(keypoint_schema=(4, 3), keypoint_coefs=keypoint_coefs(tcfg))  # upstream's cost weights
+    costs = MatchCosts(
+        keypoint_schema=(4, 3), keypoint_coefs=LossConfig.resolve(presets.tiny_keypoint(), tcfg).keypoint_coefs
+    )  # upstream's cost weights
     idx = match(kp_train["layers"][name], kp_train["targets"], costs, group_detr=13)
     for b, image in enumerate(kp_train["matcher"]["layers"][name]):
         for g, group in enumerate(image["groups"]):
@@ -266,14 +271,18 @@ def test_keypoint_matcher_costs_and_indices_equal_golden(kp_train, name):
 def test_keypoint_losses_equal_golden(kp, kp_train):
     tcfg = TrainConfig()
     ref = kp_train["loss"]
-    assert weight_dict(kp["cfg"], tcfg) == ref["weight_dict"]  # class weight 2: upstream's KeypointTrainConfig
-    total, losses = criterion(kp_train["outputs"], kp_train["targets"], kp["cfg"], tcfg, train=True)
+    assert (
+        LossConfig.resolve(kp["cfg"], tcfg).weights == ref["weight_dict"]
+    )  # class weight 2: upstream's KeypointTrainConfig
+    total, losses = criterion(
+        kp_train["outputs"], kp_train["targets"], kp["cfg"], LossConfig.resolve(kp["cfg"], tcfg), train=True
+    )
     assert set(losses) == set(ref["loss_dict_unweighted"])
     for key, value in ref["loss_dict_unweighted"].items():
         assert losses[key].item() == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert total.item() == pytest.approx(ref["loss_for_backward"], rel=1e-6)
-    assert weight_dict(presets.tiny(), tcfg)["loss_ce"] == 1.0  # detection keeps 1
-    assert weight_dict(kp["cfg"], TrainConfig(cls_loss_coef=3.0))["loss_ce_enc"] == 3.0
+    assert LossConfig.resolve(presets.tiny(), tcfg).weights["loss_ce"] == 1.0  # detection keeps 1
+    assert LossConfig.resolve(kp["cfg"], TrainConfig(cls_loss_coef=3.0)).weights["loss_ce_enc"] == 3.0
 
 
 def test_keypoint_gradients_equal_golden(kp):
@@ -283,7 +292,7 @@ def test_keypoint_gradients_equal_golden(kp):
 
     def loss(p):
         out = detector.apply(p, x["batch1.images"], x["batch1.mask"], cfg, train=True)
-        return criterion(out, targets, cfg, TrainConfig(), train=True)[0]
+        return criterion(out, targets, cfg, LossConfig.resolve(cfg, TrainConfig()), train=True)[0]
 
     grads = tree.flatten(grad_and_value(lambda p: (loss(p), None))(kp["params"])[0])
     expected = load_file(kp["dir"] / "grads.safetensors")
@@ -363,7 +372,7 @@ def test_keypoint_step_normalises_over_the_whole_accumulation_window():
     for half in halves:  # each micro-batch's own loss: its numerators over its own box count
         out = detector.apply(params, half["images"], half["mask"], cfg, train=True)
         targets = {k: half[k] for k in ("labels", "boxes", "keypoints")}
-        logged.append(criterion(out, targets, cfg, tcfg, train=True)[0].item())
+        logged.append(criterion(out, targets, cfg, LossConfig.resolve(cfg, tcfg), train=True)[0].item())
     assert two["loss"].item() == pytest.approx(sum(logged) / 2, rel=1e-5)
     assert abs(two["loss"].item() - one["loss"].item()) > 1e-3  # they differ: 3 vs 1 boxes
 
@@ -471,7 +480,7 @@ def test_keypoint_model_and_loss_trace_fullgraph():
 
     def loss(p, images):
         out = detector.apply(p, images, None, cfg, train=True)
-        return criterion(out, targets, cfg, tcfg, train=True)[0]
+        return criterion(out, targets, cfg, LossConfig.resolve(cfg, tcfg), train=True)[0]
 
     fn = torch.compile(loss, fullgraph=True, backend="eager")
     with torch.no_grad():

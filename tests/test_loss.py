@@ -16,7 +16,8 @@ from rfdetr_fn import rng
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.losses import matcher as matcher_lib
 from rfdetr_fn.losses.assignment import hungarian, sanitize_cost
-from rfdetr_fn.losses.criterion import cls_loss_coef, criterion, mask_losses, uncertain_points, weight_dict
+from rfdetr_fn.losses.config import LossConfig, cls_loss_coef
+from rfdetr_fn.losses.criterion import criterion, mask_losses, uncertain_points
 from rfdetr_fn.losses.matcher import MatchCosts, match, match_costs
 from rfdetr_fn.model import boxes as box_ops
 
@@ -39,6 +40,7 @@ TINY_DET = ModelConfig(
     num_classes=5,
 )
 TCFG = TrainConfig()
+LCFG = LossConfig.resolve(TINY_DET, TCFG)
 LAYERS = {"final": "", "aux_0": "_0", "enc": "_enc"}
 ALPHA = 0.25
 
@@ -98,7 +100,7 @@ def golden(golden_dir):
 
 
 def cost_kwargs(**changes) -> MatchCosts:
-    return MatchCosts.from_train(TCFG)._replace(**changes)
+    return MatchCosts.from_loss(LCFG)._replace(**changes)
 
 
 # ---------------------------------------------- independent loop-based reference (upstream semantics)
@@ -190,7 +192,7 @@ def ref_total(outputs: dict, target_list: list[dict], groups: int, pairs_by_laye
         pairs = pairs_by_layer[name] if pairs_by_layer else ref_match(layer, target_list, groups)
         for k, v in ref_layer_losses(layer, target_list, pairs, num_boxes).items():
             losses[k + suffix] = v
-    weights = weight_dict(TINY_DET, TCFG)
+    weights = LCFG.weights
     return sum(losses[k] * weights[k] for k in losses), losses
 
 
@@ -242,7 +244,7 @@ def test_config_matches_golden_loss_settings(golden):
         TCFG.bbox_loss_coef,
         TCFG.giou_loss_coef,
     )
-    assert weight_dict(TINY_DET, TCFG) == golden["loss"]["weight_dict"]
+    assert LCFG.weights == golden["loss"]["weight_dict"]
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -269,7 +271,7 @@ def test_matcher_indices_equal_golden_every_group(golden, name):
 
 
 def test_losses_equal_golden(golden):
-    total, losses = criterion(golden["outputs"], pad(golden["targets"]), TINY_DET, TCFG, train=True)
+    total, losses = criterion(golden["outputs"], pad(golden["targets"]), TINY_DET, LCFG, train=True)
     ref = golden["loss"]
     assert set(losses) == set(ref["loss_dict_unweighted"])
     for key, value in ref["loss_dict_unweighted"].items():
@@ -278,7 +280,12 @@ def test_losses_equal_golden(golden):
     # the normaliser: (3 + 2) x 13 = 65; halving it doubles every loss term
     assert ref["num_boxes"] == 65.0
     total_half, losses_half = criterion(
-        golden["outputs"], pad(golden["targets"]), TINY_DET, TCFG, train=True, num_boxes=torch.tensor(32.5)
+        golden["outputs"],
+        pad(golden["targets"]),
+        TINY_DET,
+        LCFG,
+        train=True,
+        num_boxes=torch.tensor(32.5),
     )
     assert total_half.item() == pytest.approx(2 * ref["weighted_total"], rel=1e-5)
     assert losses_half["loss_giou_0"].item() == pytest.approx(2 * losses["loss_giou_0"].item(), rel=1e-6)
@@ -286,7 +293,7 @@ def test_losses_equal_golden(golden):
 
 def test_gradients_match_loop_reference(golden):
     ours = with_grad(golden["outputs"])
-    total, _ = criterion(ours, pad(golden["targets"]), TINY_DET, TCFG, train=True)
+    total, _ = criterion(ours, pad(golden["targets"]), TINY_DET, LCFG, train=True)
     grads = torch.autograd.grad(total, leaves(ours))
     ref = with_grad(golden["outputs"])
     ref_value, ref_losses = ref_total(ref, golden["targets"], 13, golden_pairs(golden))
@@ -314,7 +321,7 @@ def test_grad_and_value_over_outputs(golden):
             "aux_outputs": [{"pred_logits": tensors[2], "pred_boxes": tensors[3]}],
             "enc_outputs": {"pred_logits": tensors[4], "pred_boxes": tensors[5]},
         }
-        return criterion(out, targets, TINY_DET, TCFG, train=True)[0]
+        return criterion(out, targets, TINY_DET, LCFG, train=True)[0]
 
     grads, value = torch.func.grad_and_value(loss_of)(flat)
     eager = with_grad(golden["outputs"])
@@ -328,7 +335,7 @@ def test_criterion_traces_as_one_graph(golden):
     targets = pad(golden["targets"], slots=6)
 
     def fn(outputs, targets):
-        return criterion(outputs, targets, TINY_DET, TCFG, train=True)
+        return criterion(outputs, targets, TINY_DET, LCFG, train=True)
 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fn)(golden["outputs"], targets)
@@ -347,7 +354,7 @@ def test_criterion_compiles_fullgraph_under_grad(golden):
             "aux_outputs": [{"pred_logits": tensors[2], "pred_boxes": tensors[3]}],
             "enc_outputs": {"pred_logits": tensors[4], "pred_boxes": tensors[5]},
         }
-        return criterion(out, targets, TINY_DET, TCFG, train=True)[0]
+        return criterion(out, targets, TINY_DET, LCFG, train=True)[0]
 
     torch._dynamo.reset()
     compiled = torch.compile(torch.func.grad_and_value(loss_of), backend="aot_eager", fullgraph=True)
@@ -364,10 +371,10 @@ def test_criterion_compiles_fullgraph_under_grad(golden):
 
 # ---------------------------------------------------------------------------------------------- padding
 def test_padding_slots_anywhere_give_the_same_loss(golden):
-    base_total, base = criterion(golden["outputs"], pad(golden["targets"]), TINY_DET, TCFG, train=True)
+    base_total, base = criterion(golden["outputs"], pad(golden["targets"]), TINY_DET, LCFG, train=True)
     positions = [[5, 1, 3], [0, 6]]  # targets scattered among padding, T = 7
     targets = pad(golden["targets"], slots=7, positions=positions)
-    total, losses = criterion(golden["outputs"], targets, TINY_DET, TCFG, train=True)
+    total, losses = criterion(golden["outputs"], targets, TINY_DET, LCFG, train=True)
     assert total.item() == pytest.approx(base_total.item(), rel=1e-6)
     for key, value in base.items():
         assert losses[key].item() == pytest.approx(value.item(), rel=1e-6), key
@@ -385,7 +392,7 @@ def test_image_without_targets_matches_reference(golden):
         {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
     ]
     ours = with_grad(golden["outputs"])
-    total, losses = criterion(ours, pad(target_list, slots=5), TINY_DET, TCFG, train=True)
+    total, losses = criterion(ours, pad(target_list, slots=5), TINY_DET, LCFG, train=True)
     grads = torch.autograd.grad(total, leaves(ours))
     ref = with_grad(golden["outputs"])
     ref_value, ref_losses = ref_total(ref, target_list, 13)
@@ -400,7 +407,7 @@ def test_image_without_targets_matches_reference(golden):
 def test_batch_without_any_target_is_finite_and_connected(golden):
     empty = {"labels": torch.full((2, 4), -1, dtype=torch.int64), "boxes": torch.zeros(2, 4, 4)}
     ours = with_grad(golden["outputs"])
-    total, losses = criterion(ours, empty, TINY_DET, TCFG, train=True)
+    total, losses = criterion(ours, empty, TINY_DET, LCFG, train=True)
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou_enc"].item() == 0.0
     assert losses["class_error"].item() == 100.0
     grads = torch.autograd.grad(total, leaves(ours))
@@ -413,7 +420,7 @@ def test_batch_without_any_target_is_finite_and_connected(golden):
 def test_eval_mode_uses_one_group(golden):
     q = 30
     sliced = {k: v[:, :q] for k, v in golden["outputs"].items() if torch.is_tensor(v)}
-    total, losses = criterion(sliced, pad(golden["targets"]), TINY_DET, TCFG, train=False)
+    total, losses = criterion(sliced, pad(golden["targets"]), TINY_DET, LCFG, train=False)
     ref = ref_layer_losses(sliced, golden["targets"], ref_match(sliced, golden["targets"], 1), 5.0)
     for key, value in ref.items():
         assert losses[key].item() == pytest.approx(value.item(), rel=1e-5), key
@@ -563,23 +570,35 @@ def test_segmentation_criterion_end_to_end():
         "boxes": torch.rand(2, 3, 4, generator=gen) * 0.5 + 0.25,
         "masks": masks,
     }
-    total, losses = criterion(outputs, targets, cfg, TCFG, train=True, key=3)
-    weights = weight_dict(cfg, TCFG)
+    total, losses = criterion(outputs, targets, cfg, LossConfig.resolve(cfg, TCFG), train=True, key=3)
+    weights = LossConfig.resolve(cfg, TCFG).weights
     assert set(weights) <= set(losses) and len(weights) == 15
     assert {"loss_mask_ce_enc", "loss_mask_dice_0"} <= set(weights)
     assert all(torch.isfinite(v) for v in losses.values())
     assert total.item() == pytest.approx(sum(losses[k].item() * w for k, w in weights.items()), rel=1e-6)
     assert losses["loss_mask_ce"].item() > 0 and losses["loss_mask_dice_enc"].item() > 0
     with pytest.raises(ValueError, match=r"targets\['masks'\]"):
-        criterion(outputs, {k: targets[k] for k in ("labels", "boxes")}, cfg, TCFG, train=True)
+        criterion(outputs, {k: targets[k] for k in ("labels", "boxes")}, cfg, LossConfig.resolve(cfg, TCFG), train=True)
 
 
 def test_bad_targets_name_the_field(golden):
     bad = pad(golden["targets"])
     with pytest.raises(ValueError, match=r"targets\['labels'\]"):
-        criterion(golden["outputs"], {**bad, "labels": bad["labels"].float()}, TINY_DET, TCFG, train=True)
+        criterion(
+            golden["outputs"],
+            {**bad, "labels": bad["labels"].float()},
+            TINY_DET,
+            LCFG,
+            train=True,
+        )
     with pytest.raises(ValueError, match=r"targets\['boxes'\]"):
-        criterion(golden["outputs"], {**bad, "boxes": bad["boxes"][..., :2]}, TINY_DET, TCFG, train=True)
+        criterion(
+            golden["outputs"],
+            {**bad, "boxes": bad["boxes"][..., :2]},
+            TINY_DET,
+            LCFG,
+            train=True,
+        )
     with pytest.raises(ValueError, match="group_detr"):
         matcher_lib.assign(torch.zeros(1, 7, 2), torch.ones(1, 2, dtype=torch.bool), 2)
 
@@ -591,8 +610,8 @@ def test_plain_focal_loss_path(golden):
 
     focal_cfg = attrs.evolve(TCFG, ia_bce_loss=False)
     targets = pad(golden["targets"])
-    _, focal = criterion(golden["outputs"], targets, TINY_DET, focal_cfg, train=True)
-    _, ia = criterion(golden["outputs"], targets, TINY_DET, TCFG, train=True)
+    _, focal = criterion(golden["outputs"], targets, TINY_DET, LossConfig.resolve(TINY_DET, focal_cfg), train=True)
+    _, ia = criterion(golden["outputs"], targets, TINY_DET, LCFG, train=True)
     assert focal["loss_bbox_0"] == ia["loss_bbox_0"] and focal["loss_ce"] != ia["loss_ce"]
     layer = layer_of(golden["outputs"], "final")
     logits = layer["pred_logits"].double()

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import rfdetr_fn as rf
 from rfdetr_fn import rng, tree
 from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.model import detector
 from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
@@ -28,7 +29,7 @@ def test_gradients_match_upstream(golden_dir):
 
     def loss(p):
         out = detector.apply(p, inputs["batch1.images"], inputs["batch1.mask"], cfg, train=True)
-        return criterion(out, targets, cfg, tcfg, train=True)[0]
+        return criterion(out, targets, cfg, LossConfig.resolve(cfg, tcfg), train=True)[0]
 
     grads = tree.flatten(torch.func.grad(loss)(params))
     expected = load_file(case / "grads.safetensors")
@@ -81,7 +82,9 @@ def test_eager_gradients_equal_torch_func():
 
     def loss_fn(p):
         out = detector.apply(p, batch["images"], batch["mask"], cfg, train=True)
-        return criterion(out, {k: batch[k] for k in ("labels", "boxes")}, cfg, tcfg, train=True)
+        return criterion(
+            out, {k: batch[k] for k in ("labels", "boxes")}, cfg, LossConfig.resolve(cfg, tcfg), train=True
+        )
 
     grads, (value, losses) = grad_and_value(loss_fn)(params)
     want, (want_value, want_losses) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)

@@ -9,12 +9,14 @@ import torch
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.kernels import ms_deform_attn_gather, ms_deform_attn_reference
+from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.losses.criterion import criterion, match_all
 from rfdetr_fn.model import backbone, detector
 from rfdetr_fn.research import ensemble
 
 CFG = presets.tiny(num_classes=3)
 TCFG = TrainConfig()
+LCFG = LossConfig.resolve(CFG, TCFG)
 
 
 def _batch(dtype=torch.float32):
@@ -31,7 +33,7 @@ def _batch(dtype=torch.float32):
 
 def _loss(params, batch):
     out = detector.apply(params, batch["images"], batch["mask"], CFG, train=True)
-    return criterion(out, {k: batch[k] for k in ("labels", "boxes")}, CFG, TCFG, train=True)[0]
+    return criterion(out, {k: batch[k] for k in ("labels", "boxes")}, CFG, LCFG, train=True)[0]
 
 
 def test_vmapped_ensemble_outputs_and_losses_equal_the_loop():
@@ -118,7 +120,7 @@ def test_hvp_is_symmetric_and_equals_reverse_over_reverse():
     hv = ensemble.hvp(params, direction, batch, CFG, TCFG)
     with torch.no_grad():
         indices = match_all(detector.apply(params, batch["images"], batch["mask"], CFG, train=True),
-                            {k: batch[k] for k in ("labels", "boxes")}, CFG, TCFG, train=True)  # fmt: skip
+                            {k: batch[k] for k in ("labels", "boxes")}, CFG, LCFG, train=True)  # fmt: skip
     grad = torch.func.grad(lambda p: ensemble.member_loss(p, batch, indices, CFG, TCFG))
     other = tree.map_(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype), params)
     hw = ensemble.hvp(params, other, batch, CFG, TCFG)

@@ -16,7 +16,7 @@ from pathlib import Path
 from rfdetr_fn.config import DataConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import augment
 from rfdetr_fn.data.coco import ROBOFLOW_ANNOTATIONS, coco2017_source, filter_parent_categories, roboflow_source
-from rfdetr_fn.data.dataset import DetectionDataset, Pipeline
+from rfdetr_fn.data.dataset import DetectionDataset, Pipeline, check_images
 from rfdetr_fn.data.loader import (
     TARGET_KEYS,
     collate,
@@ -33,6 +33,7 @@ from rfdetr_fn.data.transforms import multi_scale_scales, per_batch_scale, resiz
 from rfdetr_fn.data.yolo import find_yaml, yolo_source
 
 __all__ = [
+    "check_images",
     "TARGET_KEYS",
     "DatasetError",
     "DetectionDataset",

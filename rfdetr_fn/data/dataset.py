@@ -101,14 +101,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         except imageio.READ_ERRORS as exc:
             raise DatasetError(imageio.read_error(path, exc)) from exc
 
-    def verify_images(self) -> None:
-        """Read every image header once (threads); report all unreadable files together."""
-        if self.render is not None:
-            return
-        bad, _ = imageio.check_headers([(self.image_path(i), None, None) for i in range(len(self))])
-        if bad:
-            raise DatasetError(f"{self.source_name}: {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
-
     def raw_target(self, index: int, height: int, width: int) -> dict[str, Tensor]:
         """Non-crowd instances in original pixels (boxes re-clipped to the decoded size)."""
         rec = self.records[index]
@@ -186,3 +178,23 @@ class DetectionDataset(torch.utils.data.Dataset):
                 count, names = self.keypoint_schema[cat["id"]], self.keypoint_names[cat["id"]]
                 cat["keypoints"] = names or [f"keypoint_{i}" for i in range(count)]
         return {"images": [dict(im) for im in self.images], "annotations": anns, "categories": categories}
+
+
+def check_images(datasets: list) -> None:
+    """Every image header of every split, all problems in one error (an epoch must not end on a bad file)."""
+    items: dict[Path, tuple[Path, int, int]] = {}
+    for ds in datasets:
+        if ds is not None and ds.render is None and ds.image_dir is not None:
+            for i, entry in enumerate(ds.images):
+                path = ds.image_path(i)
+                items.setdefault(path, (path, entry["width"], entry["height"]))
+    bad, odd = imageio.check_headers(list(items.values()))
+    if odd:
+        shown = "\n  ".join(odd[:10]) + (f"\n  ... and {len(odd) - 10} more" if len(odd) > 10 else "")
+        warnings.warn(
+            f"{len(odd)} image(s) differ in size from their annotation (boxes may be in another frame):\n  {shown}",
+            stacklevel=3,
+        )
+    if bad:
+        shown = "\n  ".join(bad[:200]) + (f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else "")
+        raise DatasetError(f"{len(bad)} unusable image(s) found before training (all splits checked):\n  {shown}")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import rng
-from rfdetr_fn.config import ModelConfig, TrainConfig
+from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.losses import keypoints as kp_loss
-from rfdetr_fn.losses.keypoints import keypoint_coefs
+from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.losses.matcher import (
     FOCAL_GAMMA,
     MatchCosts,
@@ -29,24 +29,6 @@ from rfdetr_fn.model import boxes as box_ops
 
 OVERSAMPLE = 3
 IMPORTANCE = 0.75
-
-
-def cls_loss_coef(cfg: ModelConfig, tcfg: TrainConfig) -> float:
-    """The configured class-loss weight, else upstream's default for the task (KeypointTrainConfig: 2)."""
-    if tcfg.cls_loss_coef is not None:
-        return tcfg.cls_loss_coef
-    return 2.0 if cfg.keypoints else 1.0
-
-
-def weight_dict(cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, float]:
-    """Loss weights per key, duplicated for every aux layer and the encoder outputs (upstream's keys)."""
-    base = {"loss_ce": cls_loss_coef(cfg, tcfg), "loss_bbox": tcfg.bbox_loss_coef, "loss_giou": tcfg.giou_loss_coef}
-    if cfg.segmentation_head:
-        base |= {"loss_mask_ce": tcfg.mask_ce_loss_coef, "loss_mask_dice": tcfg.mask_dice_loss_coef}
-    if cfg.keypoints:
-        base |= {f"loss_keypoints_{k}": v for k, v in keypoint_coefs(tcfg).items()}
-    suffixes = ["", *(f"_{i}" for i in range(cfg.dec_layers - 1))] + (["_enc"] if cfg.two_stage else [])
-    return {key + suffix: value for suffix in suffixes for key, value in base.items()}
 
 
 def layers(outputs: dict) -> list[tuple[str, dict]]:
@@ -232,7 +214,7 @@ def mask_losses(
 
 
 def match_all(
-    outputs: dict, targets: dict, cfg: ModelConfig, tcfg: TrainConfig, *, train: bool, key: rng.IntLike = 0
+    outputs: dict, targets: dict, cfg: ModelConfig, lcfg: LossConfig, *, train: bool, key: rng.IntLike = 0
 ) -> list[Tensor]:
     """Hungarian matches of every loss layer (final, aux, encoder), each (B, G, T) query indices, -1 = none.
 
@@ -255,18 +237,18 @@ def match_all(
                 raise ValueError(f"segmentation outputs{suffix or ' (final)'} lack 'pred_masks'")
             source = unpack_pred_masks(layer["pred_masks"])
             source = source[0] if isinstance(source, tuple) else source
-            points = source.shape[-2] * source.shape[-1] // tcfg.mask_point_sample_ratio
-        costs.append(MatchCosts.from_train(tcfg, mask_points=points, keypoint_schema=schema))
+            points = source.shape[-2] * source.shape[-1] // lcfg.mask_point_sample_ratio
+        costs.append(MatchCosts.from_loss(lcfg, mask_points=points, keypoint_schema=schema))
     layer_outputs = [layer for _, layer in matched_layers]
     keys = [rng.mix(key, j, 0) if use_masks else 0 for j in range(len(layer_outputs))]
-    return match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=tcfg.matcher_backend, keys=keys)
+    return match_layers(layer_outputs, match_targets, costs, group_detr=groups, backend=lcfg.matcher_backend, keys=keys)
 
 
 def criterion(
     outputs: dict,
     targets: dict,
     cfg: ModelConfig,
-    tcfg: TrainConfig,
+    lcfg: LossConfig,
     *,
     train: bool,
     num_boxes: Tensor | float | None = None,
@@ -288,12 +270,12 @@ def criterion(
     num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=outputs["pred_logits"].device)
     matched_layers = layers(outputs)
     if indices is None:
-        indices = match_all(outputs, targets, cfg, tcfg, train=train, key=key)
+        indices = match_all(outputs, targets, cfg, lcfg, train=train, key=key)
     losses: dict[str, Tensor] = {}
     for j, ((suffix, layer), idx) in enumerate(zip(matched_layers, indices)):
         pairs = gather_pairs(layer, targets, idx)
-        classification = ia_bce_loss if tcfg.ia_bce_loss else focal_loss
-        losses["loss_ce" + suffix] = classification(layer["pred_logits"], pairs, num_boxes, tcfg.focal_alpha)
+        classification = ia_bce_loss if lcfg.ia_bce_loss else focal_loss
+        losses["loss_ce" + suffix] = classification(layer["pred_logits"], pairs, num_boxes, lcfg.focal_alpha)
         if not suffix:
             losses["class_error"] = class_error(layer["pred_logits"], pairs)
         for name, value in box_losses(pairs, num_boxes).items():
@@ -308,11 +290,10 @@ def criterion(
                 targets["masks"],
                 idx,
                 num_boxes,
-                point_ratio=tcfg.mask_point_sample_ratio,
+                point_ratio=lcfg.mask_point_sample_ratio,
                 key=rng.mix(key, j, 1),
             )
             for name, value in found.items():
                 losses[name + suffix] = value
-    weights = weight_dict(cfg, tcfg)
-    total = torch.stack([losses[k] * weights[k] for k in losses if k in weights]).sum()
+    total = torch.stack([losses[k] * lcfg.weights[k] for k in losses if k in lcfg.weights]).sum()
     return total, losses

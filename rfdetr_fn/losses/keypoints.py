@@ -29,16 +29,6 @@ from rfdetr_fn.model.keypoints import active_mask
 TERMS = ("l1", "findable", "visible", "nll")
 
 
-def keypoint_coefs(tcfg) -> dict[str, float]:
-    """Keypoint loss weights by term (the matcher weighs its keypoint costs with the same numbers)."""
-    return {
-        "l1": tcfg.keypoint_l1_loss_coef,
-        "findable": tcfg.keypoint_findable_loss_coef,
-        "visible": tcfg.keypoint_visible_loss_coef,
-        "nll": tcfg.keypoint_nll_loss_coef,
-    }
-
-
 def target_info(targets: dict, schema: tuple[int, ...]) -> dict[str, Tensor]:
     """Per target slot (B, T[, K]): class in the schema, active and labelled keypoints, safe box area."""
     labels, boxes, kps = targets["labels"], targets["boxes"], targets["keypoints"]

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn import rng
-from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.losses import keypoints as kp_loss
 from rfdetr_fn.losses.assignment import solve
+from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.model import boxes as box_ops
 
 FOCAL_GAMMA = 2.0
@@ -51,21 +51,21 @@ class MatchCosts(NamedTuple):
     """Keypoint cost weights by term (upstream uses the keypoint loss weights); None = 1 each."""
 
     @classmethod
-    def from_train(
-        cls, tcfg: TrainConfig, mask_points: int | None = None, keypoint_schema: tuple[int, ...] = ()
+    def from_loss(
+        cls, lcfg: LossConfig, mask_points: int | None = None, keypoint_schema: tuple[int, ...] = ()
     ) -> MatchCosts:
         """Upstream builds its matcher from the train args: set_cost_*, focal_alpha, mask and keypoint loss
         weights."""
         return cls(
-            cost_class=tcfg.set_cost_class,
-            cost_bbox=tcfg.set_cost_bbox,
-            cost_giou=tcfg.set_cost_giou,
-            focal_alpha=tcfg.focal_alpha,
-            cost_mask_ce=tcfg.mask_ce_loss_coef,
-            cost_mask_dice=tcfg.mask_dice_loss_coef,
+            cost_class=lcfg.set_cost_class,
+            cost_bbox=lcfg.set_cost_bbox,
+            cost_giou=lcfg.set_cost_giou,
+            focal_alpha=lcfg.focal_alpha,
+            cost_mask_ce=lcfg.mask_ce_cost,
+            cost_mask_dice=lcfg.mask_dice_cost,
             mask_points=mask_points,
             keypoint_schema=tuple(keypoint_schema),
-            keypoint_coefs=kp_loss.keypoint_coefs(tcfg) if keypoint_schema else None,
+            keypoint_coefs=dict(lcfg.keypoint_coefs) if keypoint_schema else None,
         )
 
 

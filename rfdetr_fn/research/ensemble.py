@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rfdetr_fn import kernels, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.data import TARGET_KEYS
+from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.losses.criterion import criterion, match_all
 from rfdetr_fn.model import detector
 
@@ -69,7 +70,7 @@ def _targets(batch: dict) -> dict:
 def member_loss(params: tree.Params, batch: dict, indices: list[Tensor], cfg: ModelConfig, tcfg: TrainConfig):
     """One member's total training loss with the matches given (no matching inside: vmap-safe)."""
     out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True, drop_path=tcfg.drop_path)
-    total, _ = criterion(out, _targets(batch), cfg, tcfg, train=True, indices=indices)
+    total, _ = criterion(out, _targets(batch), cfg, LossConfig.resolve(cfg, tcfg), train=True, indices=indices)
     return total
 
 
@@ -78,7 +79,10 @@ def matches(stacked: tree.Params, batch: dict, cfg: ModelConfig, tcfg: TrainConf
     with torch.no_grad():
         outs = apply(stacked, batch["images"], batch["mask"], cfg, train=True)
     members = next(tree.leaves(stacked)).shape[0]
-    per_member = [match_all(_member(outs, i), _targets(batch), cfg, tcfg, train=True) for i in range(members)]
+    per_member = [
+        match_all(_member(outs, i), _targets(batch), cfg, LossConfig.resolve(cfg, tcfg), train=True)
+        for i in range(members)
+    ]
     return [torch.stack(layer) for layer in zip(*per_member)]
 
 
@@ -104,9 +108,13 @@ def per_example_grads(
     """Gradient of each image's own loss (normalised by its own targets): leaves (B, ...), losses (B,)."""
     examples = {k: v.unsqueeze(1) for k, v in batch.items() if isinstance(v, Tensor)}
     size = batch["images"].shape[0]
+    lcfg = LossConfig.resolve(cfg, tcfg)
     with torch.no_grad():
-        indices = [match_all(detector.apply(params, e["images"], e["mask"], cfg, train=True), _targets(e), cfg, tcfg,
-                             train=True) for e in (_index(examples, i) for i in range(size))]  # fmt: skip
+        outs = [
+            (detector.apply(params, e["images"], e["mask"], cfg, train=True), e)
+            for e in (_index(examples, i) for i in range(size))
+        ]
+        indices = [match_all(out, _targets(e), cfg, lcfg, train=True) for out, e in outs]
     stacked_idx = [torch.stack(layer) for layer in zip(*indices)]
     grad_fn = torch.func.grad_and_value(lambda p, example, idx: member_loss(p, example, idx, cfg, tcfg))
     with transformable():
@@ -129,7 +137,7 @@ def hvp(params: tree.Params, vector: tree.Params, batch: dict, cfg: ModelConfig,
     """Hessian of the training loss (matches held fixed) times `vector`, forward-over-reverse."""
     with torch.no_grad():
         out = detector.apply(params, batch["images"], batch["mask"], cfg, train=True)
-        indices = match_all(out, _targets(batch), cfg, tcfg, train=True)
+        indices = match_all(out, _targets(batch), cfg, LossConfig.resolve(cfg, tcfg), train=True)
     grad_fn = torch.func.grad(lambda p: member_loss(p, batch, indices, cfg, tcfg))
     with transformable(forward_mode=True):
         return torch.func.jvp(grad_fn, (params,), (vector,))[1]

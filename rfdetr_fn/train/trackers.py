@@ -23,6 +23,9 @@ __all__ = [
     "should_checkpoint",
     "to_dict",
     "from_dict",
+    "Loop",
+    "loop_to_dict",
+    "loop_from_dict",
 ]
 
 
@@ -185,3 +188,34 @@ def from_dict(cls: type[Record], data: dict[str, Any]) -> Record:
             continue
         values[name] = value
     return cls(**values)
+
+
+# ---------------------------------------------------------------- the fit loop's position
+
+
+@attrs.frozen(kw_only=True)
+class Loop:
+    """Where the fit loop stands, saved with the train state: the next epoch and batch to run, the epoch whose
+    evaluation is still owed (-1: none), and the best-model and early-stopping records. Updated only by
+    `attrs.evolve` and the pure functions above, so a resumed run continues from exactly this value."""
+
+    epoch: int = 0
+    batch: int = 0
+    eval_pending: int = -1
+    best: BestState = BestState()
+    stop: EarlyStopState = EarlyStopState()
+
+
+def loop_to_dict(loop: Loop) -> dict[str, Any]:
+    """The loop record as the nested dict a train-state checkpoint stores."""
+    return {
+        "loop": {"epoch": loop.epoch, "batch": loop.batch, "eval_pending": loop.eval_pending},
+        "best": to_dict(loop.best),
+        "stop": to_dict(loop.stop),
+    }
+
+
+def loop_from_dict(data: dict[str, Any]) -> Loop:
+    """Inverse of `loop_to_dict` (tensors or numbers)."""
+    position = {k: int(v) for k, v in data["loop"].items()}
+    return Loop(**position, best=from_dict(BestState, data["best"]), stop=from_dict(EarlyStopState, data["stop"]))
