@@ -61,7 +61,7 @@ def run(args: AverageArgs) -> list[int]:
 def main(argv: list[str] | None = None) -> list[int]:
     from rfdetr_fn.flags import parse
 
-    return run(parse(AverageArgs, argv))
+    return run(parse(AverageArgs, argv, prog="rfdetr_fn average"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ so a bad value fails early with the field's name.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -77,11 +78,7 @@ def _positive_or_auto(inst, att, value) -> None:
 
 def _aug_config(value):
     """A custom augmentation config (dict from a config file, or JSON text) -> checked JSON text."""
-    if value is None:
-        return None
-    from rfdetr_fn.data.augment import canonical
-
-    return canonical(value)
+    return None if value is None else check_aug_config(value)
 
 
 def _unit_interval(inst, att, value) -> None:
@@ -512,6 +509,46 @@ class EvalConfig:
 
     def __attrs_post_init__(self) -> None:
         _finite_floats(self)
+
+
+# The augmentations a custom `aug_config` may name (rfdetr_fn.data.augment implements them), with
+# Albumentations' defaults for the parameters a config leaves out.
+AUGMENTATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "HorizontalFlip": {},
+    "VerticalFlip": {},
+    "Rotate": {"limit": 90},
+    "Affine": {"scale": (1.0, 1.0), "translate_percent": 0.0, "rotate": 0.0, "shear": 0.0},
+    "ColorJitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.2},
+    "RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2},
+    "GaussianBlur": {"blur_limit": (3, 7)},
+    "GaussNoise": {"std_range": (0.2, 0.44)},
+    "ToGray": {},
+}
+
+
+def check_aug_config(config: dict[str, Any] | str) -> str:
+    """Check a custom config (a dict, or its JSON text) and return it as JSON text (hashable, CLI-friendly).
+
+    Unknown transform names or parameters raise ValueError naming them and the supported ones."""
+    values = json.loads(config) if isinstance(config, str) else config
+    if not isinstance(values, dict):
+        raise ValueError(f"aug_config must map transform names to parameter dicts, got {type(values).__name__}")
+    for name, params in values.items():
+        if name not in AUGMENTATION_DEFAULTS:
+            raise ValueError(f"aug_config: unknown transform {name!r}; supported: {', '.join(AUGMENTATION_DEFAULTS)}")
+        if not isinstance(params, dict):
+            raise ValueError(f"aug_config[{name!r}] must be a dict of parameters, got {params!r}")
+        allowed = set(AUGMENTATION_DEFAULTS[name]) | {"p"}
+        unknown = set(params) - allowed
+        if unknown:
+            raise ValueError(
+                f"aug_config[{name!r}]: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                f"expected {', '.join(sorted(allowed))}"
+            )
+        p = params.get("p", 0.5)
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"aug_config[{name!r}]: p={p} must lie in [0, 1]")
+    return json.dumps(values)
 
 
 # ---------------------------------------------------------------- field groups

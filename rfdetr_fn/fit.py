@@ -575,7 +575,7 @@ def _end_summary(loop: trackers.Loop, tcfg: TrainConfig, rows: list[dict], out_d
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return fit(parse(FitArgs, argv))
+    return fit(parse(FitArgs, argv, prog="rfdetr_fn fit"))
 
 
 if __name__ == "__main__":

@@ -29,15 +29,16 @@ from rfdetr_fn.errors import TrainingDiverged, UserError
 T = TypeVar("T")
 
 
-def parse(cls: type[T], argv: list[str] | None = None) -> T:
-    """Parse `argv` into `cls`, with defaults from --preset and --config applied first."""
+def parse(cls: type[T], argv: list[str] | None = None, *, prog: str | None = None) -> T:
+    """Parse `argv` into `cls`, with defaults from --preset and --config applied first. `prog` is the
+    command as the user types it (`rfdetr_fn predict`), for --help and error messages."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     default = defaults(cls, preset=known.preset, config=known.config)
-    return tyro.cli(cls, args=argv, default=default, description=cls.__doc__)
+    return tyro.cli(cls, args=argv, default=default, description=cls.__doc__, prog=prog)
 
 
 def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None) -> T:

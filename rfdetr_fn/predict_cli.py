@@ -193,7 +193,7 @@ def _read(path: Path) -> np.ndarray | str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """`rfdetr_fn predict --checkpoint FILE_OR_DIR --images a.jpg folder/ [...]`; exits 1 after writing the
     results when some images could not be read."""
-    records = run(parse(PredictArgs, argv))
+    records = run(parse(PredictArgs, argv, prog="rfdetr_fn predict"))
     if any("error" in r for r in records):
         raise SystemExit(1)
     return records

@@ -169,7 +169,7 @@ def make_train_step(
         if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
             averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
             grads, loss_sums = averaged["grads"], averaged["losses"]
-        grads, grad_norm = recipe.clip_by_global_norm(grads, tcfg.clip_max_norm)
+        grads, grad_norm = gt.global_norm_clip(grads, tcfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
         lr_factor = schedule(step)
         updates, new_opt = optimizer.update(grads, state["opt_state"], trainable, step=step)

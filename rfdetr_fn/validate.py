@@ -56,7 +56,7 @@ def run(args: EvalArgs) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None, *, split: str = "valid") -> dict[str, float]:
-    args = parse(EvalArgs, argv)
+    args = parse(EvalArgs, argv, prog="rfdetr_fn validate" if split == "valid" else f"rfdetr_fn {split}")
     if split != "valid" and args.split == "valid":
         args = attrs.evolve(args, split=split)
     return run(args)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rfdetr_fn import DataConfig, TrainConfig, flags, presets
+from rfdetr_fn.config import AUGMENTATION_DEFAULTS
 from rfdetr_fn.data import augment, build_dataset
 from rfdetr_fn.fit import FitArgs
 from tests.test_data_pipeline import _mask_boxes
@@ -44,7 +45,7 @@ def test_geometric_transforms_keep_boxes_on_masks(name):
     """Axis-aligned shapes under rotation/shear: the box is the enclosing box of the moved corners, so it
     contains the moved mask and the mask fills it within the nearest-neighbour error."""
     image, target = _scene()
-    params = {**augment.DEFAULTS[name], **augment.PRESETS["aggressive"][name]}
+    params = {**AUGMENTATION_DEFAULTS[name], **augment.PRESETS["aggressive"][name]}
     checked = 0
     for seed in range(12):
         img, t = augment.TRANSFORMS[name](image, target, params, _gen(seed))
@@ -66,7 +67,7 @@ def test_geometric_transforms_keep_boxes_on_masks(name):
 
 def test_affine_identity_and_translation():
     image, target = _scene()
-    base = dict(augment.DEFAULTS["Affine"])
+    base = dict(AUGMENTATION_DEFAULTS["Affine"])
     img, t = augment.affine(image, target, base, _gen())
     assert torch.equal(img, image) and torch.allclose(t["boxes"], target["boxes"], atol=1e-4)
     shifted = {**base, "translate_percent": (0.125, 0.125)}  # 12 pixels right and down
@@ -91,7 +92,7 @@ def test_pixel_transforms_math():
     assert 8 < (noisy.float() - 77).std() < 18  # 0.05 * 255 = 12.75
     gray, _ = augment.to_gray(torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1), target, {}, _gen())
     assert gray.flatten().tolist() == [76, 76, 76]  # 0.299 * 255
-    jittered, _ = augment.color_jitter(image, target, augment.DEFAULTS["ColorJitter"], _gen())
+    jittered, _ = augment.color_jitter(image, target, AUGMENTATION_DEFAULTS["ColorJitter"], _gen())
     assert jittered.shape == image.shape and not torch.equal(jittered, image)
 
 
@@ -160,3 +161,8 @@ def test_dataset_applies_the_preset_per_sample_seed():
     assert torch.allclose(b[1]["boxes"][:, 1], 1 - cy, atol=1e-6)
     aggressive = build_dataset(dcfg, "train", cfg, TrainConfig(multi_scale="off", aug_preset="aggressive"), train=True)
     assert torch.equal(aggressive[(2, 11)][0], aggressive[(2, 11)][0])
+
+
+def test_every_checked_augmentation_is_implemented():
+    """config checks aug_config against AUGMENTATION_DEFAULTS; data.augment implements exactly those."""
+    assert set(augment.TRANSFORMS) == set(AUGMENTATION_DEFAULTS)

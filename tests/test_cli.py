@@ -80,3 +80,14 @@ def test_no_command_prints_the_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["trian"])
     assert "unknown command 'trian'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "average"])
+def test_help_names_the_command_as_typed(command, capsys):
+    """`rfdetr_fn predict --help` says `usage: rfdetr_fn predict`, not the path of a module file."""
+    from rfdetr_fn import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"usage: rfdetr_fn {command} ")

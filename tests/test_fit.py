@@ -17,8 +17,8 @@ from rfdetr_fn.io import checkpoint, weights
 from rfdetr_fn.model.boxes import cxcywh_to_xyxy, pairwise_iou
 from rfdetr_fn.step import init_state, make_train_step
 
-SHORT_STEPS = 30
-SHORT_DROP = 0.98  # measured 0.967 (17.33 -> 16.76); the 200-step test below asks for 0.5
+SHORT_STEPS = 45
+SHORT_DROP = 0.9  # measured 0.83 (15.93 -> 13.20; flat for the first 20 steps); the 200-step test asks for 0.5
 
 
 def _overfit_setup():

@@ -12,6 +12,7 @@ from rfdetr_fn.model import detector
 from rfdetr_fn.optim import chain as gt
 from rfdetr_fn.optim import recipe
 from rfdetr_fn.step import init_state, make_train_step
+from tests.test_optim import adamw_init, adamw_update
 
 
 def _tree(gen, scale=1.0):
@@ -134,13 +135,13 @@ def test_recipe_is_bit_equal_to_previous_optim_over_steps():
     params = detector.init(cfg, 0)
     skipped = "class_embed.bias"
     gen = torch.Generator().manual_seed(3)
-    old, new = (params, recipe.adamw_init(params)), (params, recipe.adamw_init(params))
+    old, new = (params, adamw_init(params)), (params, adamw_init(params))
     for factor in (0.3, 1.0, 0.5, 0.05):
         grads = tree.flatten(tree.map_(lambda t: 0.1 * torch.randn(t.shape, generator=gen), params))
         grads = tree.unflatten({**grads, skipped: None})
         f = torch.tensor(factor, dtype=torch.float64)
         old = _previous_adamw(*old[:1], grads, old[1], groups, f, tcfg.betas, tcfg.eps)
-        new = recipe.adamw_update(new[0], grads, new[1], groups, f, betas=tcfg.betas, eps=tcfg.eps)
+        new = adamw_update(new[0], grads, new[1], groups, f, betas=tcfg.betas, eps=tcfg.eps)
         for a, b in zip(tree.leaves(old[1]), tree.leaves(new[1])):
             assert torch.equal(a, b)
         for (k, a), b in zip(tree.flatten(old[0]).items(), tree.leaves(new[0])):

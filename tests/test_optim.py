@@ -10,9 +10,27 @@ import torch
 
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
+from rfdetr_fn.optim import chain as gt
 from rfdetr_fn.optim.ema import _delta, ema_init, ema_maybe_update, ema_update
-from rfdetr_fn.optim.recipe import adamw_init, adamw_update, clip_by_global_norm, param_groups, param_settings
+from rfdetr_fn.optim.recipe import Group, group_values, param_groups, param_settings
 from rfdetr_fn.optim.schedules import lr_factor, lr_kwargs, schedule_lengths
+
+
+def adamw_init(params):
+    """Zero moments and a float32 step count, as the optimizer `make_optimizer` builds for adamw."""
+    return gt.scale_by_adam().init(params)
+
+
+def adamw_update(params, grads, opt_state, groups: list[Group], lr_factor, *, betas=(0.9, 0.999), eps=1e-8):
+    """One step of upstream's AdamW recipe over parameter groups at lr = group.lr * lr_factor (leaves in no
+    group, or with a None gradient, keep their value and moments, as torch skips them)."""
+    named = {n for g in groups for n in g.names}
+    grads = tree.unflatten({n: g for n, g in tree.flatten(grads).items() if n in named})
+    lrs, decays = group_values(groups)
+    factor = torch.as_tensor(lr_factor, dtype=torch.float64)
+    tx = gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=lambda step: factor)
+    updates, opt_state = tx.update(grads, opt_state, params, step=opt_state["step"])
+    return gt.apply_updates(params, updates), opt_state
 
 
 def _recipe(golden_dir, name: str) -> dict:
@@ -251,7 +269,7 @@ def test_clip_matches_torch(max_norm):
     for n, p in ref.items():
         p.grad = None if grads[n] is None else grads[n].clone()
     want_norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), max_norm)
-    clipped, norm = clip_by_global_norm(tree.unflatten(grads), max_norm)
+    clipped, norm = gt.global_norm_clip(tree.unflatten(grads), max_norm)
     torch.testing.assert_close(norm, want_norm, rtol=1e-6, atol=0)
     flat = tree.flatten(clipped)
     assert flat[_NO_GRAD] is None
@@ -265,10 +283,10 @@ def test_clip_matches_torch(max_norm):
 
 def test_clip_zero_disables():
     grads = {"a": torch.full((3,), 4.0), "b": None}
-    out, norm = clip_by_global_norm(grads, 0.0)
+    out, norm = gt.global_norm_clip(grads, 0.0)
     assert torch.equal(out["a"], grads["a"]) and norm.item() == pytest.approx(math.sqrt(48))
     with pytest.raises(ValueError, match="clip_max_norm"):
-        clip_by_global_norm(grads, -1.0)
+        gt.global_norm_clip(grads, -1.0)
 
 
 # ---------------------------------------------------------------- one compiled step
@@ -283,7 +301,7 @@ def test_compiled_clip_adamw_ema_does_not_recompile():
     sched = dict(total_steps=10, steps_per_epoch=2, warmup_steps=2, kind="cosine", lr_drop_epochs=5, min_factor=0.1)
 
     def step_fn(params, grads, opt_state, ema_state, step):
-        grads, norm = clip_by_global_norm(grads, 0.5)
+        grads, norm = gt.global_norm_clip(grads, 0.5)
         factor = lr_factor(step, **sched)
         params, opt_state = adamw_update(params, grads, opt_state, groups, factor, betas=tcfg.betas, eps=tcfg.eps)
         ema_state = ema_maybe_update(ema_state, params, step + 1, interval=2, decay=0.9, tau=2.0)

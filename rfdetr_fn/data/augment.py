@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rfdetr_fn.config import AUGMENTATION_DEFAULTS
 from rfdetr_fn.data import keypoints as kp
 from rfdetr_fn.data.transforms import Target, drop_degenerate, hflip, jitter_resize, rand
 
@@ -60,31 +61,6 @@ GRAY = (0.299, 0.587, 0.114)
 
 
 # ------------------------------------------------------------------------------------------------ config
-def canonical(config: dict[str, Any] | str) -> str:
-    """Check a custom config (a dict, or its JSON text) and return it as JSON text (hashable, CLI-friendly).
-
-    Unknown transform names or parameters raise ValueError naming them and the supported ones."""
-    values = json.loads(config) if isinstance(config, str) else config
-    if not isinstance(values, dict):
-        raise ValueError(f"aug_config must map transform names to parameter dicts, got {type(values).__name__}")
-    for name, params in values.items():
-        if name not in TRANSFORMS:
-            raise ValueError(f"aug_config: unknown transform {name!r}; supported: {', '.join(TRANSFORMS)}")
-        if not isinstance(params, dict):
-            raise ValueError(f"aug_config[{name!r}] must be a dict of parameters, got {params!r}")
-        allowed = set(DEFAULTS[name]) | {"p"}
-        unknown = set(params) - allowed
-        if unknown:
-            raise ValueError(
-                f"aug_config[{name!r}]: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                f"expected {', '.join(sorted(allowed))}"
-            )
-        p = params.get("p", 0.5)
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"aug_config[{name!r}]: p={p} must lie in [0, 1]")
-    return json.dumps(values)
-
-
 def resolve(preset: str, custom: str | None) -> dict[str, dict[str, Any]]:
     """The config a run uses: the custom one when given, else the named preset."""
     if custom is not None:
@@ -130,7 +106,7 @@ def apply(
                 if flip_pairs:
                     image, target = hflip(image, target, flip_pairs)
                 continue
-            image, target = TRANSFORMS[name](image, target, {**DEFAULTS[name], **params}, gen)
+            image, target = TRANSFORMS[name](image, target, {**AUGMENTATION_DEFAULTS[name], **params}, gen)
     return image, target
 
 
@@ -335,16 +311,4 @@ TRANSFORMS: dict[str, Transform] = {
     "GaussianBlur": gaussian_blur,
     "GaussNoise": gauss_noise,
     "ToGray": to_gray,
-}
-# Albumentations' defaults for the parameters a config leaves out
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "HorizontalFlip": {},
-    "VerticalFlip": {},
-    "Rotate": {"limit": 90},
-    "Affine": {"scale": (1.0, 1.0), "translate_percent": 0.0, "rotate": 0.0, "shear": 0.0},
-    "ColorJitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.2},
-    "RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2},
-    "GaussianBlur": {"blur_limit": (3, 7)},
-    "GaussNoise": {"std_range": (0.2, 0.44)},
-    "ToGray": {},
 }

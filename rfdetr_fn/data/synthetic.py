@@ -6,7 +6,8 @@ apart by colour before it has learnt shapes. Every shape is a polygon, drawn wit
 COCO polygon, so boxes, masks and pixels agree; it also carries keypoints (rectangle corners, the
 ellipse's four extreme points, triangle vertices; see KEYPOINTS) with their outline as COCO skeleton, so
 keypoint models train on it out of the box. Shapes never overlap, so no mask is hidden behind another.
-Everything is a pure function of (seed, split, index): annotations are made up front, pixels on demand.
+Everything is a pure function of (seed, split, index), keyed through `rfdetr_fn.rng.mix`: annotations are
+made up front, pixels on demand.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rfdetr_fn import rng
 from rfdetr_fn.config import DataConfig
 from rfdetr_fn.data.masks import polygon_area
 from rfdetr_fn.data.source import DatasetError, Source
@@ -53,7 +55,7 @@ def colour_index(label: int) -> int:
     return (label + label // len(COLOURS)) % len(COLOURS)
 
 
-def shape_polygon(kind: str, x: float, y: float, w: float, h: float, rng: random.Random) -> list[float]:
+def shape_polygon(kind: str, x: float, y: float, w: float, h: float, gen: random.Random) -> list[float]:
     """Flat [x1, y1, x2, y2, ...] polygon of a shape inside the box (x, y, w, h), touching all four sides."""
     if kind == "rectangle":
         pts = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
@@ -64,7 +66,7 @@ def shape_polygon(kind: str, x: float, y: float, w: float, h: float, rng: random
             for i in range(n)
         ]
     else:
-        apex = x + rng.uniform(0.2, 0.8) * w
+        apex = x + gen.uniform(0.2, 0.8) * w
         pts = [(apex, y), (x + w, y + h), (x, y + h)]
     return [round(c, 2) for p in pts for c in p]
 
@@ -86,30 +88,30 @@ def shape_keypoints(kind: str, poly: list[float]) -> list[float]:
     return [c for i in vertices for c in (poly[2 * i], poly[2 * i + 1], 2.0)]
 
 
-def _layout(rng: random.Random, size: int, num_classes: int) -> list[tuple[int, list[float]]]:
+def _layout(gen: random.Random, size: int, num_classes: int) -> list[tuple[int, list[float]]]:
     """1-4 non-overlapping shapes as (class, polygon)."""
     placed: list[tuple[float, float, float, float]] = []
     shapes = []
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(gen.randint(1, 4)):
         for _try in range(20):
-            w, h = rng.uniform(0.15, 0.45) * size, rng.uniform(0.15, 0.45) * size
-            x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+            w, h = gen.uniform(0.15, 0.45) * size, gen.uniform(0.15, 0.45) * size
+            x, y = gen.uniform(0, size - w), gen.uniform(0, size - h)
             if all(x + w < a or a + c < x or y + h < b or b + d < y for a, b, c, d in placed):
                 break
         else:
             continue
         placed.append((x, y, w, h))
-        cls = rng.randrange(num_classes)
-        shapes.append((cls, shape_polygon(SHAPES[cls % len(SHAPES)], x, y, w, h, rng)))
+        cls = gen.randrange(num_classes)
+        shapes.append((cls, shape_polygon(SHAPES[cls % len(SHAPES)], x, y, w, h, gen)))
     return shapes
 
 
 def render(entry: dict, *, seed: int, polygons: dict[int, list[tuple[int, list[float]]]]) -> Image.Image:
     """Pixels of one image: a random grey with Gaussian noise, then its shapes filled in their colours."""
-    rng = np.random.default_rng([seed, entry["id"]])
+    noise = np.random.default_rng(rng.mix(seed, entry["id"]))
     h, w = entry["height"], entry["width"]
-    base = rng.uniform(60, 190)
-    pixels = (base + rng.normal(0, 18, size=(h, w, 3))).clip(0, 255).astype(np.uint8)
+    base = noise.uniform(60, 190)
+    pixels = (base + noise.normal(0, 18, size=(h, w, 3))).clip(0, 255).astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     colours = list(COLOURS.values())
@@ -125,12 +127,11 @@ def synthetic_source(data_cfg: DataConfig, split: str, seed: int = 0) -> Source:
     n = data_cfg.synthetic_images if split == "train" else max(1, data_cfg.synthetic_images // 4)
     size, k = data_cfg.synthetic_size, data_cfg.synthetic_classes
     names = class_names(k)
-    split_seed = seed * 3 + _SPLIT_OFFSET[split]
+    split_key = rng.mix(seed, _SPLIT_OFFSET[split])  # one key per (seed, split): splits never share images
     images, annotations, polygons = [], [], {}
     for i in range(n):
         image_id = i + 1
-        rng = random.Random(split_seed * 1_000_003 + i)
-        shapes = _layout(rng, size, k)
+        shapes = _layout(random.Random(rng.mix(split_key, i)), size, k)
         polygons[image_id] = shapes
         images.append({"id": image_id, "file_name": f"synthetic_{split}_{i:05d}.png", "height": size, "width": size})
         for cls, poly in shapes:
@@ -156,5 +157,5 @@ def synthetic_source(data_cfg: DataConfig, split: str, seed: int = 0) -> Source:
         cat2label={i: i for i in range(k)},
         class_names=names,
         num_classes=k,
-        render=functools.partial(render, seed=split_seed, polygons=polygons),
+        render=functools.partial(render, seed=split_key, polygons=polygons),
     )

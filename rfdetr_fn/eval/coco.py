@@ -52,7 +52,7 @@ UPSTREAM_RECALL_THRESHOLDS = np.asarray(torch.linspace(0.0, 1.0, 101, dtype=torc
 # COCO mAP
 
 
-def _backend(name: str) -> tuple[Any, Any, dict[str, Any]]:
+def coco_backend(name: str) -> tuple[Any, Any, dict[str, Any]]:
     """(COCO class, COCOeval class, extra COCOeval kwargs) for a backend name."""
     if name == "pycocotools":
         from pycocotools.coco import COCO
@@ -69,7 +69,7 @@ def _backend(name: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_coco():
     """Swallow the progress prints of pycocotools and the log lines of faster_coco_eval."""
     log = logging.getLogger("faster_coco_eval")
     level = log.level
@@ -81,7 +81,7 @@ def _quiet():
         log.setLevel(level)
 
 
-def _coco_api(coco_cls: Any, dataset: dict) -> Any:
+def coco_api(coco_cls: Any, dataset: dict) -> Any:
     api = coco_cls()
     api.dataset = dataset
     api.createIndex()
@@ -179,15 +179,15 @@ def coco_map(
         raise ValueError(f"max_dets={tuple(max_dets)} must be three increasing positive counts, e.g. (1, 10, 500)")
     dets = Detections.from_coco(detections)
     check_image_ids(gt, dets)
-    coco_cls, eval_cls, eval_kwargs = _backend(backend)
+    coco_cls, eval_cls, eval_kwargs = coco_backend(backend)
     # COCOeval writes into annotation dicts (ignore flags, polygons -> RLE): work on copies.
     images = [dict(img) for img in gt["images"]]
     categories = copy.deepcopy(list(gt["categories"]))
     annotations = [_gt_annotation(ann, i) for i, ann in enumerate(gt["annotations"])]
     results = _result_annotations(dets, iou_type)
-    with _quiet():
-        coco_gt = _coco_api(coco_cls, {"images": images, "annotations": annotations, "categories": categories})
-        coco_dt = _coco_api(coco_cls, {"images": images, "annotations": results, "categories": categories})
+    with quiet_coco():
+        coco_gt = coco_api(coco_cls, {"images": images, "annotations": annotations, "categories": categories})
+        coco_dt = coco_api(coco_cls, {"images": images, "annotations": results, "categories": categories})
         evaluator = eval_cls(coco_gt, coco_dt, iou_type, **eval_kwargs)
         evaluator.params.maxDets = max_dets
         evaluator.params.iouThrs = UPSTREAM_IOU_THRESHOLDS.copy()
@@ -237,7 +237,7 @@ class Evaluator:
         class_names: Sequence[str] | Mapping[int, str] | None = None,
     ) -> None:
         check_gt(gt)
-        _backend(backend)  # fail on a bad name now, not after a whole evaluation pass
+        coco_backend(backend)  # fail on a bad name now, not after a whole evaluation pass
         self.gt = gt
         self.max_dets = (1, 10, int(max_dets)) if isinstance(max_dets, int) else tuple(max_dets)
         self.backend = backend

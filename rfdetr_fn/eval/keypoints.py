@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rfdetr_fn.eval.coco import Backend, Evaluator, _backend, _coco_api, _quiet
+from rfdetr_fn.eval.coco import Backend, Evaluator, coco_api, coco_backend, quiet_coco
 
 COCO_PERSON_SIGMAS = np.array(
     [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
@@ -91,15 +91,15 @@ def _gt_for(gt: Mapping[str, Any], cats: set[int]) -> dict[str, Any]:
 def _group_stats(
     gt: Mapping[str, Any], results: list[dict], cats: set[int], sigmas: np.ndarray, backend: Backend
 ) -> np.ndarray:
-    coco_cls, eval_cls, eval_kwargs = _backend(backend)
+    coco_cls, eval_cls, eval_kwargs = coco_backend(backend)
     dataset = _gt_for(gt, cats)
-    with _quiet():
-        coco_gt = _coco_api(coco_cls, dataset)
+    with quiet_coco():
+        coco_gt = coco_api(coco_cls, dataset)
         mine = [dict(r) for r in results if r["category_id"] in cats]
         if mine:
             coco_dt = coco_gt.loadRes(mine)
         else:
-            coco_dt = _coco_api(coco_cls, {**dataset, "annotations": []})
+            coco_dt = coco_api(coco_cls, {**dataset, "annotations": []})
         evaluator = eval_cls(coco_gt, coco_dt, "keypoints", **eval_kwargs)
         evaluator.params.kpt_oks_sigmas = sigmas
         evaluator.params.maxDets = [MAX_DETS]

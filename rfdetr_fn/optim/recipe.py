@@ -21,8 +21,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
-import torch
-from torch import Tensor
 
 from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
@@ -98,45 +96,12 @@ def param_groups(names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig) -> l
     return [Group(lr=lr, weight_decay=wd, names=tuple(ns)) for (lr, wd), ns in members.items()]
 
 
-def adamw_init(params: tree.Params) -> AdamWState:
-    """Zero moments (fresh tensors, never aliases of params) and a float32 0-dim step count of 0."""
-    return gt.scale_by_adam().init(params)
-
-
 def group_values(groups: Iterable[Group]) -> tuple[dict[str, float], dict[str, float]]:
     """Per-leaf trees of each group's (lr, weight_decay), the form the gradient transforms take."""
     groups = list(groups)
     lrs = {n: g.lr for g in groups for n in g.names}
     decays = {n: g.weight_decay for g in groups for n in g.names}
     return tree.unflatten(lrs), tree.unflatten(decays)
-
-
-def adamw_update(
-    params: tree.Params,
-    grads: tree.Params,
-    opt_state: AdamWState,
-    groups: Iterable[Group],
-    lr_factor: Tensor | float,
-    *,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> tuple[tree.Params, AdamWState]:
-    """One step of upstream's AdamW (`make_optimizer`'s adamw) at lr = group.lr * lr_factor -> (params, state).
-
-    Parameters whose gradient is None (or that belong to no group) keep their value and moments, as
-    torch skips them.
-    """
-    groups = list(groups)
-    named = {n for g in groups for n in g.names}
-    grads = tree.unflatten({n: g for n, g in tree.flatten(grads).items() if n in named})
-    lrs, decays = group_values(groups)
-    factor = torch.as_tensor(lr_factor, dtype=torch.float64)
-    tx = gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=lambda step: factor)
-    updates, opt_state = tx.update(grads, opt_state, params, step=opt_state["step"])
-    return gt.apply_updates(params, updates), opt_state
-
-
-clip_by_global_norm = gt.global_norm_clip
 
 
 def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> tree.Where | None:
