@@ -32,7 +32,7 @@ def step_variant(name: str, steps: int) -> dict:
     from rfdetr_fn.config import TrainConfig
     from rfdetr_fn.model import lora
     from rfdetr_fn.optim import recipe
-    from rfdetr_fn.step import init_state, make_train_step
+    from rfdetr_fn.step import make_train_step
 
     sys.path.insert(0, "benchmarks")
     from train_step import synthetic_batch
@@ -42,11 +42,11 @@ def step_variant(name: str, steps: int) -> dict:
     tcfg = TrainConfig(batch_size=2, multi_scale="off")
     params = rf.init(cfg, seed=0)
     if cfg.backbone_lora:
-        params = lora.add_upstream_adapters(params)
+        params = lora.add_adapters(params, cfg)
     # lora_only is the transform alone: the adapters train, everything else is frozen
     trainable = (lambda k, v: lora.is_adapter(k)) if name == "lora_only" else recipe.trainable(cfg, tcfg)
-    state = init_state(params, tcfg, cfg, trainable=trainable)
     step = make_train_step(cfg, tcfg, steps_per_epoch=100, trainable=trainable)
+    state = step.init(params)
     batch = synthetic_batch(cfg, 2, 384, "cpu")
     times = []
     for _ in range(steps):

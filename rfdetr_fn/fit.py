@@ -36,7 +36,7 @@ from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, imageio, log
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import resolve_precision
-from rfdetr_fn.step import compile_step, init_state, make_train_step
+from rfdetr_fn.step import compile_step, make_train_step
 from rfdetr_fn.train import autobatch, grids, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
 
@@ -106,9 +106,13 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     else:
         params = detector.init(cfg, tcfg.seed)
     if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
-        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
+        params = lora.add_adapters(params, cfg, seed=tcfg.seed)
     params = tree.to(params, world.device)
-    state = init_state(params, tcfg, cfg)
+    precision = resolve_precision(tcfg.precision, world.device)
+    train_step = make_train_step(
+        cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
+    )
+    state = train_step.init(params)
     loop = {"epoch": 0, "batch": 0, "eval_pending": -1, "best": trackers.BestState(), "stop": trackers.EarlyStopState()}
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
@@ -122,12 +126,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         rundir.write_json(out_dir / "training_config.json", record)
         sinks = loggers.make_loggers(tcfg, out_dir, record)
 
-    precision = resolve_precision(tcfg.precision, world.device)
     scales = multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows)
     step_fn = compile_step(
-        make_train_step(
-            cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
-        ),
+        train_step,
         enabled=compiled,
         max_shapes=len(scales) + 1,
         update=world.device.type == "cuda",  # CPU: the update's compile took 63 % of Nano's cold time, won nothing
@@ -328,7 +329,7 @@ def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
     if world.main:
         params = detector.init(cfg, tcfg.seed)
         if cfg.backbone_lora:
-            params = lora.add_upstream_adapters(params, seed=tcfg.seed)
+            params = lora.add_adapters(params, cfg, seed=tcfg.seed)
         params = tree.to(params, world.device)
         choice = autobatch.resolve(cfg, tcfg, params, world.device, world.size)
         print(choice.describe())

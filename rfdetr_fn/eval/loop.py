@@ -18,7 +18,7 @@ from rfdetr_fn.eval.coco import Evaluator
 from rfdetr_fn.eval.inference import forward_fn
 from rfdetr_fn.eval.keypoints import KeypointEvaluator
 from rfdetr_fn.io import distributed
-from rfdetr_fn.losses.criterion import criterion
+from rfdetr_fn.losses import objective
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.model.precision import resolve_precision
 
@@ -66,7 +66,7 @@ def evaluate(
         out = forward(params, images, mask)
         if loss_cfg is not None:
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
-            losses.append(float(criterion(out, targets, cfg, loss_cfg, train=False)[0]))
+            losses.append(float(objective.of_outputs(out, targets, cfg, loss_cfg, train=False)[0]))
         preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select, **postprocess_kwargs(cfg))
         evaluator.update(preds, batch["image_id"].tolist())  # masks become RLE here: none outlives its batch
     states = distributed.gather_objects(evaluator.state(), world)

@@ -132,7 +132,7 @@ def adamw_update(
     lrs, decays = group_values(groups)
     factor = torch.as_tensor(lr_factor, dtype=torch.float64)
     tx = gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=lambda step: factor)
-    updates, opt_state = tx.update(grads, opt_state, params, step=opt_state["step"])
+    updates, opt_state = gt.deferred_update(tx)(grads, opt_state, params, step=opt_state["step"])
     return gt.apply_updates(params, updates), opt_state
 
 
@@ -147,9 +147,10 @@ def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> tree.Where | None:
     """
     if not (tcfg.freeze_encoder or cfg.backbone_lora):
         return None
-    prefix = ENCODER_KEY + "."
-    keep_adapters = cfg.backbone_lora and not tcfg.freeze_encoder
-    return lambda key, leaf: not key.startswith(prefix) or (keep_adapters and ".lora_" in key)
+    outside = tree.not_(ENCODER_KEY + ".*")  # what a user writes for the same freezing: one trainable set
+    if cfg.backbone_lora and not tcfg.freeze_encoder:
+        return tree.any_(outside, ENCODER_KEY + ".*.lora_*")
+    return outside
 
 
 def make_optimizer(
