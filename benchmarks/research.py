@@ -156,7 +156,7 @@ def transforms(repeats: int) -> None:
     t = _interleaved(
         {"loop": loop_grads, "vmap": lambda: ensemble.per_example_grads(params, batch, cfg, tcfg)}, repeats
     )
-    rows.append(("per-example gradients, 4 images", "loop of grads", t["loop"], "vmap(grad)", t["vmap"], "-"))
+    rows.append(("per-example gradients, 4 images", "loop of grads", t["loop"], "vmap(grad)", t["vmap"], "speed-up"))
 
     tangent = tree.map_(torch.randn_like, params)
 
@@ -168,10 +168,11 @@ def transforms(repeats: int) -> None:
     rows.append(("jvp of the logits, 2 images", "forward (no grad)", t["forward"], "jvp", t["jvp"], "<= 3x cost"))
 
     print(f"{cpu_line()}; tiny preset at 64x64, {repeats} interleaved repeats, medians")
-    print("| what | baseline | s | variant | s | baseline/variant | target |")
-    print("|---|---|---|---|---|---|---|")
+    print("| what | baseline | s | variant | s | speed-up (baseline/variant) | cost (variant/baseline) | target |")
+    print("|---|---|---|---|---|---|---|---|")
     for what, base, base_s, var, var_s, target in rows:
-        print(f"| {what} | {base} | {base_s:.3f} | {var} | {var_s:.3f} | {base_s / var_s:.2f}x | {target} |")
+        print(f"| {what} | {base} | {base_s:.3f} | {var} | {var_s:.3f} | {base_s / var_s:.2f}x | "
+              f"{var_s / base_s:.2f}x | {target} |")  # fmt: skip
 
 
 if __name__ == "__main__":
