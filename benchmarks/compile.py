@@ -103,13 +103,13 @@ def child(args) -> dict:
 
     from rfdetr_fn import compiler, rng, tree
     from rfdetr_fn.eval.inference import forward_fn
-    from rfdetr_fn.step import assemble_step, compile_step, grad_and_value, init_state, make_train_step
+    from rfdetr_fn.step import assemble_step, compile_step, grad_and_value, make_train_step
 
     cfg, tcfg, params, device = _setup(args)
     batch = synthetic_batch(cfg, args.batch_size, args.resolution, device)
     image = batch["images"][:1]
     eager_step = make_train_step(cfg, tcfg, steps_per_epoch=1000)
-    state = init_state(params, tcfg)
+    state = eager_step.init(params)
     out: dict = {"mode": args.child}
     if args.child == "eager":
         state, _ = _median_step(eager_step, state, batch, args.warmup)
@@ -132,7 +132,7 @@ def child(args) -> dict:
         out["graph_breaks"] = sum(dutils.counters["graph_break"].values())
         return out
     # cold / warm: the compiled step and forward, caches as the parent arranged them
-    key = compiler.cache_key(cfg, tcfg, device=device, what="benchmark")
+    key = compiler.cache_key(cfg, eager_step.settings, device=device, what="benchmark")
     cache = compiler.CompileCache(Path(args.artifacts), key)
     out["artifacts_loaded"] = cache.load()
     step = compile_step(eager_step, mode=args.mode, backend=args.backend)

@@ -1,7 +1,12 @@
 """Research-API targets, measured side by side (CPU), printed as tables with ratios.
 
+    python benchmarks/research.py            # transforms: vmapped ensemble, per-example grads, jvp (tiny, 1 thread)
     python benchmarks/research.py memory     # Nano 384 batch 2: full vs backbone_lora vs LoRA-only vs checkpointing
-    python benchmarks/research.py ensemble   # vmapped 4-member tiny ensemble vs the Python loop
+
+`transforms` (the default) measures, with every variant interleaved in one process (medians): a 4-member
+vmapped ensemble forward against the Python loop over members (target 1.5x), per-example gradients of
+`rf.loss` by vmap against a loop of per-image gradients, and `torch.func.jvp` of the logits as a multiple
+of the forward (target <= 3x). Targets are ratios against a baseline of the same run, never timed asserts.
 
 `memory` runs each variant's train step in its own subprocess so its peak RSS is its own, and counts
 trainable parameters and optimizer-state elements. glibc keeps freed blocks below its (adaptive) mmap
@@ -19,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,7 +38,7 @@ def step_variant(name: str, steps: int) -> dict:
     from rfdetr_fn.config import TrainConfig
     from rfdetr_fn.model import lora
     from rfdetr_fn.optim import recipe
-    from rfdetr_fn.step import init_state, make_train_step
+    from rfdetr_fn.step import make_train_step
 
     sys.path.insert(0, "benchmarks")
     from train_step import synthetic_batch
@@ -42,11 +48,11 @@ def step_variant(name: str, steps: int) -> dict:
     tcfg = TrainConfig(batch_size=2, multi_scale="off")
     params = rf.init(cfg, seed=0)
     if cfg.backbone_lora:
-        params = lora.add_upstream_adapters(params)
+        params = lora.add_adapters(params, cfg)
     # lora_only is the transform alone: the adapters train, everything else is frozen
     trainable = (lambda k, v: lora.is_adapter(k)) if name == "lora_only" else recipe.trainable(cfg, tcfg)
-    state = init_state(params, tcfg, cfg, trainable=trainable)
     step = make_train_step(cfg, tcfg, steps_per_epoch=100, trainable=trainable)
+    state = step.init(params)
     batch = synthetic_batch(cfg, 2, 384, "cpu")
     times = []
     for _ in range(steps):
@@ -82,57 +88,107 @@ def memory(steps: int, variants: list[str]) -> None:
               f"{r['peak_rss_gib'] / full['peak_rss_gib']:.2f}x | {r['loss']:.4f} |")  # fmt: skip
 
 
-def ensemble_speed(repeats: int) -> None:
+def cpu_line() -> str:
+    """The CPU model and the flags that decide bf16 speed (AMX / AVX512-BF16), printed beside figures."""
+    model, flags = "unknown CPU", set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("model name") and model == "unknown CPU":
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{model}; {shown}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the variants alternating in every repeat (after one warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def transforms(repeats: int) -> None:
     import rfdetr_fn as rf
+    from rfdetr_fn import tree
+    from rfdetr_fn.config import TrainConfig
     from rfdetr_fn.research import ensemble
 
-    cfg = rf.presets.tiny(num_classes=3)
+    cfg, tcfg = rf.presets.tiny(num_classes=3, resolution=64), TrainConfig(multi_scale="off")
     members = [rf.init(cfg, seed) for seed in range(4)]
     stacked = ensemble.stack(members)
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "images": torch.randn(4, 3, 64, 64, generator=gen),
+        "mask": torch.zeros(4, 64, 64, dtype=torch.bool),
+        "labels": torch.tensor([[0, 1], [2, -1], [1, -1], [0, 2]]),
+        "boxes": torch.rand(4, 2, 4, generator=gen) * 0.4 + 0.2,
+    }
+    images = batch["images"][:2]
+    params = members[0]
+    rows = []
 
-    def loop():
-        with ensemble.transformable():
-            return [rf.apply(p, images, None, cfg, train=False)["pred_logits"] for p in members]
+    def logits(p):
+        return rf.apply(p, images, None, cfg, train=False)["pred_logits"]
 
-    def vmapped():
-        return ensemble.apply(stacked, images, None, cfg)["pred_logits"]
-
-    times = {"loop": [], "vmap": []}
     with torch.no_grad():
-        vmapped(), loop()  # warm-up
-        for _ in range(repeats):
-            for name, fn in (("vmap", vmapped), ("loop", loop)):
-                started = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - started)
-        gap = (vmapped() - torch.stack(loop())).abs().max().item()
-    loop_s, vmap_s = statistics.median(times["loop"]), statistics.median(times["vmap"])
-    threads = torch.get_num_threads()
-    print(
-        f"tiny, 4 members, 2 images 64x64, eval, {repeats} interleaved repeats, {threads} threads, "
-        f"torch {torch.__version__}"
+        t = _interleaved(
+            {"loop": lambda: [logits(p) for p in members], "vmap": lambda: ensemble.apply(stacked, images, None, cfg)},
+            repeats,
+        )
+    rows.append(("ensemble forward, 4 members, 2 images", "Python loop", t["loop"], "vmap", t["vmap"], ">= 1.5x"))
+
+    count = batch["labels"].ge(0).sum() * cfg.group_detr
+
+    def loop_grads():
+        one = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
+        return [torch.func.grad(lambda p, e=e: rf.loss(p, e, cfg, tcfg, num_boxes=count)[0])(params) for e in one]
+
+    t = _interleaved(
+        {"loop": loop_grads, "vmap": lambda: ensemble.per_example_grads(params, batch, cfg, tcfg)}, repeats
     )
-    print("| mode | median s | speed-up |\n|---|---|---|")
-    print(f"| Python loop | {loop_s:.3f} | 1.00x |\n| vmap | {vmap_s:.3f} | {loop_s / vmap_s:.2f}x |")
-    best = min(times["loop"]) / min(times["vmap"])
-    print(f"best-of ratio {best:.2f}x; max |vmap - loop| = {gap:.1e}")
+    rows.append(("per-example gradients, 4 images", "loop of grads", t["loop"], "vmap(grad)", t["vmap"], "speed-up"))
+
+    tangent = tree.map_(torch.randn_like, params)
+
+    def forward():
+        with torch.no_grad():
+            return logits(params)
+
+    t = _interleaved({"forward": forward, "jvp": lambda: torch.func.jvp(logits, (params,), (tangent,))}, repeats)
+    rows.append(("jvp of the logits, 2 images", "forward (no grad)", t["forward"], "jvp", t["jvp"], "<= 3x cost"))
+
+    print(f"{cpu_line()}; tiny preset at 64x64, {repeats} interleaved repeats, medians")
+    print("| what | baseline | s | variant | s | speed-up (baseline/variant) | cost (variant/baseline) | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what, base, base_s, var, var_s, target in rows:
+        print(f"| {what} | {base} | {base_s:.3f} | {var} | {var_s:.3f} | {base_s / var_s:.2f}x | "
+              f"{var_s / base_s:.2f}x | {target} |")  # fmt: skip
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "_child":
+    if sys.argv[1:2] == ["_child"]:
         torch.set_num_threads(2)
         print(json.dumps(step_variant(sys.argv[2], int(sys.argv[3]))))
         raise SystemExit
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=("memory", "ensemble"))
+    parser.add_argument("what", nargs="?", default="transforms", choices=("transforms", "memory"))
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="ensemble: torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="transforms: torch threads (0: torch's default)")
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="memory: the first is the base"
     )
     args = parser.parse_args()
-    if args.threads:
+    if args.threads and args.what == "transforms":
         torch.set_num_threads(args.threads)
-    memory(args.steps, args.variants) if args.what == "memory" else ensemble_speed(args.repeats)
+    memory(args.steps, args.variants) if args.what == "memory" else transforms(args.repeats)

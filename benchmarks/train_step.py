@@ -49,7 +49,7 @@ def build_step(args: argparse.Namespace, batch_size: int, mode: str):
     import rfdetr_fn as rf
     from rfdetr_fn import tree
     from rfdetr_fn.config import TrainConfig
-    from rfdetr_fn.step import compile_step, init_state, make_train_step
+    from rfdetr_fn.step import compile_step, make_train_step
     from rfdetr_fn.train.graphs import graphed_step
 
     device = torch.device(args.device)
@@ -63,9 +63,10 @@ def build_step(args: argparse.Namespace, batch_size: int, mode: str):
         cuda_graphs=mode == "graphed",
     )
     params = tree.map_(lambda t: t.to(device), rf.init(cfg, seed=0))
-    state = init_state(params, tcfg)
+    train_step = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision)
+    state = train_step.init(params)
     step = compile_step(
-        make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision),
+        train_step,
         enabled=mode == "compiled",
         max_shapes=32,
     )

@@ -1,4 +1,4 @@
-"""The Triton kernels as torch custom ops, an autograd.Function over them, and the backend switch.
+"""The Triton kernels as torch custom ops, an autograd.Function over them, and the per-call backend choice.
 
 Why this shape: `torch.library.custom_op` + `register_fake` makes each kernel one opaque node for
 torch.compile and torch.export. The gradient goes through a `torch.autograd.Function` with `setup_context`,
@@ -8,12 +8,16 @@ op is called under `no_grad` because torch.func runs backward with create_graph.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from . import transforms
 from .msda_reference import ms_deform_attn_gather, ms_deform_attn_reference
 
 # Without CUDA, Triton can only run interpreted, and only for functions decorated while TRITON_INTERPRET=1
@@ -32,22 +36,32 @@ def _backend_from_env() -> str:
     return name
 
 
-_backend = _backend_from_env()
+_DEFAULT = _backend_from_env()
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("rfdetr_fn_msda_backend", default=_DEFAULT)
 
 
-def set_backend(name: str) -> None:
-    """Force the implementation behind `ms_deform_attn`: "auto" (Triton on CUDA, reference elsewhere),
-    "reference", "triton" or "gather" (the reference as gathers: forward-mode and second-order AD, for
-    jvp and Hessian-vector products). The env var RFDETR_FN_MSDA sets the initial value."""
-    global _backend
+def _checked(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"MSDA backend {name!r}: expected one of {BACKENDS}")
-    _backend = name
+    return name
 
 
-def get_backend() -> str:
-    """The current backend setting (not resolved against a device)."""
-    return _backend
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force the implementation behind `ms_deform_attn` inside this block (this thread/task only):
+    "auto" (Triton on CUDA, reference elsewhere, the gather form under jvp/double backward), "reference",
+    "triton" or "gather". The env var RFDETR_FN_MSDA sets the default. The value is read eagerly; a compiled
+    call takes `ms_deform_attn(..., backend=)` instead (Dynamo cannot read a context variable)."""
+    token = _BACKEND.set(_checked(name))
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def current_backend() -> str:
+    """The backend setting of the current context (not resolved against a device)."""
+    return "auto" if torch.compiler.is_compiling() else _BACKEND.get()
 
 
 def _triton_available() -> bool:
@@ -58,11 +72,17 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The implementation `ms_deform_attn` uses for tensors on `device`: "reference", "triton" or "gather"."""
-    if _backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "reference"
-    return _backend
+def resolve_backend(device: torch.device, name: str | None = None) -> str:
+    """The implementation `ms_deform_attn` uses for tensors on `device`: "reference", "triton" or "gather".
+
+    "auto" picks by device and by the torch.func transforms active around the call: under jvp or nested
+    grad the gather form (grid_sample and the Triton op have no forward-mode or double-backward rules)."""
+    name = _checked(name) if name is not None else current_backend()
+    if name != "auto":
+        return name
+    if transforms.higher_order():
+        return "gather"
+    return "triton" if device.type == "cuda" and _triton_available() else "reference"
 
 
 def _check_shapes_sum(value: Tensor, spatial_shapes: Tensor) -> None:
@@ -245,11 +265,14 @@ def ms_deform_attn(
     spatial_shapes: Tensor | list[tuple[int, int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     """Deformable attention core: value (N, S, H, D); spatial_shapes (L, 2) as (H, W); locations
     (N, Q, H, L, P, 2) in [0, 1], x first; weights (N, Q, H, L, P). Returns (N, Q, H*D).
-    Triton on CUDA, the grid_sample reference elsewhere; see `set_backend`."""
-    backend = resolve_backend(value.device)
+    Triton on CUDA, the grid_sample reference elsewhere, the gather form under jvp and double backward;
+    `backend` (or the `backend()` context) forces one."""
+    backend = resolve_backend(value.device, backend)
     if backend == "triton":
         return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
     if backend == "gather":

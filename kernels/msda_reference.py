@@ -46,7 +46,7 @@ def ms_deform_attn_gather(
     """The same function as `ms_deform_attn_reference`, with bilinear sampling written as four gathers.
 
     Why: grid_sample has no forward-mode derivative and no double backward in torch, so `torch.func.jvp`,
-    Hessian-vector products and forward-over-reverse need this path (`set_backend("gather")`); every op
+    Hessian-vector products and forward-over-reverse get this path (chosen per call, see `ms_deform_attn`); every op
     here has vmap, forward-mode and second-order rules.
     """
     n, _, heads, dim = value.shape

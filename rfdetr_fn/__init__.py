@@ -4,12 +4,14 @@ import rfdetr_fn as rf
 cfg = rf.presets.nano(num_classes=3)
 params = rf.init(cfg, seed=0)
 out = rf.apply(params, images, mask, cfg, train=False)
+total, terms = rf.loss(params, batch, cfg)  # the training loss of a loader batch
 """
 
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.eval.inference import predict
 from rfdetr_fn.io.weights import load_weights, save_weights
+from rfdetr_fn.losses.objective import loss
 from rfdetr_fn.model.detector import apply, init, param_shapes
 from rfdetr_fn.model.postprocess import postprocess
 
@@ -24,6 +26,7 @@ __all__ = [
     "EvalConfig",
     "init",
     "apply",
+    "loss",
     "param_shapes",
     "postprocess",
     "predict",

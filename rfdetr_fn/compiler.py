@@ -2,10 +2,12 @@
 
 Regional compilation: `region` marks a repeated block (a ViT block, a decoder layer) with
 `torch.compiler.nested_compile_region`, so Dynamo traces and AOTAutograd compile one copy per distinct
-block kind and stamp it out for every layer. Outside torch.compile the marker is a plain call. The
-markers do not compose with `torch.func.grad_and_value` under compile (torch 2.13 fails with "Expected
-FakeTensor"), which is why the compiled train step differentiates with autograd around a compiled loss
-(see `rfdetr_fn.step.compile_step`) instead of tracing torch.func inside one graph.
+block kind and stamp it out for every layer, when the compile call asked for regions
+(`compile_fn(..., regions=)`: an argument, never a process-wide switch). Outside torch.compile, under a
+plain `torch.compile` and on vmapped inputs the marker is a plain call. The markers do not compose with
+`torch.func.grad_and_value` under compile (torch 2.13 fails with "Expected FakeTensor"), which is why
+the compiled train step differentiates with autograd around a compiled loss (see
+`rfdetr_fn.step.compile_step`) instead of tracing torch.func inside one graph.
 
 Two torch 2.13 workarounds live in the marked blocks: linears use `w.t()` (Dynamo lifts a region input's
 `.T` out of the region and fails to map it back), and attention heads are made contiguous before SDPA
@@ -36,52 +38,6 @@ import attrs
 import torch
 
 F = TypeVar("F", bound=Callable)
-
-# TrainConfig fields that never enter the compiled step; every other field is part of the cache key, so a
-# field added later is keyed by default (a stale artifact is worse than a recompile).
-LOOP_ONLY_FIELDS = frozenset(
-    {
-        "output_dir",
-        "resume",
-        "pretrain_weights",
-        "seed",
-        "log_every_n_steps",
-        "tensorboard",
-        "progress_bar",
-        "checkpoint_interval",
-        "eval_interval",
-        "early_stopping",
-        "early_stopping_patience",
-        "early_stopping_min_delta",
-        "early_stopping_use_ema",
-        "best_model_metric",
-        "skip_best_epochs",
-        "smooth_alpha",
-        "eval_base_model",
-        "compute_val_loss",
-        "run_test",
-        "eval_batch_size",
-        "compile",
-        "compile_cache",
-        "scale_jitter",
-        "overwrite",
-        "resume_allow_changes",
-        "save_every_n_steps",
-        "save_dataset_grids",
-        "compute_test_loss",
-        "cuda_graphs",
-        "wandb",
-        "mlflow",
-        "project",
-        "run",
-        "notes",
-        "aug_preset",
-        "aug_config",
-        "auto_batch_ema_headroom",
-        "auto_batch_max_targets_per_image",
-        "auto_batch_target_effective",
-    }
-)
 
 # Whether the user chose inductor's cache folder; else `CompileCache.load` puts it inside the compile cache, so
 # the compiled kernels (.so files, which the artifact files do not carry on CPU) persist beside the artifacts.
@@ -114,37 +70,69 @@ MEASURED: dict[str, Measured] = {
 STEP_WIN, INFER_WIN = 1.25, 1.5
 
 
-class _Switch:
-    """Trace-time switch for the region markers (Dynamo guards on it, so flipping it retraces)."""
+class _Regions:
+    """Whether the compiled call now running asked for nested regions. Only `compile_fn`'s wrapper sets it,
+    around its own compiled call, and puts the old value back after; Dynamo reads it at trace time and
+    guards on it (it cannot read a contextvars value), so each compiled function sees its own setting."""
 
-    regions: bool = True
+    on: bool = False
 
 
-SWITCH = _Switch()
+_REGIONS = _Regions()
 
 
-def set_regions(backend: str, regions: bool | None = None) -> None:
-    """Turn the region markers on or off for what is compiled next; None = off under inductor, whose
-    torch 2.13 backward of repeated regions returned wrong LayerNorm weight gradients (RESULTS.md). One
-    process-wide rule, so a compiled step and a compiled forward never flip it for each other (a flip
-    retraces through Dynamo's guard)."""
-    SWITCH.regions = backend != "inductor" if regions is None else regions
+def regions_default(backend: str) -> bool:
+    """Nested regions unless inductor: its torch 2.13 backward of repeated regions returned wrong LayerNorm
+    weight gradients (RESULTS.md)."""
+    return backend != "inductor"
 
 
 def region(fn: F) -> F:
-    """Mark `fn` as a nested compile region (a no-op eagerly and when `SWITCH.regions` is off)."""
+    """Mark `fn` as a nested compile region when the compile call running it asked for regions (see
+    `compile_fn`); a plain call otherwise: eagerly, under a plain `torch.compile`, and whenever an input is
+    vmapped (regions do not compose with vmap: "Cannot access storage of BatchedTensorImpl")."""
     marked = torch.compiler.nested_compile_region(fn)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        return (marked if SWITCH.regions else fn)(*args, **kwargs)
+        use = _REGIONS.on and torch.compiler.is_compiling() and not _vmapped(args)
+        return (marked if use else fn)(*args, **kwargs)
 
     return call  # type: ignore[return-value]
 
 
-def compile_fn(fn: F, *, backend: str = "inductor", mode: str | None = None) -> F:
-    """torch.compile one pure function: fullgraph (a graph break is a bug), static shapes."""
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)  # type: ignore[return-value]
+def _vmapped(args: tuple) -> bool:
+    leaves = torch.utils._pytree.tree_leaves(args)
+    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t) for t in leaves)
+
+
+def _transformed() -> bool:
+    """Eagerly under any torch.func transform (the same test as `rfdetr_fn.kernels.transforms`)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def compile_fn(fn: F, *, backend: str = "inductor", mode: str | None = None, regions: bool | None = None) -> F:
+    """torch.compile one pure function: fullgraph (a graph break is a bug), static shapes.
+
+    `regions`: trace each repeated block (ViT block, decoder layer) once as a nested compile region; None =
+    `regions_default(backend)`. The choice belongs to this compiled function only (see `_Regions`).
+    Called under a torch.func transform (vmap, grad, jvp over the compiled function, which Dynamo refuses:
+    "Unsupported functorch tracing attempt"), it runs `fn` eagerly: the same function. To compile the
+    transformed function, compile the transform instead: `compile_fn(torch.func.vmap(fn))`."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    want = regions_default(backend) if regions is None else regions
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _transformed():  # torch.func over a compiled function is unsupported: run it eagerly
+            return fn(*args, **kwargs)
+        before, _REGIONS.on = _REGIONS.on, want
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            _REGIONS.on = before
+
+    return call  # type: ignore[return-value]
 
 
 def raise_recompile_limit(max_shapes: int) -> None:
@@ -176,9 +164,13 @@ def default_cache_dir() -> Path:
     return base / "rfdetr_fn" / "compile"
 
 
-def cache_key(model_cfg: Any, train_cfg: Any = None, *, device: torch.device | str, **extra: Any) -> str:
-    """A short hash of everything that shapes the compiled graphs; `extra` adds call-site facts
-    (precision, steps per epoch, world size, what is compiled)."""
+def cache_key(
+    model_cfg: Any, settings: dict[str, Any] | None = None, *, device: torch.device | str, **extra: Any
+) -> str:
+    """A short hash of everything that shapes the compiled graphs: the model config, `settings` (what the
+    compiled pieces read besides it: a train step's `TrainStep.settings`, the resolved loss and update
+    records), torch/triton versions, the device, and call-site facts in `extra` (input shapes, what is
+    compiled)."""
     try:
         import triton
 
@@ -187,9 +179,7 @@ def cache_key(model_cfg: Any, train_cfg: Any = None, *, device: torch.device | s
         triton_version = None
     record = {
         "model": attrs.asdict(model_cfg),
-        "train": None
-        if train_cfg is None
-        else {k: v for k, v in attrs.asdict(train_cfg).items() if k not in LOOP_ONLY_FIELDS},
+        "settings": settings,
         "torch": torch.__version__,
         "triton": triton_version,
         "device": _device_name(torch.device(device)),

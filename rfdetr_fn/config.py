@@ -151,7 +151,13 @@ class ModelConfig:
     num_decoder_registers: int = attrs.field(default=0, validator=_non_negative)
     """Learned register tokens appended to every query group in the decoder, dropped from the outputs."""
     backbone_lora: bool = False
-    """Train DoRA adapters (rank 16, alpha 16) on the ViT's query/key/value instead of the ViT itself."""
+    """Train DoRA adapters (lora_rank, lora_alpha) on the ViT's query/key/value instead of the ViT itself."""
+    lora_rank: int = attrs.field(default=16, validator=_positive)
+    """LoRA adapter rank (upstream 16). Adapters in params must have this rank."""
+    lora_alpha: float = attrs.field(default=16.0, validator=_positive)
+    """LoRA alpha: the update is scaled by lora_alpha / lora_rank (upstream 16)."""
+    lora_dora: bool = True
+    """DoRA (magnitude vectors, upstream) rather than plain LoRA adapters."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (ViT blocks as upstream, and the decoder layers, two-stage
     groups and heads): less memory, same numbers, slower."""

@@ -36,7 +36,7 @@ from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, loggers, run
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import resolve_precision
-from rfdetr_fn.step import compile_step, init_state, make_train_step
+from rfdetr_fn.step import TrainStep, compile_step, make_train_step
 from rfdetr_fn.train import autobatch, grids, outputs, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
 
@@ -84,6 +84,7 @@ class Run:
     precision: str
     compiled: bool
     slots: int | None
+    train_step: TrainStep
     step_fn: Any = None
     cache: compiler.CompileCache | None = None
     log: runlog.RunLog | None = None
@@ -139,6 +140,11 @@ def _data(args: FitArgs, world, out_dir: Path) -> Run:
     # sizes (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
+    precision = resolve_precision(tcfg.precision, world.device)
+    steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
+    train_step = make_train_step(
+        cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
+    )
     return Run(
         args=args,
         cfg=cfg,
@@ -148,11 +154,12 @@ def _data(args: FitArgs, world, out_dir: Path) -> Run:
         train_ds=train_ds,
         val_ds=val_ds,
         loader=loader,
-        steps_per_epoch=max(1, len(loader) // tcfg.grad_accum_steps),
+        steps_per_epoch=steps_per_epoch,
         scales=multi_scale_scales(cfg.resolution, tcfg.expanded_scales, cfg.patch_size, cfg.num_windows),
-        precision=resolve_precision(tcfg.precision, world.device),
+        precision=precision,
         compiled=compiled,
         slots=slots,
+        train_step=train_step,
     )
 
 
@@ -174,8 +181,8 @@ def _initial_state(run: Run, resume_dir: Path | None) -> tuple[dict, trackers.Lo
     else:
         params = detector.init(cfg, tcfg.seed)
     if cfg.backbone_lora:  # fresh DoRA adapters, unless the weights file brought trained ones
-        params = lora.add_upstream_adapters(params, seed=tcfg.seed)
-    state = init_state(tree.to(params, run.world.device), tcfg, cfg)
+        params = lora.add_adapters(params, cfg, seed=tcfg.seed)
+    state = run.train_step.init(tree.to(params, run.world.device))
     loop = trackers.Loop()
     if resume_dir is not None:
         state, loop = _restore(resume_dir, state, loop)
@@ -198,24 +205,16 @@ def _record_config(run: Run, resume_dir: Path | None, state: dict) -> list:
 def _make_step(run: Run) -> tuple[Any, compiler.CompileCache | None]:
     """The train step, compiled and graphed as configured, with the compile cache of its exact configuration."""
     cfg, tcfg, world = run.cfg, run.tcfg, run.world
-    pure = make_train_step(
-        cfg, tcfg, steps_per_epoch=run.steps_per_epoch, precision=run.precision, world_size=world.size, rank=world.rank
-    )
     shapes = len(run.scales) + 1
     # CPU: the update's compile took 63 % of Nano's cold time and won nothing, so only CUDA compiles it.
-    step_fn = compile_step(pure, enabled=run.compiled, max_shapes=shapes, update=world.device.type == "cuda")
+    step_fn = compile_step(run.train_step, enabled=run.compiled, max_shapes=shapes, update=world.device.type == "cuda")
     log = print if world.main else None
     step_fn = graphed_step(step_fn, tcfg, world.device, world_size=world.size, max_graphs=shapes, log=log)
     if not run.compiled:
         return step_fn, None
+    shaping = {k: getattr(tcfg, k) for k in ("batch_size", "grad_accum_steps", "multi_scale", "expanded_scales")}
     key = compiler.cache_key(
-        cfg,
-        tcfg,
-        device=world.device,
-        precision=run.precision,
-        steps=run.steps_per_epoch,
-        world=world.size,
-        slots=run.slots,
+        cfg, run.train_step.settings, device=world.device, steps=run.steps_per_epoch, slots=run.slots, inputs=shaping
     )
     cache = compiler.CompileCache(Path(tcfg.compile_cache) if tcfg.compile_cache else compiler.default_cache_dir(), key)
     loaded = cache.load()  # every rank loads the artifacts of this exact graph-shaping configuration
@@ -405,7 +404,7 @@ def _auto_batch(cfg: ModelConfig, tcfg: TrainConfig, world) -> TrainConfig:
     if world.main:
         params = detector.init(cfg, tcfg.seed)
         if cfg.backbone_lora:
-            params = lora.add_upstream_adapters(params, seed=tcfg.seed)
+            params = lora.add_adapters(params, cfg, seed=tcfg.seed)
         params = tree.to(params, world.device)
         choice = autobatch.resolve(cfg, tcfg, params, world.device, world.size)
         print(choice.describe())

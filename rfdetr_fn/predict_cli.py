@@ -141,36 +141,30 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     drawings = dict(zip(paths, _drawing_names(paths)))
     records: list[dict[str, Any]] = []
-    limit = Image.MAX_IMAGE_PIXELS
-    if args.allow_large_images:
-        Image.MAX_IMAGE_PIXELS = None
-    try:
-        with open(out_dir / "predictions.jsonl", "w") as stream:
-            for start in range(0, len(paths), args.batch_size):
-                chunk = [(p, _read(p)) for p in paths[start : start + args.batch_size]]
-                good = [(p, arr) for p, arr in chunk if not isinstance(arr, str)]
-                found = iter(
-                    predict(params, cfg, [arr for _, arr in good], threshold=args.threshold, compile=compiled)
-                    if good
-                    else []
-                )
-                for path, arr in chunk:
-                    if isinstance(arr, str):
-                        record = {"image": str(path), "error": arr}
-                        print(f"skipped {path}: {arr}", file=sys.stderr)
-                    else:
-                        det = next(found)
-                        h, w = arr.shape[:2]
-                        record = {"image": str(path), "width": int(w), "height": int(h)}
-                        record["detections"] = detections_to_json(det, names, schema)
-                        if args.draw:
-                            drawn = draw_detections(arr, det, names, schema, cfg.keypoint_skeleton)
-                            drawn.save(out_dir / drawings[path])
-                    records.append(record)
-                    stream.write(json.dumps(record) + "\n")
-                    stream.flush()
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    with open(out_dir / "predictions.jsonl", "w") as stream:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = [(p, _read(p, args.allow_large_images)) for p in paths[start : start + args.batch_size]]
+            good = [(p, arr) for p, arr in chunk if not isinstance(arr, str)]
+            found = iter(
+                predict(params, cfg, [arr for _, arr in good], threshold=args.threshold, compile=compiled)
+                if good
+                else []
+            )
+            for path, arr in chunk:
+                if isinstance(arr, str):
+                    record = {"image": str(path), "error": arr}
+                    print(f"skipped {path}: {arr}", file=sys.stderr)
+                else:
+                    det = next(found)
+                    h, w = arr.shape[:2]
+                    record = {"image": str(path), "width": int(w), "height": int(h)}
+                    record["detections"] = detections_to_json(det, names, schema)
+                    if args.draw:
+                        drawn = draw_detections(arr, det, names, schema, cfg.keypoint_skeleton)
+                        drawn.save(out_dir / drawings[path])
+                records.append(record)
+                stream.write(json.dumps(record) + "\n")
+                stream.flush()
     atomic_write(out_dir / "predictions.json", lambda tmp: tmp.write_text(json.dumps(records, indent=2)))
     failed = sum("error" in r for r in records)
     found = sum(len(r.get("detections", ())) for r in records)
@@ -180,10 +174,10 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     return records
 
 
-def _read(path: Path) -> np.ndarray | str:
-    """The image, or why it cannot be used."""
+def _read(path: Path, allow_large: bool = False) -> np.ndarray | str:
+    """The image, or why it cannot be used (allow_large: no decompression-bomb guard for this read)."""
     try:
-        return imageio.read_rgb(path)
+        return imageio.read_rgb(path, allow_large=allow_large)
     except Image.DecompressionBombError as exc:
         return f"larger than Pillow's decompression-bomb limit ({exc}); pass --allow-large-images to read it"
     except imageio.READ_ERRORS as exc:

@@ -34,38 +34,102 @@ from torch import Tensor
 
 from rfdetr_fn import compiler, rng, tree
 from rfdetr_fn.config import ModelConfig, TrainConfig
-from rfdetr_fn.data.loader import TARGET_KEYS
+from rfdetr_fn.losses import objective
 from rfdetr_fn.losses.config import LossConfig
-from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.model import detector, lora
-from rfdetr_fn.model.precision import forward
 from rfdetr_fn.optim import chain as gt
 from rfdetr_fn.optim import ema as ema_lib
 from rfdetr_fn.optim import recipe, schedules
+from rfdetr_fn.optim.config import UpdateConfig
 
 TrainState = dict[str, Any]
 Batch = dict[str, Tensor]
 
 
-def init_state(
-    params: tree.Params,
+@attrs.frozen
+class TrainStep:
+    """The step built once, optax-style: `init(params) -> state` and `step(state, batches) -> (state, metrics)`
+    share one optimizer and one trainable selection. Calling the record calls `step`. `pieces` is what
+    `compile_step` compiles (the pure loss and update around the gradient)."""
+
+    init: Callable[[tree.Params], TrainState]
+    step: Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]
+    pieces: StepPieces
+    optimizer: gt.GradientTransformation
+    trainable: tree.Where | None
+    settings: dict[str, Any] = attrs.field(factory=dict)
+    """Everything the compiled pieces read besides the model config: the resolved `LossConfig` and
+    `UpdateConfig`, drop path, precision, world size (the compile cache keys on it)."""
+
+    def __call__(self, state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
+        return self.step(state, batches)
+
+
+def param_names(cfg: ModelConfig) -> list[str]:
+    """Every leaf of the model's params tree: upstream's keys, plus the adapters with backbone_lora."""
+    shapes = detector.param_shapes(cfg)
+    adapters = lora.adapter_shapes(shapes, cfg.lora_rank, cfg.lora_dora) if cfg.backbone_lora else {}
+    return list(shapes) + list(adapters)
+
+
+def make_train_step(
+    cfg: ModelConfig,
     tcfg: TrainConfig,
-    cfg: ModelConfig | None = None,
     *,
+    steps_per_epoch: int,
+    precision: str = "fp32",
+    world_size: int = 1,
     optimizer: gt.GradientTransformation | None = None,
     trainable: tree.Where | None = None,
-) -> TrainState:
-    """A fresh train state; optimizer and EMA state are copies, never aliases, of the params.
+    rank: int = 0,
+) -> TrainStep:
+    """Bind the static configuration: the pure step and its `init`, sharing one optimizer and selection.
 
-    The optimizer state covers the trainable leaves only (`recipe.trainable`: freezing, LoRA); pass the
-    model config when those are on, and the same `optimizer` as `make_train_step` when it is custom.
+    `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it gets
+    `step=` for its schedules). A custom chain (this argument, or a 'module:function' train.optimizer)
+    owns clipping and the schedule: the step passes it the raw gradient (train.clip_max_norm is not
+    applied) and logs as `lr` the learning rate the chain reports (an "lr" entry in its state, see
+    `gt.report_lr`). Only the leaves `trainable` selects (default `recipe.trainable`: freezing, LoRA) get
+    gradients and optimizer state; a selection matching no leaf is an error naming it.
+    `rank` enters the random key, so drop path differs across the data shards of one step.
     """
-    device = next(tree.leaves(params)).device
-    cfg = cfg or ModelConfig()
+    ucfg = UpdateConfig.resolve(tcfg, steps_per_epoch)
+    schedule = functools.partial(schedules.lr_factor, **ucfg.schedule)
     where = trainable if trainable is not None else recipe.trainable(cfg, tcfg)
-    trainable, _ = _split(params, where)
+    custom = optimizer is not None or ":" in tcfg.optimizer
     if optimizer is None:
-        optimizer = recipe.make_optimizer(cfg, tcfg, tree.flatten(trainable))
+        names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
+        optimizer = recipe.make_optimizer(cfg, tcfg, names, schedule)
+    pieces = StepPieces(
+        loss=_loss_piece(cfg, tcfg, precision, world_size),
+        update=_update_piece(cfg, ucfg, precision, world_size, optimizer, None if custom else schedule),
+        split=functools.partial(_split, where=where),
+        fp16=precision == "fp16",
+        rank=rank,
+        normalisers=functools.partial(_normalisers, cfg=cfg, world_size=world_size) if cfg.keypoints else None,
+    )
+    init = functools.partial(_init_state, tcfg=tcfg, optimizer=optimizer, where=where)
+    settings = {
+        "loss": LossConfig.resolve(cfg, tcfg)._asdict(),
+        "update": attrs.asdict(ucfg),
+        "drop_path": tcfg.drop_path,
+        "precision": precision,
+        "world_size": world_size,
+        # a 'module:function' optimizer is given the whole TrainConfig: key on all of it
+        "custom": attrs.asdict(tcfg) if ":" in tcfg.optimizer else None,
+    }
+    step = assemble_step(pieces)
+    return TrainStep(init=init, step=step, pieces=pieces, optimizer=optimizer, trainable=where, settings=settings)
+
+
+def _init_state(
+    params: tree.Params, *, tcfg: TrainConfig, optimizer: gt.GradientTransformation, where: tree.Where | None
+) -> TrainState:
+    """A fresh train state; optimizer and EMA state are copies, never aliases, of the params."""
+    device = next(tree.leaves(params)).device
+    if where is not None:
+        tree.require(params, where, "trainable")
+    trainable, _ = _split(params, where)
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "seed": rng.key_tensor(tcfg.seed, device),
@@ -82,130 +146,105 @@ def _split(params: tree.Params, where: tree.Where | None) -> tuple[tree.Params, 
     return (params, {}) if where is None else tree.partition(params, where)
 
 
-def param_names(cfg: ModelConfig) -> list[str]:
-    """Every leaf of the model's params tree: upstream's keys, plus the DoRA adapters with backbone_lora."""
-    shapes = detector.param_shapes(cfg)
-    return list(shapes) + (list(lora.adapter_shapes(shapes)) if cfg.backbone_lora else [])
+def _loss_piece(cfg: ModelConfig, tcfg: TrainConfig, precision: str, world_size: int) -> Callable:
+    """`loss(trainable, frozen, batch, scale, key[, window])`: `rf.loss` of one micro-batch, scaled."""
+    weighted = set(LossConfig.resolve(cfg, tcfg).weights)
 
-
-def make_train_step(
-    cfg: ModelConfig,
-    tcfg: TrainConfig,
-    *,
-    steps_per_epoch: int,
-    precision: str = "fp32",
-    world_size: int = 1,
-    optimizer: gt.GradientTransformation | None = None,
-    trainable: tree.Where | None = None,
-    rank: int = 0,
-) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, dict[str, Tensor]]]:
-    """Bind the static configuration and return the pure step (compile it with `compile_step`).
-
-    `rank` enters the random key, so drop path differs across the data shards of one step.
-
-    `optimizer` replaces the one `train.optimizer` names (any chain of gradient transformations; it
-    gets `step=` for its schedules). Only the leaves `trainable` selects (default `recipe.trainable`:
-    freezing, LoRA) get gradients; pass the same `trainable` and `optimizer` to `init_state`.
-
-    The step is two pure pieces around the gradient: `loss` (forward + criterion of one micro-batch) and
-    `update` (accumulate, average across ranks, clip, optimizer, EMA). The returned function carries them
-    as `.pieces`, so `compile_step` can compile each on its own (the regional structure).
-    """
-    schedule = functools.partial(schedules.lr_factor, **schedules.lr_kwargs(tcfg, steps_per_epoch))
-    lcfg = LossConfig.resolve(cfg, tcfg)  # once per step function: the criterion reads only this
-    weighted = set(lcfg.weights)
-    where = trainable if trainable is not None else recipe.trainable(cfg, tcfg)
-    if optimizer is None:
-        names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
-        optimizer = recipe.make_optimizer(cfg, tcfg, names, schedule)
-
-    def loss(
-        trainable: tree.Params,
-        frozen: tree.Params,
-        batch: Batch,
-        scale: Tensor,
-        key: Tensor,
-        window: Tensor | None = None,
-    ):
+    def loss(trainable, frozen, batch: Batch, scale: Tensor, key: Tensor, window: Tensor | None = None):
         params = tree.combine(trainable, frozen)
         own = _num_boxes(batch["labels"], cfg.group_detr, world_size)
         num_boxes = own if window is None else window
-        out = forward(
-            params,
-            batch["images"],
-            batch["mask"],
-            cfg,
-            precision,
-            train=True,
-            drop_path=tcfg.drop_path,
-            key=rng.mix(key, 0),
-        )
-        targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
-        total, losses = criterion(out, targets, cfg, lcfg, train=True, num_boxes=num_boxes, key=rng.mix(key, 1))
+        total, losses = objective.loss(params, batch, cfg, tcfg, key=key, num_boxes=num_boxes, precision=precision)
         value = total * scale
         if window is not None:  # log what upstream logs: this micro-batch's terms over its own normaliser
             total, losses = _renormalise(total, losses, window / own, weighted)
         return value, (total, losses)
 
-    def normalisers(batches: Sequence[Batch]) -> list[Tensor]:
-        window = _window_normaliser([_num_boxes(b["labels"], cfg.group_detr, world_size) for b in batches])
-        return [window] * len(batches)
+    return loss
 
-    def update(
-        state: TrainState,
-        trainable: tree.Params,
-        grads_list: list[tree.Params],
-        losses_list: list[dict[str, Tensor]],
-    ) -> tuple[TrainState, dict[str, Tensor]]:
-        params, step, count = state["params"], state["step"], len(grads_list)
-        scale = state["loss_scale"] if precision == "fp16" else torch.ones_like(state["loss_scale"])
-        grads = grads_list[0]
-        for more in grads_list[1:]:
-            grads = tree.map_(torch.add, grads, more)
-        loss_sums = {k: sum(losses[k] for losses in losses_list) / count for k in losses_list[0]}
-        divisor = 1 if cfg.keypoints else count  # keypoints: the window normaliser already averaged
-        if divisor > 1 or precision == "fp16":  # else the divisor is exactly 1: skip a pass per tensor
-            grads = tree.map_(lambda g: g / (divisor * scale), grads)
+
+def _normalisers(batches: Sequence[Batch], *, cfg: ModelConfig, world_size: int) -> list[Tensor]:
+    window = _window_normaliser([_num_boxes(b["labels"], cfg.group_detr, world_size) for b in batches])
+    return [window] * len(batches)
+
+
+def _update_piece(
+    cfg: ModelConfig,
+    ucfg: UpdateConfig,
+    precision: str,
+    world_size: int,
+    optimizer: gt.GradientTransformation,
+    schedule: Callable[[Tensor], Tensor] | None,
+) -> Callable:
+    """`update(state, trainable, grads_list, losses_list)`: accumulate, average across ranks, clip (built-in
+    optimizers only: `schedule` is None for a custom chain), optimizer, EMA."""
+
+    def update(state: TrainState, trainable, grads_list: list, losses_list: list) -> tuple[TrainState, dict]:
+        fp16, step = precision == "fp16", state["step"]
+        grads, loss_sums = _accumulate(grads_list, losses_list, state["loss_scale"] if fp16 else None, cfg)
         if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
             averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
             grads, loss_sums = averaged["grads"], averaged["losses"]
-        grads, grad_norm = gt.global_norm_clip(grads, tcfg.clip_max_norm)
+        clip = ucfg.clip_max_norm if schedule is not None else 0.0  # 0: the norm only (a custom chain clips)
+        grads, grad_norm = gt.global_norm_clip(grads, clip)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
-        lr_factor = schedule(step)
-        updates, new_opt = optimizer.update(grads, state["opt_state"], trainable, step=step)
+        new_params, new_opt = apply_update(optimizer, grads, state["opt_state"], trainable, state["params"], step)
         del grads  # eager memory: each of these trees is the model's size; drop it as soon as it is used
-        new_params = tree.replace(params, tree.flatten(gt.apply_updates(trainable, updates)))
-        del updates
-        if precision == "fp16":  # skip the update on overflow and adapt the loss scale, like GradScaler
-            new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, params)
-            new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])
-        new_state = {**state, "step": step + 1, "params": new_params, "opt_state": new_opt}
-        if precision == "fp16":
-            new_state["loss_scale"], new_state["good_steps"] = _next_loss_scale(
-                state["loss_scale"], state["good_steps"], finite, tcfg.loss_scale_growth_interval
-            )
-        if tcfg.use_ema:
-            new_state["ema_state"] = ema_lib.ema_maybe_update(
-                state["ema_state"],
-                new_params,
-                step + 1,
-                interval=tcfg.ema_update_interval,
-                decay=tcfg.ema_decay,
-                tau=tcfg.ema_tau,
-            )
-        metrics = {**loss_sums, "grad_norm": grad_norm.detach(), "lr_factor": lr_factor, "finite": finite}
+        new_state = _next_state(state, new_params, new_opt, finite, ucfg, fp16)
+        metrics = {**loss_sums, "grad_norm": grad_norm.detach(), "finite": finite}
+        if schedule is not None:
+            metrics["lr_factor"] = schedule(step)
+        if isinstance(new_opt, dict) and "lr" in new_opt:
+            metrics["lr"] = new_opt["lr"]
         return new_state, metrics
 
-    return assemble_step(
-        StepPieces(
-            loss=loss,
-            update=update,
-            split=functools.partial(_split, where=where),
-            fp16=precision == "fp16",
-            rank=rank,
-            normalisers=normalisers if cfg.keypoints else None,
+    return update
+
+
+def _accumulate(grads_list: list, losses_list: list, scale: Tensor | None, cfg: ModelConfig):
+    """Sum of the micro-batch gradients over their count (and the fp16 loss scale); mean logged losses."""
+    count = len(grads_list)
+    grads = grads_list[0]
+    for more in grads_list[1:]:
+        grads = tree.map_(torch.add, grads, more)
+    loss_sums = {k: sum(losses[k] for losses in losses_list) / count for k in losses_list[0]}
+    divisor = 1 if cfg.keypoints else count  # keypoints: the window normaliser already averaged
+    if divisor > 1 or scale is not None:  # else the divisor is exactly 1: skip a pass per tensor
+        factor = divisor if scale is None else divisor * scale
+        grads = tree.map_(lambda g: g / factor, grads)
+    return grads, loss_sums
+
+
+def apply_update(
+    optimizer: gt.GradientTransformation, grads, opt_state, trainable, params, step: Tensor
+) -> tuple[tree.Params, gt.State]:
+    """The optimizer's update applied to the trainable leaves of `params` -> (new params, new optimizer
+    state). One small function, so an in-place (donating) variant can take its place."""
+    updates, new_opt = gt.deferred_update(optimizer)(grads, opt_state, trainable, step=step)
+    return tree.replace(params, tree.flatten(gt.apply_updates(trainable, updates))), new_opt
+
+
+def _next_state(state: TrainState, new_params, new_opt, finite: Tensor, ucfg: UpdateConfig, fp16: bool) -> TrainState:
+    """The state after one update: fp16 overflow skips it and adapts the loss scale (GradScaler); EMA."""
+    step = state["step"]
+    if fp16:  # skip the update on overflow and adapt the loss scale, like GradScaler
+        new_params = tree.map_(lambda n, o: torch.where(finite, n, o), new_params, state["params"])
+        new_opt = tree.map_(lambda n, o: torch.where(finite, n, o), new_opt, state["opt_state"])
+    new_state = {**state, "step": step + 1, "params": new_params, "opt_state": new_opt}
+    if fp16:
+        new_state["loss_scale"], new_state["good_steps"] = _next_loss_scale(
+            state["loss_scale"], state["good_steps"], finite, ucfg.loss_scale_growth_interval
         )
-    )
+    if ucfg.use_ema:
+        new_state["ema_state"] = ema_lib.ema_maybe_update(
+            state["ema_state"],
+            new_params,
+            step + 1,
+            interval=ucfg.ema_update_interval,
+            decay=ucfg.ema_decay,
+            tau=ucfg.ema_tau,
+        )
+    return new_state
 
 
 @attrs.frozen
@@ -286,7 +325,8 @@ def compile_step(
     update: bool = True,
     regions: bool | None = None,
 ) -> Callable:
-    """torch.compile a step from `make_train_step`, by default piece by piece (loss, update).
+    """torch.compile a step from `make_train_step`, by default piece by piece (loss, update); returns the
+    same record (same `init`, optimizer and selection) with the compiled `step` (a plain function compiles whole).
 
     regional (default): `loss` and `update` are each one fullgraph compiled function and autograd runs
     between them; AOTAutograd compiles the loss's backward. `regions` turns on the nested compile regions
@@ -302,14 +342,16 @@ def compile_step(
     if not enabled:
         return step_fn
     compiler.raise_recompile_limit(max_shapes)
-    pieces = getattr(step_fn, "pieces", None)
-    if regional and pieces is not None:
-        compiler.set_regions(backend, regions)
-        loss = compiler.compile_fn(pieces.loss, backend=backend, mode=mode)
+    if not isinstance(step_fn, TrainStep):
+        return compiler.compile_fn(step_fn, backend=backend, mode=mode, regions=False)
+    if regional:
+        pieces = step_fn.pieces
+        loss = compiler.compile_fn(pieces.loss, backend=backend, mode=mode, regions=regions)
         compiled_update = compiler.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
-        return assemble_step(attrs.evolve(pieces, loss=loss, update=compiled_update))
-    compiler.SWITCH.regions = False
-    return compiler.compile_fn(step_fn, backend=backend, mode=mode)
+        pieces = attrs.evolve(pieces, loss=loss, update=compiled_update)
+        return attrs.evolve(step_fn, step=assemble_step(pieces), pieces=pieces)
+    whole = compiler.compile_fn(step_fn.step, backend=backend, mode=mode, regions=False)
+    return attrs.evolve(step_fn, step=whole)
 
 
 def all_reduce_mean(grads: tree.Params) -> tree.Params:

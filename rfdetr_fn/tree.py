@@ -106,6 +106,74 @@ def shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 Where = Union[str, "re.Pattern[str]", Callable[[str, Tensor], bool], Sequence[Any]]
 
 
+class _Combined:
+    """`not_`, `any_` and `all_` of selections: a predicate that keeps its parts, so `require` can name the
+    part that matches nothing (a typo inside a negation would otherwise select everything)."""
+
+    def __init__(self, kind: str, parts: Sequence[Any]):
+        self.kind, self.parts = kind, tuple(parts)
+        self._matchers = [matcher(p) for p in self.parts]
+
+    def __call__(self, key: str, leaf: Any) -> bool:
+        hits = (m(key, leaf) for m in self._matchers)
+        if self.kind == "not":
+            return not next(hits)
+        return any(hits) if self.kind == "any" else all(hits)
+
+    def __repr__(self) -> str:
+        return f"{self.kind}_({', '.join(map(_describe, self.parts))})"
+
+
+def not_(where: Where) -> Where:
+    """The leaves `where` does not select (freeze the ViT: `trainable=not_("backbone.0.encoder.*")`)."""
+    return _Combined("not", [where])
+
+
+def any_(*wheres: Where) -> Where:
+    """The leaves any of `wheres` selects (a list means the same)."""
+    return _Combined("any", wheres)
+
+
+def all_(*wheres: Where) -> Where:
+    """The leaves every one of `wheres` selects."""
+    return _Combined("all", wheres)
+
+
+def require(params: Mapping[str, Any], where: Where, what: str = "selection") -> None:
+    """Refuse a selection that matches no leaf, or any glob/regex inside it (through not_/any_/all_ and lists)
+    that matches none: such a typo would silently freeze or train the wrong set. Opaque predicates are
+    checked as a whole only."""
+    flat = flatten(params)
+    for part in [where, *_parts(where)]:
+        if isinstance(part, (str, re.Pattern)) or part is where:
+            match = matcher(part)
+            if not any(match(k, v) for k, v in flat.items()):
+                whole = "" if part is where else f" (in {what} {_describe(where)})"
+                raise ValueError(
+                    f"{what} {_describe(part)} matches no parameter{whole}; keys look like {next(iter(flat), '')!r}"
+                )
+
+
+def _parts(where: Where) -> list[Any]:
+    inner = where.parts if isinstance(where, _Combined) else where if _is_list(where) else ()
+    out: list[Any] = []
+    for part in inner:
+        out += [part, *_parts(part)]
+    return out
+
+
+def _is_list(where: Any) -> bool:
+    return isinstance(where, Sequence) and not isinstance(where, str)
+
+
+def _describe(where: Any) -> str:
+    if isinstance(where, re.Pattern):
+        return f"re.compile({where.pattern!r})"
+    if isinstance(where, (str, _Combined)) or _is_list(where):
+        return repr(where)
+    return getattr(where, "__name__", type(where).__name__)
+
+
 def matcher(where: Where) -> Callable[[str, Tensor], bool]:
     """The predicate `(key, leaf) -> bool` that a `Where` stands for."""
     if isinstance(where, str):

@@ -21,7 +21,7 @@ from rfdetr_fn import tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.io import distributed
 from rfdetr_fn.io.checkpoint import load_state, save_state
-from rfdetr_fn.step import compile_step, init_state, make_train_step
+from rfdetr_fn.step import compile_step, make_train_step
 
 STEPS = 3
 WORLD = 2
@@ -64,7 +64,7 @@ def shard(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
 
 def fresh_state() -> dict:
     cfg, tcfg = configs()
-    return init_state(rf.init(cfg, 0), tcfg)
+    return make_train_step(cfg, tcfg, steps_per_epoch=10).init(rf.init(cfg, 0))
 
 
 def train(step_fn, state: dict, batch: dict, steps: int) -> tuple[dict, list[dict[str, float]]]:

@@ -8,8 +8,6 @@ import importlib.util
 import pkgutil
 from pathlib import Path
 
-import pytest
-
 import rfdetr_fn
 import rfdetr_fn.kernels
 
@@ -164,7 +162,6 @@ def test_long_function_finder_counts_lines():
     assert _long_functions(f"def f():\n{body}\n", 5) == []
 
 
-@pytest.mark.xfail(strict=True, reason="step.make_train_step: split by issue 21, in progress")
 def test_no_function_over_80_lines():
     long = {name: found for name, path in _modules().items() if (found := _long_functions(path.read_text(), 80))}
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
@@ -210,7 +207,6 @@ def test_foreign_write_finder_sees_writes():
     assert _foreign_writes("from rfdetr_fn import tree\nx = tree.flatten({})\nx.y = 1\n", mods) == []
 
 
-@pytest.mark.xfail(strict=True, reason="compiler.SWITCH: removed by issue 21, in progress")
 def test_no_module_writes_another_modules_state():
     """Module-level state is each module's own: no module assigns into another package module's globals."""
     modules = _modules()

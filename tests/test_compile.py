@@ -15,29 +15,37 @@ import torch
 import rfdetr_fn as rf
 from rfdetr_fn import compiler, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
+from rfdetr_fn.step import compile_step, grad_and_value, make_train_step
 from tests.test_train import _run, _tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cache_key_follows_graph_shaping_fields_only():
+def _key(cfg, tcfg, device="cpu", precision="fp32") -> str:
+    step = make_train_step(cfg, tcfg, steps_per_epoch=10, precision=precision)
+    return compiler.cache_key(cfg, step.settings, device=device, inputs={"batch_size": tcfg.batch_size})
+
+
+def test_cache_key_follows_what_the_step_reads_only():
+    """The key hashes the records the compiled pieces read (LossConfig, UpdateConfig, drop path, precision):
+    a field that shapes the step changes it, one it never reads does not, with no list of fields kept."""
     cfg, tcfg = rf.presets.tiny(), TrainConfig()
-    key = compiler.cache_key(cfg, tcfg, device="cpu", precision="fp32")
-    assert key == compiler.cache_key(cfg, tcfg, device="cpu", precision="fp32")
+    key = _key(cfg, tcfg)
+    assert key == _key(cfg, tcfg)
     changed = [
-        compiler.cache_key(attrs.evolve(cfg, resolution=256), tcfg, device="cpu", precision="fp32"),
-        compiler.cache_key(cfg, attrs.evolve(tcfg, batch_size=8), device="cpu", precision="fp32"),
-        compiler.cache_key(cfg, attrs.evolve(tcfg, lr=2e-4), device="cpu", precision="fp32"),  # a graph constant
-        compiler.cache_key(cfg, attrs.evolve(tcfg, grad_accum_steps=2), device="cpu", precision="fp32"),
-        compiler.cache_key(cfg, attrs.evolve(tcfg, epochs=3), device="cpu", precision="fp32"),  # schedule
-        compiler.cache_key(cfg, tcfg, device="cpu", precision="fp16"),
-        compiler.cache_key(cfg, tcfg, device="meta", precision="fp32"),
+        _key(attrs.evolve(cfg, resolution=256), tcfg),
+        _key(cfg, attrs.evolve(tcfg, batch_size=8)),  # an input shape (the call site adds it)
+        _key(cfg, attrs.evolve(tcfg, lr=2e-4)),  # a graph constant of the update
+        _key(cfg, attrs.evolve(tcfg, epochs=3)),  # the schedule
+        _key(cfg, attrs.evolve(tcfg, giou_loss_coef=1.0)),  # the loss record
+        _key(cfg, attrs.evolve(tcfg, ema_decay=0.9)),  # the update record
+        _key(cfg, attrs.evolve(tcfg, drop_path=0.1)),
+        _key(cfg, tcfg, precision="fp16"),
+        _key(cfg, tcfg, device="meta"),
     ]
     assert len({key, *changed}) == len(changed) + 1
-    loop_only = attrs.evolve(tcfg, output_dir="elsewhere", seed=7, compile="on", compile_cache="/x")
-    assert compiler.cache_key(cfg, loop_only, device="cpu", precision="fp32") == key
-    assert {f.name for f in attrs.fields(TrainConfig)} >= compiler.LOOP_ONLY_FIELDS
+    loop_only = attrs.evolve(tcfg, output_dir="elsewhere", seed=7, compile="on", compile_cache="/x", eval_interval=3)
+    assert _key(cfg, loop_only) == key
 
 
 def test_cache_reads_only_its_own_key(tmp_path, capsys):
@@ -81,7 +89,7 @@ def test_regional_step_matches_eager_without_recompiles():
     """aot_eager traces the graphs inductor compiles: the loss (with its nested regions) and the update."""
     cfg, tcfg, batch = _tiny_setup()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    assert_compiled_step_equals_eager(step, lambda: init_state(rf.init(cfg, 0), tcfg), batch, steps=3)
+    assert_compiled_step_equals_eager(step, lambda: step.init(rf.init(cfg, 0)), batch, steps=3)
 
 
 def assert_compiled_step_equals_eager(step, fresh_state, batch, steps: int) -> None:
@@ -111,7 +119,7 @@ def test_inductor_step_equals_eager_losses_grads_and_state():
     cfg, tcfg, batch = _tiny_setup()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
     compiled = compile_step(step)
-    state = init_state(rf.init(cfg, 0), tcfg)
+    state = step.init(rf.init(cfg, 0))
     scale, key = torch.ones(()), state["seed"]
     trainable, frozen = step.pieces.split(state["params"])
     got_g, (_, (_, got_l)) = grad_and_value(compiled.pieces.loss)(trainable, frozen, batch, scale, key)
@@ -122,7 +130,7 @@ def test_inductor_step_equals_eager_losses_grads_and_state():
         bound = 1e-4 * want.abs().max().item() + 1e-9
         assert (tree.flatten(got_g)[key] - want).abs().max().item() <= bound, key
     new_c, _ = compiled(state, [batch])
-    new_e, _ = step(init_state(rf.init(cfg, 0), tcfg), [batch])
+    new_e, _ = step(step.init(rf.init(cfg, 0)), [batch])
     for key, want in tree.flatten(new_e).items():
         assert torch.allclose(tree.flatten(new_c)[key], want, rtol=1e-4, atol=1e-6), key
 
@@ -177,24 +185,28 @@ def test_second_process_loads_the_compiled_artifacts(tmp_path):
     assert warm["seconds"] < cold["seconds"]
 
 
-def test_inductor_compiles_without_regions_and_other_backends_with_them(monkeypatch, tmp_path):
-    """torch 2.13's inductor gave wrong LayerNorm weight gradients (up to 100 %) for repeated region calls
-    (benchmarks/RESULTS.md), so every inductor compile, step or forward, turns the one region switch off;
-    a train step and an evaluation forward in one run must agree on it, or each would retrace the other."""
-    monkeypatch.setattr(compiler.SWITCH, "regions", True)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # restored afterwards
-    cfg, tcfg, _ = _tiny_setup()
-    step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    compile_step(step, backend="inductor")  # compiles lazily: nothing is traced here
-    assert compiler.SWITCH.regions is False
-    compile_step(step, backend="aot_eager")
-    assert compiler.SWITCH.regions is True
-    from rfdetr_fn.eval.inference import forward_fn
+def test_regions_are_an_argument_of_each_compile_call_never_a_global():
+    """Nested regions are on for the compiled function that asked for them, only while it runs: another
+    compiled function (or a plain torch.compile, or eager code) never sees the setting. inductor's default
+    is off (torch 2.13 gave wrong LayerNorm weight gradients for repeated regions, RESULTS.md)."""
+    from torch._dynamo.testing import CompileCounter
 
-    forward_fn(cfg, "cpu", compile=True, cache_dir=tmp_path)
-    assert compiler.SWITCH.regions is False
-    compile_step(step, backend="inductor", regions=True)  # by request only
-    assert compiler.SWITCH.regions is True
+    @compiler.region
+    def block(x):
+        return x * 2
+
+    def f(x):
+        return block(x) + (100 if compiler._REGIONS.on else 1)  # what the trace saw, baked into the graph
+
+    counter = CompileCounter()
+    with_regions = compiler.compile_fn(f, backend=counter, regions=True)
+    without = compiler.compile_fn(lambda x: f(x), backend=counter, regions=False)
+    x = torch.ones(3)
+    for _ in range(2):  # alternating calls: each keeps its own setting, traced once each
+        assert torch.equal(with_regions(x), x * 2 + 100) and torch.equal(without(x), x * 2 + 1)
+    assert counter.frame_count == 2 and compiler._REGIONS.on is False
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+    assert compiler.regions_default("inductor") is False and compiler.regions_default("aot_eager") is True
 
 
 def test_compile_cache_keeps_inductor_kernels_beside_the_artifacts(monkeypatch, tmp_path):

@@ -15,7 +15,7 @@ from rfdetr_fn.data import build_dataset
 from rfdetr_fn.data.loader import collate
 from rfdetr_fn.io import checkpoint, weights
 from rfdetr_fn.model.boxes import cxcywh_to_xyxy, pairwise_iou
-from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.step import make_train_step
 
 SHORT_STEPS = 45
 SHORT_DROP = 0.9  # measured 0.83 (15.93 -> 13.20; flat for the first 20 steps); the 200-step test asks for 0.5
@@ -35,7 +35,8 @@ def _overfit_setup():
     )
     dataset = build_dataset(dcfg, "train", cfg, tcfg, train=False)
     batch = collate([dataset[i] for i in range(4)], cfg.block_size)
-    return cfg, tcfg, batch, make_train_step(cfg, tcfg, steps_per_epoch=1000), init_state(rf.init(cfg, 0), tcfg)
+    step = make_train_step(cfg, tcfg, steps_per_epoch=1000)
+    return cfg, tcfg, batch, step, step.init(rf.init(cfg, 0))
 
 
 def test_loss_falls_on_a_few_synthetic_images():
@@ -188,7 +189,8 @@ def _resume_round_trip(tmp_path, images: int) -> None:
     _, b = weights.load_weights(split / "last_ema.pth")
     for key, value in tree.flatten(a).items():
         assert torch.equal(value, tree.flatten(b)[key]), key
-    template = init_state(rf.init(rf.presets.tiny(resolution=64), 0), TrainConfig())
+    tiny = rf.presets.tiny(resolution=64)
+    template = make_train_step(tiny, TrainConfig(), steps_per_epoch=1).init(rf.init(tiny, 0))
     state_a = checkpoint.load_state(straight / "last", {"state": template})
     state_b = checkpoint.load_state(split / "last", {"state": template})
     assert int(state_a["state"]["step"]) == int(state_b["state"]["step"]) > steps_per_epoch  # resumed past max-steps

@@ -11,7 +11,7 @@ from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.model import detector
 from rfdetr_fn.optim import chain as gt
 from rfdetr_fn.optim import recipe
-from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.step import make_train_step
 from tests.test_optim import adamw_init, adamw_update
 
 
@@ -32,7 +32,7 @@ def _run_torch(opt_cls, params, grads_seq, **kw):
 def _run_ours(tx, params, grads_seq):
     state = tx.init(params)
     for step, grads in enumerate(grads_seq):
-        updates, state = tx.update(grads, state, params, step=torch.tensor(step))
+        updates, state = gt.deferred_update(tx)(grads, state, params, step=torch.tensor(step))
         params = gt.apply_updates(params, updates)
     return tree.flatten(params), state
 
@@ -153,22 +153,27 @@ def test_recipe_is_bit_equal_to_previous_optim_over_steps():
 def test_freezing_keeps_no_optimizer_state_and_no_update_for_the_encoder():
     with torch.device("meta"):
         params = detector.init(presets.nano(), 0)
-    full = tree.num_params(init_state(params, TrainConfig())["opt_state"])
-    frozen = tree.num_params(init_state(params, TrainConfig(freeze_encoder=True))["opt_state"])
+
+    def opt_state(tcfg):
+        return make_train_step(presets.nano(), tcfg, steps_per_epoch=1).init(params)["opt_state"]
+
+    full = tree.num_params(opt_state(TrainConfig()))
+    frozen = tree.num_params(opt_state(TrainConfig(freeze_encoder=True)))
     vit = tree.num_params(tree.partition(params, "backbone.0.encoder.*")[0])
     assert full == 2 * tree.num_params(params) + 1
     assert frozen == full - 2 * vit  # the ViT's ~22M parameters hold no moments at all
 
     cfg = presets.tiny(num_classes=2)
     tcfg = TrainConfig(freeze_encoder=True, lr=1e-2)
-    state = init_state(detector.init(cfg, 0), tcfg, cfg)
+    step = make_train_step(cfg, tcfg, steps_per_epoch=1)
+    state = step.init(detector.init(cfg, 0))
     batch = {
         "images": torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
         "mask": torch.zeros(1, 64, 64, dtype=torch.bool),
         "labels": torch.tensor([[1]]),
         "boxes": torch.tensor([[[0.5, 0.5, 0.3, 0.3]]]),
     }
-    new, _ = make_train_step(cfg, tcfg, steps_per_epoch=1)(state, [batch])
+    new, _ = step(state, [batch])
     before, after = tree.flatten(state["params"]), tree.flatten(new["params"])
     assert list(before) == list(after)
     for k in before:

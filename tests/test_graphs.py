@@ -9,7 +9,7 @@ import torch
 import rfdetr_fn as rf
 from rfdetr_fn import rng, tree
 from rfdetr_fn.config import TrainConfig
-from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.step import make_train_step
 from rfdetr_fn.train import graphs
 from rfdetr_fn.train.graphs import EagerCapture, GraphedStep, graph_mode_problem, graphed_step
 
@@ -139,7 +139,7 @@ def test_graph_mode_train_step_equals_eager_on_cpu():
         "boxes": torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]] + [[0.5] * 4] * 2, [[0.5] * 4] * 4]),
     }
     graphed = GraphedStep(step, EagerCapture(), device=CPU, warmup=1)
-    plain_state, graph_state = init_state(rf.init(cfg, 0), tcfg), init_state(rf.init(cfg, 0), tcfg)
+    plain_state, graph_state = step.init(rf.init(cfg, 0)), step.init(rf.init(cfg, 0))
     for micro in [1, 2]:
         plain_state, want = step(plain_state, [batch] * micro)
         graph_state, got = graphed(graph_state, [batch] * micro)

@@ -22,7 +22,7 @@ from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.losses.matcher import MatchCosts, match, match_costs
 from rfdetr_fn.model import backbone, detector, keypoints, postprocess, projector, transformer
-from rfdetr_fn.step import grad_and_value, init_state, make_train_step
+from rfdetr_fn.step import grad_and_value, make_train_step
 from tests.golden import golden_config, golden_params, golden_targets
 from tests.test_model_parity import FP32_TOL, FP64_TOL, flat_outputs, worst_deltas
 
@@ -322,7 +322,7 @@ def test_keypoint_step_accumulation_equals_golden(kp):
     halves = [{k: v[i : i + 1] for k, v in batch.items()} for i in (0, 1)]
     tcfg = TrainConfig(clip_max_norm=0.0, use_ema=False, grad_accum_steps=2, batch_size=1)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    _, metrics = step(init_state(kp["params"], tcfg), halves)
+    _, metrics = step(step.init(kp["params"]), halves)
     accum = json.loads((kp["dir"] / "loss.json").read_text())["gradient_accumulation"]["micro_batches"]
     logged = [m["raw_weighted_numerator"] / m["normalizer"] for m in accum]
     assert metrics["loss"].item() == pytest.approx(sum(logged) / 2, rel=1e-5)
@@ -365,8 +365,8 @@ def test_keypoint_step_normalises_over_the_whole_accumulation_window():
     halves = [{k: v[i : i + 1] for k, v in whole.items()} for i in (0, 1)]
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
     torch.manual_seed(0)
-    _, one = step(init_state(params, tcfg), [whole])
-    _, two = step(init_state(params, tcfg), halves)
+    _, one = step(step.init(params), [whole])
+    _, two = step(step.init(params), halves)
     assert two["grad_norm"].item() == pytest.approx(one["grad_norm"].item(), rel=1e-5)
     logged = []
     for half in halves:  # each micro-batch's own loss: its numerators over its own box count
@@ -500,7 +500,7 @@ def test_keypoint_train_step_compiles_and_equals_eager():
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
 
     def fresh():
-        return init_state(detector.init(cfg, seed=0), tcfg)
+        return step.init(detector.init(cfg, seed=0))
 
     assert_compiled_step_equals_eager(step, fresh, _kp_batch([[0, 2, 1], [1]]), steps=2)
 

@@ -14,7 +14,7 @@ import rfdetr_fn as rf
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.model import detector, lora, nn
-from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.step import make_train_step
 
 QUERY = "backbone.0.encoder.encoder.encoder.layer.0.attention.attention.query"
 
@@ -63,7 +63,7 @@ def test_dora_merge_matches_peft_forward_and_gradients():
 def test_upstream_targets_and_peft_key_layout():
     """Upstream wraps the encoder with PEFT: `base_model.model.` prefix, `base_layer.` on adapted linears."""
     cfg = presets.tiny()
-    params = lora.add_upstream_adapters(detector.init(cfg, 0))
+    params = lora.add_adapters(detector.init(cfg, 0), cfg)
     adapted = {k.rsplit(".lora_A", 1)[0] for k in tree.flatten(params) if ".lora_A." in k}
     assert adapted == {
         f"backbone.0.encoder.encoder.encoder.layer.{i}.attention.attention.{m}"
@@ -92,7 +92,7 @@ def test_upstream_targets_and_peft_key_layout():
 
 def test_lora_weights_file_round_trip_keep_or_merge(tmp_path):
     cfg = attrs.evolve(presets.tiny(num_classes=2), backbone_lora=True)
-    params = lora.add_upstream_adapters(detector.init(cfg, 0))
+    params = lora.add_adapters(detector.init(cfg, 0), cfg)
     params = tree.map_where(lambda t: t + 0.05, params, re.compile(r"lora_(A|B)\."))
     path = tmp_path / "lora.pth"
     rf.save_weights(path, params, cfg)
@@ -130,11 +130,12 @@ def _batch():
 def test_backbone_lora_step_trains_adapters_and_heads_only():
     cfg = attrs.evolve(presets.tiny(num_classes=2), backbone_lora=True)
     tcfg = TrainConfig(lr=1e-2, lr_encoder=1e-2)
-    params = lora.add_upstream_adapters(detector.init(cfg, 0))
-    state = init_state(params, tcfg, cfg)
+    params = lora.add_adapters(detector.init(cfg, 0), cfg)
+    step = make_train_step(cfg, tcfg, steps_per_epoch=1)
+    state = step.init(params)
     moments = tree.flatten(state["opt_state"]["exp_avg"])
     assert all(lora.is_adapter(k) or not k.startswith("backbone.0.encoder.") for k in moments)
-    new, _ = make_train_step(cfg, tcfg, steps_per_epoch=1)(state, [_batch()])
+    new, _ = step(state, [_batch()])
     before, after = tree.flatten(state["params"]), tree.flatten(new["params"])
     for k in before:
         moved = not torch.equal(before[k], after[k])
@@ -164,7 +165,7 @@ def test_gradient_checkpointing_same_gradients(monkeypatch):
         c = attrs.evolve(cfg, gradient_checkpointing=flag)
         step = make_train_step(c, tcfg, steps_per_epoch=1)
         torch.manual_seed(3)
-        new, metrics = step(init_state(params, tcfg, c), [_batch()])
+        new, metrics = step(step.init(params), [_batch()])
         grads[flag] = (tree.flatten(new["params"]), float(metrics["loss"]))
     blocks = cfg.out_feature_indexes[-1]
     assert sorted(set(calls)) == ["_block", "_group_proposals", "_heads", "decoder_layer"]

@@ -19,7 +19,6 @@ from rfdetr_fn.kernels import (
     ms_deform_attn_triton,
     msda_op,
     resolve_backend,
-    set_backend,
 )
 
 CUDA = torch.cuda.is_available()
@@ -88,13 +87,6 @@ def fwd_bwd(fn, value, shapes, loc, attw, grad_out):
     return out.detach(), grads
 
 
-@pytest.fixture(autouse=True)
-def _restore_backend():
-    before = kernels.get_backend()
-    yield
-    set_backend(before)
-
-
 @launches
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fp32_forward_and_grads_match_reference(case):
@@ -150,7 +142,7 @@ def test_dispatch_and_backend_switch(monkeypatch):
     real = msda_op.ms_deform_attn_triton
     monkeypatch.setattr(msda_op, "ms_deform_attn_triton", lambda *a: calls.append(1) or real(*a))
 
-    set_backend("auto")
+    assert kernels.current_backend() == "auto"
     assert resolve_backend(torch.device("cpu")) == "reference"
     assert resolve_backend(torch.device("cuda")) == "triton"
     out = ms_deform_attn(value, shapes, loc, attw)
@@ -159,20 +151,19 @@ def test_dispatch_and_backend_switch(monkeypatch):
     else:
         assert calls == [1]
 
-    set_backend("reference")
     calls.clear()
-    assert resolve_backend(torch.device("cuda")) == "reference"
-    assert torch.equal(ms_deform_attn(value, shapes, loc, attw), ms_deform_attn_reference(value, shapes, loc, attw))
-    assert not calls
+    with kernels.backend("reference"):  # a context the caller owns: gone after the block
+        assert resolve_backend(torch.device("cuda")) == "reference"
+        assert torch.equal(ms_deform_attn(value, shapes, loc, attw), ms_deform_attn_reference(value, shapes, loc, attw))
+    assert not calls and kernels.current_backend() == "auto"
 
-    set_backend("triton")
-    assert resolve_backend(torch.device("cpu")) == "triton"
-    out = ms_deform_attn(value, shapes, loc, attw)
+    assert resolve_backend(torch.device("cpu"), "triton") == "triton"
+    out = ms_deform_attn(value, shapes, loc, attw, backend="triton")  # or per call
     assert calls == [1]
     assert rel_err(out, ms_deform_attn_reference(value, shapes, loc, attw)) <= 1e-5
 
-    with pytest.raises(ValueError, match="bogus"):
-        set_backend("bogus")
+    with pytest.raises(ValueError, match="bogus"), kernels.backend("bogus"):
+        pass
 
 
 def test_backend_env_var(monkeypatch):

@@ -75,7 +75,11 @@ def fake_step(nan_at: int | None = None):
             metrics = {"loss": loss, "grad_norm": loss, "lr_factor": torch.tensor(1.0), "finite": torch.isfinite(loss)}
             return {**state, "step": state["step"] + 1, "params": params, "ema_state": ema}, metrics
 
-        return step
+        import attrs
+
+        from rfdetr_fn.step import make_train_step
+
+        return attrs.evolve(make_train_step(cfg, tcfg, **kw), step=step)  # the real `init`, the fake step
 
     return make
 

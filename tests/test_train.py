@@ -14,7 +14,7 @@ from rfdetr_fn.config import TrainConfig
 from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.losses.criterion import criterion
 from rfdetr_fn.model import detector
-from rfdetr_fn.step import compile_step, grad_and_value, init_state, make_train_step
+from rfdetr_fn.step import compile_step, grad_and_value, make_train_step
 from tests.golden import golden_config, golden_params, golden_targets
 
 
@@ -76,7 +76,8 @@ def _run(step_fn, state, batch, steps: int):
 
 
 def test_eager_gradients_equal_torch_func():
-    """The eager step's plain-autograd gradients are torch.func's, up to fp32 summation order."""
+    """The eager step's plain-autograd gradients are torch.func's, up to fp32 rounding (under torch.func the
+    attention runs as SDPA's math composite, which has every transform's rules; eagerly the fused kernel)."""
     cfg, tcfg, batch = _tiny_setup()
     params = rf.init(cfg, 0)
 
@@ -88,8 +89,9 @@ def test_eager_gradients_equal_torch_func():
 
     grads, (value, losses) = grad_and_value(loss_fn)(params)
     want, (want_value, want_losses) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
-    assert value.item() == want_value.item() and not value.requires_grad
-    assert all(torch.equal(losses[k], want_losses[k]) and not losses[k].requires_grad for k in want_losses)
+    assert value.item() == pytest.approx(want_value.item(), rel=1e-6) and not value.requires_grad
+    assert all(torch.allclose(losses[k], want_losses[k], rtol=1e-5, atol=1e-7) for k in want_losses)
+    assert not any(v.requires_grad for v in losses.values())
     got, want = tree.flatten(grads), tree.flatten(want)
     assert got.keys() == want.keys() and not any(g.requires_grad for g in got.values())
     for key, ref in want.items():
@@ -114,7 +116,7 @@ def test_eager_step_has_no_hidden_host_round_trips(backend, solver):
 
     cfg, tcfg, batch = _tiny_setup(drop_path=0.1, matcher_backend=backend)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    state = init_state(rf.init(cfg, 0), tcfg)
+    state = step.init(rf.init(cfg, 0))
     with Watch():
         step(state, [batch])
     # the final and aux layers in one call, the encoder's 16 proposals (a 64 px image) in another
@@ -132,7 +134,7 @@ def test_step_is_pure():
     for bit, and the input state is left untouched; the state's seed is what varies the draws."""
     cfg, tcfg, batch = _tiny_setup(drop_path=0.5)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    state = init_state(rf.init(cfg, 0), tcfg)
+    state = step.init(rf.init(cfg, 0))
     before = tree.clone(state)
     torch.manual_seed(1)
     a, metrics_a = step(state, [batch])
@@ -148,10 +150,10 @@ def test_step_is_pure():
 def test_same_seed_same_losses():
     cfg, tcfg, batch = _tiny_setup(drop_path=0.1)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    _, a = _run(step, init_state(rf.init(cfg, 1), tcfg), batch, 3)
-    _, b = _run(step, init_state(rf.init(cfg, 1), tcfg), batch, 3)
+    _, a = _run(step, step.init(rf.init(cfg, 1)), batch, 3)
+    _, b = _run(step, step.init(rf.init(cfg, 1)), batch, 3)
     assert a == b
-    _, c = _run(step, init_state(rf.init(cfg, 2), tcfg), batch, 3)
+    _, c = _run(step, step.init(rf.init(cfg, 2)), batch, 3)
     assert a != c
 
 
@@ -165,7 +167,7 @@ def test_fp16_overflow_skips_the_update_and_growth_counts_from_the_last_overflow
     `growth interval` finite steps in a row, whatever the step number (it used to grow on step % 2000)."""
     cfg, tcfg, batch = _tiny_setup()
     step = make_train_step(cfg, tcfg, steps_per_epoch=10, precision="fp16")
-    state = init_state(rf.init(cfg, 0), tcfg)
+    state = step.init(rf.init(cfg, 0))
     state["step"] = torch.tensor(1997)
     after, metrics = step(state, [_nan_batch(batch)])
     assert not bool(metrics["finite"]) and float(after["loss_scale"]) == 2.0**15
@@ -180,7 +182,7 @@ def test_fp16_overflow_skips_the_update_and_growth_counts_from_the_last_overflow
 def test_fp16_scale_doubles_after_the_growth_interval():
     cfg, tcfg, batch = _tiny_setup(loss_scale_growth_interval=2)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10, precision="fp16")
-    state, scales = init_state(rf.init(cfg, 0), tcfg), []
+    state, scales = step.init(rf.init(cfg, 0)), []
     for b in (batch, _nan_batch(batch), batch, batch, batch):
         state, _ = step(state, [b])
         scales.append((float(state["loss_scale"]), int(state["good_steps"])))
@@ -191,7 +193,7 @@ def test_step_schedule_is_capped_by_max_steps():
     """Like Lightning's estimated_stepping_batches: max_steps shortens the cosine, so it ends at min_factor."""
     cfg, tcfg, batch = _tiny_setup(epochs=2, max_steps=4, lr_scheduler="cosine", lr_min_factor=0.25)
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)  # 20 steps uncapped, 4 capped
-    state, factors = init_state(rf.init(cfg, 0), tcfg), []
+    state, factors = step.init(rf.init(cfg, 0)), []
     for _ in range(4):
         state, metrics = step(state, [batch])
         factors.append(float(metrics["lr_factor"]))
@@ -207,10 +209,10 @@ def test_whole_compiled_step_matches_eager_without_recompiles():
 
     cfg, tcfg, batch = _tiny_setup(drop_path=0.1)  # the random draws too: compiled == eager
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    _, eager = _run(step, init_state(rf.init(cfg, 0), tcfg), batch, 3)
+    _, eager = _run(step, step.init(rf.init(cfg, 0)), batch, 3)
     torch._dynamo.reset()
     compiled = compile_step(step, regional=False, backend="aot_eager")
-    state = init_state(rf.init(cfg, 0), tcfg)
+    state = step.init(rf.init(cfg, 0))
     state, first = _run(compiled, state, batch, 1)
     graphs = dutils.counters["stats"]["unique_graphs"]
     state, rest = _run(compiled, state, batch, 2)
@@ -241,8 +243,9 @@ def test_gradient_accumulation_equals_big_batch():
     batch["boxes"] = batch["boxes"][:, :2]
     halves = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
     step = make_train_step(cfg, tcfg, steps_per_epoch=10)
-    big, _ = step(init_state(rf.init(cfg, 0), tcfg), [batch])
+    big, _ = step(step.init(rf.init(cfg, 0)), [batch])
     accum_cfg = TrainConfig(batch_size=1, grad_accum_steps=2, multi_scale="off", clip_max_norm=0.0)
-    small, _ = make_train_step(cfg, accum_cfg, steps_per_epoch=10)(init_state(rf.init(cfg, 0), accum_cfg), halves)
+    accum = make_train_step(cfg, accum_cfg, steps_per_epoch=10)
+    small, _ = accum(accum.init(rf.init(cfg, 0)), halves)
     for key, value in tree.flatten(big["params"]).items():
         torch.testing.assert_close(tree.flatten(small["params"])[key], value, rtol=1e-4, atol=1e-6)  # 1% of one lr step

@@ -57,7 +57,7 @@ def test_vmapped_ensemble_outputs_and_losses_equal_the_loop():
 def test_per_example_gradients_equal_the_loop():
     params = detector.init(CFG, 0)
     batch = _batch()
-    grads, losses = ensemble.per_example_grads(params, batch, CFG, TCFG)
+    grads, losses = ensemble.per_example_grads(params, batch, CFG, TCFG, normalise="image")
     for i in range(2):
         example = {k: v[i : i + 1] for k, v in batch.items()}
         want, value = torch.func.grad_and_value(_loss)(params, example)
@@ -104,8 +104,7 @@ def test_jvp_matches_finite_differences_and_reverse_mode():
     def features(p):
         return backbone.features(p, batch["images"], CFG)[-1]
 
-    with ensemble.transformable(forward_mode=True):
-        _, feat_tangent = torch.func.jvp(features, (vit,), (v_dir,))
+    _, feat_tangent = torch.func.jvp(features, (vit,), (v_dir,))
     shifted = [tree.map_(lambda p, d, s=s: p + s * eps * d, vit, v_dir) for s in (1, -1)]
     fd = (features(shifted[0]) - features(shifted[1])) / (2 * eps)
     torch.testing.assert_close(feat_tangent, fd, rtol=1e-5, atol=1e-7)
@@ -125,8 +124,7 @@ def test_hvp_is_symmetric_and_equals_reverse_over_reverse():
     other = tree.map_(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype), params)
     hw = ensemble.hvp(params, other, batch, CFG, TCFG)
     assert _dot(hv, other) == pytest.approx(_dot(hw, direction), rel=1e-7)  # the Hessian is symmetric
-    with ensemble.transformable(forward_mode=True):  # reverse-over-reverse gives the same product
-        rr = torch.func.grad(lambda p: _dot_t(grad(p), direction))(params)
+    rr = torch.func.grad(lambda p: _dot_t(grad(p), direction))(params)  # reverse-over-reverse: the same
     for a, b in zip(tree.leaves(hv), tree.leaves(rr)):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
     assert max(float(t.abs().max()) for t in tree.leaves(hv)) > 1e-3

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rfdetr_fn import rng
 from rfdetr_fn.config import DataConfig, TrainConfig
+from rfdetr_fn.losses import TARGET_KEYS  # noqa: F401  (re-exported: rfdetr_fn.data.TARGET_KEYS)
 
 MIN_TRAIN_BATCHES = 5  # below this many effective batches a single process samples with replacement
 PAD_SEED = 0  # fixed generator for the padding indices of an aligned epoch (as upstream)
-TARGET_KEYS = ("labels", "boxes", "masks", "keypoints")  # the batch entries the criterion reads as targets
 
 
 # ------------------------------------------------------------------------------------------------ collate

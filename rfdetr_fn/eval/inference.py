@@ -112,7 +112,6 @@ def _compiled_forward(cfg: ModelConfig, device_type: str, directory: str, backen
     cache = compiler.CompileCache(Path(directory), key)
     compiler.announce("the forward pass", device, cache, cache.load(), "--eval.compile off", piece="inference")
     compiler.raise_recompile_limit(16)  # a last, shorter batch is one more shape
-    compiler.set_regions(backend)
     compiled = compiler.compile_fn(functools.partial(_eval_apply, cfg=cfg), backend=backend, mode=mode)
 
     def run(params: Params, images: Tensor, mask: Tensor | None) -> dict:

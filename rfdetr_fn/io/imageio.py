@@ -8,6 +8,7 @@ dataset of thousands of files is checked in seconds, before training spends an e
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +36,32 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """A file as uint8 (H, W, 3) upright RGB; PIL's errors (READ_ERRORS) pass through for the caller to name."""
-    with Image.open(path) as im:
+def read_rgb(path: str | os.PathLike, *, allow_large: bool = False) -> np.ndarray:
+    """A file as uint8 (H, W, 3) upright RGB; PIL's errors (READ_ERRORS) pass through for the caller to name.
+
+    allow_large skips Pillow's decompression-bomb guard for this call only (Pillow's limit is a process-wide
+    global, `Image.MAX_IMAGE_PIXELS`, which this never changes)."""
+    with open_image(path, allow_large=allow_large) as im:
         return np.asarray(to_rgb(im))
+
+
+def open_image(path: str | os.PathLike, *, allow_large: bool = False) -> Image.Image:
+    """`Image.open`, or with allow_large the same format plugins without the size guard (a per-call choice)."""
+    if not allow_large:
+        return Image.open(path)
+    Image.init()
+    with open(path, "rb") as f:
+        data = f.read()
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            im = factory(io.BytesIO(data), str(path))
+        except (SyntaxError, IndexError, TypeError, ValueError):
+            continue
+        return im
+    raise Image.UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
 
 
 def upright_size(im: Image.Image) -> tuple[int, int]:

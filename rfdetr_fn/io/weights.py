@@ -48,9 +48,18 @@ def load_weights(
     raw = attrs.evolve(raw, state_dict=dense)
     if cfg is None:
         cfg = infer_config(raw)
+    written = raw.config or ModelConfig()  # the adapters' own rank/alpha/kind: our config, else upstream's 16/16 DoRA
     if adapters and not cfg.backbone_lora:  # as upstream: merge the adapters into a plain encoder
-        raw = attrs.evolve(raw, state_dict=tree.flatten(lora.merge(tree.unflatten({**dense, **adapters}))))
+        merged = lora.merge_for(tree.unflatten({**dense, **adapters}), written)
+        raw = attrs.evolve(raw, state_dict=tree.flatten(merged))
         adapters = {}
+    elif adapters:  # kept: they must be the adapters the config describes (rank, kind) at the file's scaling
+        lora.check(tree.unflatten(adapters), cfg)
+        if lora.scaling(cfg) != lora.scaling(written):
+            raise ValueError(
+                f"{raw.path}: adapters were trained at lora_alpha={written.lora_alpha}, lora_rank={written.lora_rank}"
+                f" but the config says lora_alpha={cfg.lora_alpha}, lora_rank={cfg.lora_rank}"
+            )
     src = raw.config or raw.fields
     src_q = _get(src, "num_queries"), _get(src, "group_detr")
     flat = adapt(raw.state_dict, cfg, src_queries=src_q, where=raw.path)
@@ -90,7 +99,7 @@ def save_weights(
         from safetensors.torch import save_file
 
         flat = _cpu_flat(params)
-        meta = {CONFIG_META: json.dumps(config_to_dict(cfg))}
+        meta = {CONFIG_META: json.dumps(config_to_dict(cfg)), **_adapter_meta(params, cfg, json.dumps)}
         if names is not None:
             meta[NAMES_META] = json.dumps(names)
         meta.update({k: json.dumps(v) for k, v in extra.items()})
@@ -135,11 +144,19 @@ def _pth_payload(
         "model_name": cfg.model_name,
         "model_config": {**_upstream_fields(cfg), "model_name": cfg.model_name},
         CONFIG_META: config_to_dict(cfg),
+        **_adapter_meta(params, cfg),
         **extra,
     }
     if lightning:
         payload["state_dict"] = {f"model.{k}": v for k, v in model.items()}
     return payload
+
+
+def _adapter_meta(params: Params, cfg: ModelConfig, encode=lambda v: v) -> dict[str, Any]:
+    """PEFT's adapter config (rank, alpha, DoRA) beside adapter weights, so the file says what they mean."""
+    if not any(lora.is_adapter(k) for k in tree.flatten(params)):
+        return {}
+    return {"adapter_config": encode(lora.adapter_config(cfg))}
 
 
 def _cpu_flat(params: Params) -> dict[str, Tensor]:

@@ -4,21 +4,21 @@ TrainConfig holds ~80 fields; the criterion and the matcher read a dozen of them
 dozen, with the task defaults applied and the per-layer weight table built once (upstream builds its
 `weight_dict` once in `build_criterion`), so the criterion never sees the rest of the run's settings and
 the compile cache keys on exactly what the loss reads.
+
+A NamedTuple rather than an attrs class, like `MatchCosts`: `rf.loss` resolves it inside compiled pieces
+too, and Dynamo traces a NamedTuple's constructor but not a frozen attrs `__init__`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
-
-import attrs
+from typing import Literal, NamedTuple
 
 from rfdetr_fn.config import ModelConfig, TrainConfig
 from rfdetr_fn.losses.keypoints import TERMS as KEYPOINT_TERMS
 
 
-@attrs.frozen(kw_only=True)
-class LossConfig:
+class LossConfig(NamedTuple):
     """What the criterion and the matcher read (built by `LossConfig.resolve`, never by hand in a run)."""
 
     weights: Mapping[str, float]
@@ -32,7 +32,7 @@ class LossConfig:
     """Upstream's matcher weighs mask costs with the mask loss weights: same numbers, another role."""
     mask_dice_cost: float = 5.0
     mask_point_sample_ratio: int = 16
-    keypoint_coefs: Mapping[str, float] = attrs.field(factory=dict)
+    keypoint_coefs: Mapping[str, float] = {}  # a shared default, never mutated
     """Keypoint loss (and cost) weights by term: l1, findable, visible, nll (keypoint models only)."""
     matcher_backend: Literal["auto", "scipy", "device"] = "auto"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_fn.config import ModelConfig
@@ -39,7 +38,7 @@ def self_attention(
     q = heads_view(qk @ w_q.T + b_q)
     k = heads_view(qk @ w_k.T + b_k)
     v = heads_view(x @ w_v.T + b_v)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+    out = nn.attention(q, k, v, attn_bias)
     out = out.transpose(1, 2).reshape(b, n, d)
     return nn.linear(p["out_proj"], out)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import rng
 from rfdetr_fn.compiler import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import nn
+from rfdetr_fn.model.nn import checkpoint
 from rfdetr_fn.tree import Params
 
 _EPS = 1e-6  # every LayerNorm in the ViT
@@ -125,7 +125,7 @@ def _attention(p: Params, x: Tensor, num_heads: int) -> Tensor:
 
     a = p["attention"]
     q, k, v = (heads(nn.linear(a[name], x)) for name in ("query", "key", "value"))
-    out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
+    out = nn.attention(q, k, v)  # scale 1/sqrt(head_dim)
     return nn.linear(p["output"]["dense"], out.transpose(1, 2).reshape(n, t, d))
 
 

@@ -17,11 +17,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import backbone, keypoints, lora, nn, projector, segmentation, transformer
+from rfdetr_fn.model.nn import checkpoint
 from rfdetr_fn.tree import Params
 
 _PRIOR_PROB = 0.01  # class biases start at -log((1 - p) / p): every sigmoid score starts near 0.01
@@ -100,6 +100,12 @@ def _add_keypoints(out: dict, compact: Tensor, cfg: ModelConfig) -> None:
     out["pred_keypoints"] = padded
 
 
+def _has_adapters(params: Params) -> bool:
+    """Adapters sit beside the encoder's linears (PEFT's layout): look only there."""
+    encoder = params.get("backbone", {}).get("0", {}).get("encoder", {})
+    return any(lora.is_adapter(k) for k in tree.flatten(encoder, "x."))
+
+
 def apply(
     params: Params,
     images: Tensor,
@@ -116,12 +122,12 @@ def apply(
     returns the segmentation factors; train=False uses group 0 only and dense masks. Returns
     pred_logits (B, N, num_classes+1), pred_boxes (B, N, 4) normalised cxcywh (last layer),
     aux_outputs (one dict per earlier layer), enc_outputs (two-stage proposals) and, with a
-    segmentation head, pred_masks. With cfg.backbone_lora, DoRA adapters in `params` are merged into
-    the ViT weights first (a tree without adapters runs as it is). `key` (see `rfdetr_fn.rng`) drives
-    drop path, the only random draw.
+    segmentation head, pred_masks. LoRA/DoRA adapters in `params` are merged into the ViT weights first,
+    at the config's scaling lora_alpha / lora_rank (adapters of another rank are refused). `key` (see
+    `rfdetr_fn.rng`) drives drop path, the only random draw.
     """
-    if cfg.backbone_lora:
-        params = lora.merge(params)
+    if _has_adapters(params):
+        params = lora.merge_for(params, cfg)
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if mask is None:

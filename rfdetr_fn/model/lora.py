@@ -12,6 +12,10 @@ one pytree the train state, EMA and DCP checkpoints handle like any other:
 Merged weight: LoRA W + s*B@A; DoRA m * (W + s*B@A) / ||W + s*B@A||_row with the norm detached (DoRA
 paper section 4.3, as PEFT does), s = alpha / rank. The gradients equal PEFT's unmerged forward.
 
+The scaling is not in the tree: it lives in the model config (`ModelConfig.lora_rank`, `lora_alpha`,
+`lora_dora`), which `rf.apply`, the train step, `merge_for`, and weight save/load all read, so an adapter
+of rank 4 and alpha 8 means the same model everywhere; `check` refuses adapters of another rank.
+
 Upstream's `backbone_lora` (rfdetr 1.11.2 `apply_lora`): DoRA r=16, alpha=16 on the encoder modules
 named q_proj/k_proj/v_proj/qkv/query/key/value/cls_token/register_tokens. PEFT matches module names
 only, so in the DINOv2 encoder that is exactly the attention's query, key and value linears (the
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,23 +109,75 @@ def merge(params: tree.Params, scaling: float = UPSTREAM_ALPHA / UPSTREAM_RANK) 
     return tree.unflatten(out)
 
 
-def add_upstream_adapters(params: tree.Params, seed: int = 0) -> tree.Params:
-    """`params` plus fresh upstream DoRA adapters (kept as they are when already there)."""
+def scaling(cfg: Any) -> float:
+    """alpha / rank of a model config (`ModelConfig.lora_alpha / lora_rank`)."""
+    return cfg.lora_alpha / cfg.lora_rank
+
+
+def add_adapters(params: tree.Params, cfg: Any, seed: int = 0) -> tree.Params:
+    """`params` plus fresh adapters of the config's rank and kind on upstream's targets (kept as they are
+    when already there)."""
     if any(is_adapter(k) for k in tree.flatten(params)):
         return params
-    adapters, frozen, _ = lora(params, seed=seed)
+    adapters, frozen, _ = lora(params, cfg.lora_rank, cfg.lora_alpha, seed=seed, dora=cfg.lora_dora)
     return tree.combine(adapters, frozen)
 
 
-def adapter_shapes(shapes: Mapping[str, tuple[int, ...]], rank: int = UPSTREAM_RANK) -> dict[str, tuple[int, ...]]:
-    """Adapter keys and shapes upstream's DoRA adds to a model with these parameter shapes."""
+def check(params: tree.Params, cfg: Any) -> None:
+    """Refuse adapters the config does not describe: another rank than `cfg.lora_rank`, or DoRA magnitude
+    vectors present/absent against `cfg.lora_dora` (the merged model would silently differ)."""
+    flat = tree.flatten(params)
+    for key, value in flat.items():
+        if key.endswith(".lora_A.default.weight") and value.shape[-2] != cfg.lora_rank:
+            raise ValueError(
+                f"LoRA adapter {key} has rank {value.shape[-2]} but the model config says lora_rank="
+                f"{cfg.lora_rank}: set ModelConfig(lora_rank={value.shape[-2]}, lora_alpha=...) to the adapters' own"
+            )
+    dora = any(k.endswith(".lora_magnitude_vector.default.weight") for k in flat)
+    if dora != cfg.lora_dora and any(k.endswith(".lora_A.default.weight") for k in flat):
+        kind = "DoRA" if dora else "plain LoRA"
+        raise ValueError(f"the adapters are {kind} but the model config says lora_dora={cfg.lora_dora}")
+
+
+def merge_for(params: tree.Params, cfg: Any) -> tree.Params:
+    """`merge` at the config's scaling, after `check`: what `rf.apply` runs on."""
+    check(params, cfg)
+    return merge(params, scaling(cfg))
+
+
+def adapter_shapes(
+    shapes: Mapping[str, tuple[int, ...]], rank: int = UPSTREAM_RANK, dora: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Adapter keys and shapes the adapters on upstream's targets add to a model with these parameter shapes."""
     out: dict[str, tuple[int, ...]] = {}
     for key, (out_dim, in_dim, *_) in ((k, s) for k, s in shapes.items() if UPSTREAM_TARGETS.search(k)):
         module = key[: -len(".weight")]
         out[f"{module}.lora_A.default.weight"] = (rank, in_dim)
         out[f"{module}.lora_B.default.weight"] = (out_dim, rank)
-        out[f"{module}.lora_magnitude_vector.default.weight"] = (out_dim,)
+        if dora:
+            out[f"{module}.lora_magnitude_vector.default.weight"] = (out_dim,)
     return out
+
+
+def adapter_config(cfg: Any) -> dict[str, Any]:
+    """PEFT's `LoraConfig` fields for upstream's backbone adapters, saved beside the weights."""
+    return {
+        "peft_type": "LORA",
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "use_dora": cfg.lora_dora,
+        "target_modules": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "qkv",
+            "query",
+            "key",
+            "value",
+            "cls_token",
+            "register_tokens",
+        ],  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- upstream (PEFT) layout

@@ -7,12 +7,29 @@ Linears are written as `x @ w.T + b`: under torch.func + torch.compile, `F.linea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 from torch import Tensor
 
+from rfdetr_fn.kernels import transforms
 from rfdetr_fn.tree import Params
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention, (B, heads, T, hd) -> (B, heads, T, hd), chosen per call.
+
+    Plain calls take SDPA's fused kernel. Under a torch.func transform the same function runs as SDPA's
+    math composite (matmul, softmax), whose ops all have batching, forward-mode and double-backward
+    rules: CPU's fused kernel has none of the last two, and the choice needs no switch by the caller.
+    """
+    if transforms.any_transform(q):
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, bias)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def linear(p: Params, x: Tensor) -> Tensor:
@@ -86,3 +103,66 @@ def head_init(dim: int, out_dim: int, gen: torch.Generator) -> Params:
 
 def norm_init(dim: int) -> Params:
     return {"weight": torch.ones(dim), "bias": torch.zeros(dim)}
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, use_reentrant: bool = False) -> Any:
+    """`fn(*args)` keeping only its inputs for the backward pass, which recomputes it: the same numbers.
+
+    Plain autograd and torch.compile use `torch.utils.checkpoint` (non-reentrant). Under torch.func
+    transforms, whose saved-tensor hooks that checkpoint relies on are not supported, the same recompute is
+    an autograd.Function (`_Recompute`) with torch.func rules: its backward is a `torch.func.vjp` of `fn`,
+    its forward-mode rule a `torch.func.jvp`, its batching rule generated. Either way gradients equal those
+    without checkpointing (exactly: the same ops run). `args` may hold trees of tensors and plain values.
+    """
+    if use_reentrant:
+        raise ValueError("checkpoint: only the non-reentrant form exists (use_reentrant=False)")
+    if torch.compiler.is_compiling() or not transforms.any_transform():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    leaves, spec = pytree.tree_flatten(args)
+    slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.is_floating_point()]
+    outputs: dict[str, Any] = {}
+
+    def call(*tensors: Tensor) -> tuple[Tensor, ...]:
+        full = list(leaves)
+        for i, t in zip(slots, tensors):
+            full[i] = t
+        out_leaves, outputs["spec"] = pytree.tree_flatten(fn(*pytree.tree_unflatten(full, spec)))
+        outputs["leaves"] = out_leaves  # the non-differentiable ones are read from here
+        return tuple(v for v in out_leaves if _differentiable(v))
+
+    found = _Recompute.apply(call, *(leaves[i] for i in slots))
+    found = iter(found)
+    merged = [next(found) if _differentiable(v) else v for v in outputs["leaves"]]
+    return pytree.tree_unflatten(merged, outputs["spec"])
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
+class _Recompute(torch.autograd.Function):
+    """Recompute-in-backward with every torch.func rule (see `checkpoint`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(call, *tensors):
+        return call(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _, vjp_fn = torch.func.vjp(ctx.call, *ctx.saved_tensors)
+        return (None, *vjp_fn(grads))
+
+    @staticmethod
+    def jvp(ctx, _call_tangent, *tangents):
+        return torch.func.jvp(ctx.call, tuple(ctx.saved_tensors), tangents)[1]

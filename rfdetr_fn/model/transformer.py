@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from rfdetr_fn.compiler import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import keypoints, nn
 from rfdetr_fn.model.attention import Shapes, deformable_attention, msda_init, self_attention, xavier_linear
+from rfdetr_fn.model.nn import checkpoint
 from rfdetr_fn.model.position import sine_for_boxes
 from rfdetr_fn.tree import Params
 

@@ -16,7 +16,8 @@ Scalar links defer their factor: an update leaf may be a `Scaled` record (direct
 pending decoupled decay) that `apply_updates` rounds once, as p * (1 - lr*wd) + direction * (-lr / bias1)
 in float32 with the scalars folded in float64. That is torch.optim.AdamW's (and the earlier optim.py's)
 arithmetic, so the AdamW chain is bit-equal to it; multiplying each link's scalar into the tensor would
-round once per link. `materialize` turns records into plain tensors for links (and users) that need them.
+round once per link. `materialize` turns records into plain tensors for links that need them; a chain's
+`update` returns plain tensors (its `deferred` update the records, which the train step applies).
 """
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[tree.Params], State]
     update: Callable[..., tuple[tree.Params, State]]
+    deferred: Callable[..., tuple[tree.Params, State]] | None = None
+    """The same update with `Scaled` leaves left pending (what `apply_updates` rounds once, bit-equal to
+    torch.optim); combinators set it and make `update` return plain tensors, as a user expects."""
+
+
+def deferred_update(tx: GradientTransformation) -> Callable[..., tuple[tree.Params, State]]:
+    """`tx`'s update with pending `Scaled` leaves (for `apply_updates`); `update` itself for single links."""
+    return tx.deferred or tx.update
+
+
+def _public(init: Callable, deferred: Callable) -> GradientTransformation:
+    """A combinator's transformation: `update` materializes what `deferred` leaves pending."""
+
+    def update(grads, state, params=None, **extra):
+        updates, new_state = deferred(grads, state, params, **extra)
+        return materialize(updates, params), new_state
+
+    return GradientTransformation(init, update, deferred)
 
 
 class Scaled(NamedTuple):
@@ -117,18 +136,20 @@ def chain(*links: GradientTransformation) -> GradientTransformation:
     def update(grads, state, params=None, **extra):
         new_state: State = {}
         for link in links:  # each link reads its own keys of the union and returns only those
-            grads, part = link.update(grads, state, params, **extra)
+            grads, part = deferred_update(link)(grads, state, params, **extra)
             new_state.update(part)
         return grads, new_state
 
-    return GradientTransformation(init, update)
+    return _public(init, update)
 
 
 def named(name: str, link: GradientTransformation) -> GradientTransformation:
     """Keep `link`'s state under `name` (for two links of the same kind in one chain)."""
-    return GradientTransformation(
+    return _public(
         lambda params: {name: link.init(params)},
-        lambda grads, state, params=None, **extra: _wrap(name, link.update(grads, state[name], params, **extra)),
+        lambda grads, state, params=None, **extra: _wrap(
+            name, deferred_update(link)(grads, state[name], params, **extra)
+        ),
     )
 
 
@@ -145,10 +166,10 @@ def masked(link: GradientTransformation, where: tree.Where) -> GradientTransform
     def update(grads, state, params=None, **extra):
         chosen, rest = tree.partition(grads, where)
         sub_params = None if params is None else tree.partition(params, where)[0]
-        out, state = link.update(chosen, state, sub_params, **extra)
+        out, state = deferred_update(link)(chosen, state, sub_params, **extra)
         return tree.combine(out, rest), state
 
-    return GradientTransformation(init, update)
+    return _public(init, update)
 
 
 def multi_transform(links: Mapping[str, GradientTransformation], labels: tree.Params) -> GradientTransformation:
@@ -171,11 +192,11 @@ def multi_transform(links: Mapping[str, GradientTransformation], labels: tree.Pa
         outs, new_state = [], {}
         for label, link in links.items():
             sub_params = None if params is None else part(params, label)
-            out, new_state[label] = link.update(part(grads, label), state[label], sub_params, **extra)
+            out, new_state[label] = deferred_update(link)(part(grads, label), state[label], sub_params, **extra)
             outs.append(out)
         return tree.combine(*outs), new_state
 
-    return GradientTransformation(init, update)
+    return _public(init, update)
 
 
 # ---------------------------------------------------------------- links
@@ -323,6 +344,16 @@ def scale_by_learning_rate(lr: Scalars, schedule: Schedule | None = None) -> Gra
         return tree.unflatten(out)
 
     return _stateless(fn)
+
+
+def report_lr(lr: float, schedule: Schedule | None = None) -> GradientTransformation:
+    """Keep the learning rate `lr * schedule(step)` in the state as "lr" (gradients pass through): the train
+    step logs it as the `lr` metric for a custom chain, which owns its schedule."""
+
+    def update(grads, state, params=None, **extra):
+        return grads, {"lr": torch.as_tensor(_schedule_factor(schedule, extra), dtype=torch.float64) * lr}
+
+    return GradientTransformation(lambda params: {"lr": torch.tensor(float(lr), dtype=torch.float64)}, update)
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:

@@ -96,6 +96,11 @@ def param_groups(names: Iterable[str], cfg: ModelConfig, tcfg: TrainConfig) -> l
     return [Group(lr=lr, weight_decay=wd, names=tuple(ns)) for (lr, wd), ns in members.items()]
 
 
+def adamw_init(params: tree.Params) -> AdamWState:
+    """Zero moments (fresh tensors, never aliases of params) and a float32 0-dim step count of 0."""
+    return gt.scale_by_adam().init(params)
+
+
 def group_values(groups: Iterable[Group]) -> tuple[dict[str, float], dict[str, float]]:
     """Per-leaf trees of each group's (lr, weight_decay), the form the gradient transforms take."""
     groups = list(groups)
@@ -112,9 +117,10 @@ def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> tree.Where | None:
     """
     if not (tcfg.freeze_encoder or cfg.backbone_lora):
         return None
-    prefix = ENCODER_KEY + "."
-    keep_adapters = cfg.backbone_lora and not tcfg.freeze_encoder
-    return lambda key, leaf: not key.startswith(prefix) or (keep_adapters and ".lora_" in key)
+    outside = tree.not_(ENCODER_KEY + ".*")  # what a user writes for the same freezing: one trainable set
+    if cfg.backbone_lora and not tcfg.freeze_encoder:
+        return tree.any_(outside, ENCODER_KEY + ".*.lora_*")
+    return outside
 
 
 def make_optimizer(

@@ -155,7 +155,7 @@ def resolve(cfg: ModelConfig, tcfg: TrainConfig, params, device: torch.device, w
     """Measure and decide (called by fit before the loaders are built)."""
     from rfdetr_fn.data import multi_scale_scales
     from rfdetr_fn.model.precision import resolve_precision
-    from rfdetr_fn.step import init_state, make_train_step
+    from rfdetr_fn.step import make_train_step
 
     size = cfg.resolution
     if tcfg.multi_scale != "off":
@@ -163,7 +163,7 @@ def resolve(cfg: ModelConfig, tcfg: TrainConfig, params, device: torch.device, w
     probe_cfg = attrs.evolve(tcfg, batch_size=1, grad_accum_steps=1)
     precision = resolve_precision(tcfg.precision, device)
     step = make_train_step(cfg, probe_cfg, steps_per_epoch=1, precision=precision, world_size=1)
-    state = init_state(params, probe_cfg, cfg)  # the run's trainable set (freezing, LoRA) and its optimizer
+    state = step.init(params)  # the run's trainable set (freezing, LoRA) and its optimizer
 
     def run(b: int) -> None:
         out = step(state, [probe_batch(cfg, tcfg, size, b, device)])
