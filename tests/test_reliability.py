@@ -489,3 +489,52 @@ def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp files or directories left
     assert torch.load(wfile)["v"] == 1 and torch.equal(checkpoint.load_state(tmp_path / "last", state)["a"], state["a"])
+
+
+# ================================================================ issue 23: the second round (serious ones)
+# Items 5-14 are in test_reliability_inputs.py; the shared fault injection is tests/faults.py.
+
+
+def cli_exit(argv: list[str], capsys) -> tuple[int, str]:
+    """Run a command as a person would (run_or_exit): -> (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        run_or_exit(cli.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+class _Marker:
+    """Unpickling this runs `open(path, "w")`: what a malicious `.metadata` could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_r1_resume_refuses_a_train_state_whose_metadata_pickle_runs_code(tmp_path, cheap_fit, capsys):
+    import pickle
+
+    out = tmp_path / "run"
+    cli.main(fit_argv(out, "--train.epochs", "1"))
+    marker = tmp_path / "pwned"
+    (out / "last" / ".metadata").write_bytes(pickle.dumps(_Marker(marker)))
+    code, err = cli_exit(fit_argv(out, "--train.epochs", "2", "--train.resume", "auto"), capsys)
+    assert not marker.exists()  # nothing ran
+    assert code == 2 and "Traceback" not in err
+    assert f"{out / 'last' / '.metadata'}: refused" in err and "io.open" in err
+
+    (out / "last" / ".metadata").write_bytes(b"\x80\x05garbage")  # corrupt: a clear message too
+    code, err = cli_exit(fit_argv(out, "--train.epochs", "2", "--train.resume", "auto"), capsys)
+    assert code == 2 and f"{out / 'last' / '.metadata'}: unreadable" in err and "Traceback" not in err
+
+
+def test_r1_a_real_train_state_still_loads_through_the_restricted_unpickler(tmp_path):
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": {"c": torch.ones(2, dtype=torch.bfloat16)}, "n": 3}
+    checkpoint.save_state(tmp_path / "last", state)
+    back = checkpoint.load_state(tmp_path / "last", state)
+    assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"]["c"], state["b"]["c"]) and back["n"] == 3
