@@ -22,12 +22,17 @@ from torch import Tensor
 from rfdetr_fn import tree
 from rfdetr_fn.compiler import use_compile
 from rfdetr_fn.data.source import IMAGE_SUFFIXES
+from rfdetr_fn.errors import UserError
 from rfdetr_fn.eval.drawing import class_name, draw_detections
 from rfdetr_fn.eval.inference import predict
 from rfdetr_fn.flags import parse
 from rfdetr_fn.io import imageio, weights
 from rfdetr_fn.io.atomic import atomic_write
 from rfdetr_fn.io.weights import load_weights
+
+
+class PredictError(UserError, ValueError):
+    """Bad predict arguments (images, output dir, threshold, batch size): printed alone, exit 2."""
 
 
 @attrs.frozen(kw_only=True)
@@ -113,13 +118,30 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 
 
 def _drawing_names(paths: Sequence[Path]) -> list[str]:
-    """<stem>.png per image; a repeated stem (same name in two folders) gets -2, -3, ... appended."""
-    seen: dict[str, int] = {}
+    """<stem>.png per image; a name already taken (same stem twice, or `a.png` for `a.jpg` beside `a-2.jpg`)
+    gets the first free -2, -3, ... (compared ignoring case, as on macOS and Windows disks)."""
+    used: set[str] = set()
     out = []
     for p in paths:
-        n = seen[p.stem] = seen.get(p.stem, 0) + 1
-        out.append(f"{p.stem}.png" if n == 1 else f"{p.stem}-{n}.png")
+        name, n = f"{p.stem}.png", 1
+        while name.lower() in used:
+            n += 1
+            name = f"{p.stem}-{n}.png"
+        used.add(name.lower())
+        out.append(name)
     return out
+
+
+def refuse_overwriting_inputs(out_dir: Path, outputs: Sequence[str], inputs: Sequence[Path]) -> None:
+    """No output may land on an input file (`--output-dir` = the image folder would replace the photos)."""
+    sources = {p.resolve() for p in inputs}
+    hit = [name for name in outputs if (out_dir / name).resolve() in sources]
+    if hit:
+        shown = ", ".join(hit[:5]) + (f" and {len(hit) - 5} more" if len(hit) > 5 else "")
+        raise PredictError(
+            f"--output-dir {out_dir}: the drawings would overwrite input image(s) {shown}; pick another "
+            "--output-dir (or pass --no-draw)"
+        )
 
 
 def run(args: PredictArgs) -> list[dict[str, Any]]:
@@ -138,8 +160,9 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     params = tree.to(params, device)
     compiled = use_compile(args.compile, device, "inference")
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     drawings = dict(zip(paths, _drawing_names(paths)))
+    refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     limit = Image.MAX_IMAGE_PIXELS
     if args.allow_large_images:
@@ -166,6 +189,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
                         if args.draw:
                             drawn = draw_detections(arr, det, names, schema, cfg.keypoint_skeleton)
                             drawn.save(out_dir / drawings[path])
+                            record["drawing"] = drawings[path]
                     records.append(record)
                     stream.write(json.dumps(record) + "\n")
                     stream.flush()

@@ -538,3 +538,31 @@ def test_r1_a_real_train_state_still_loads_through_the_restricted_unpickler(tmp_
     checkpoint.save_state(tmp_path / "last", state)
     back = checkpoint.load_state(tmp_path / "last", state)
     assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"]["c"], state["b"]["c"]) and back["n"] == 3
+
+
+def _tiny_weights(tmp_path) -> Path:
+    import rfdetr_fn as rf
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64)
+    wfile = tmp_path / "w.pth"
+    weights.save_weights(wfile, rf.init(cfg, 0), cfg, class_names=["a", "b"])
+    return wfile
+
+
+def test_r2_predict_never_writes_over_an_input_and_drawing_names_never_collide(tmp_path, capsys):
+    wfile = _tiny_weights(tmp_path)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for name, colour in (("a-2.jpg", (200, 0, 0)), ("a.jpg", (0, 200, 0)), ("a.png", (0, 0, 200))):
+        Image.new("RGB", (64, 48), colour).save(pngs / name)
+    before = {p.name: p.read_bytes() for p in pngs.iterdir()}
+    argv = ["predict", "--checkpoint", str(wfile), "--images", str(pngs), "--compile", "off"]
+    code, err = cli_exit([*argv, "--output-dir", str(pngs)], capsys)
+    assert code == 2 and "Traceback" not in err and "a.png" in err and "input" in err
+    assert {p.name: p.read_bytes() for p in pngs.iterdir()} == before  # inputs intact, nothing added
+
+    out = tmp_path / "drawn"
+    records = cli.main([*argv, "--output-dir", str(out)])
+    drawings = sorted(p.name for p in out.glob("*.png"))
+    assert len(records) == 3 and len(drawings) == 3  # one drawing per image
+    assert [r["drawing"] for r in records] == ["a-2.png", "a.png", "a-3.png"]
