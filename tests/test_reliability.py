@@ -566,3 +566,37 @@ def test_r2_predict_never_writes_over_an_input_and_drawing_names_never_collide(t
     drawings = sorted(p.name for p in out.glob("*.png"))
     assert len(records) == 3 and len(drawings) == 3  # one drawing per image
     assert [r["drawing"] for r in records] == ["a-2.png", "a.png", "a-3.png"]
+
+
+def test_r3_average_refuses_non_finite_weights_and_parameters_and_other_class_lists(tmp_path, capsys):
+    import rfdetr_fn as rf
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64)
+    files = []
+    for seed, names in ((0, ["a", "b"]), (1, ["a", "b"]), (2, ["a", "c"])):
+        files.append(tmp_path / f"w{seed}.pth")
+        weights.save_weights(files[-1], rf.init(cfg, seed), cfg, class_names=names)
+    soup = tmp_path / "soup.pth"
+    for bad in ("nan", "inf"):
+        code, err = cli_exit(
+            ["average", str(files[0]), str(files[1]), "--weights", bad, "1", "--out", str(soup)], capsys
+        )
+        assert code == 2 and "--weights" in err and "finite" in err and "Traceback" not in err
+    assert not soup.exists()
+
+    code, err = cli_exit(["average", str(files[0]), str(files[2]), "--out", str(soup)], capsys)
+    assert code == 2 and "['a', 'b']" in err and "['a', 'c']" in err and str(files[2]) in err
+    three = rf.presets.tiny(num_classes=3, resolution=64)
+    weights.save_weights(tmp_path / "w3.pth", rf.init(three, 0), three, class_names=["a", "b", "c"])
+    code, err = cli_exit(["average", str(files[0]), str(tmp_path / "w3.pth"), "--out", str(soup)], capsys)
+    assert code == 2 and "3 classes" in err and "2 classes" in err
+    assert not soup.exists()
+
+    params = tree.flatten(rf.init(cfg, 1))
+    params[next(iter(params))] = params[next(iter(params))] * math.nan
+    weights.save_weights(tmp_path / "nan.pth", tree.unflatten(params), cfg, class_names=["a", "b"])
+    code, err = cli_exit(["average", str(files[0]), str(tmp_path / "nan.pth"), "--out", str(soup)], capsys)
+    assert code == 2 and "nan.pth" in err and "non-finite" in err and not soup.exists()
+
+    assert cli.main(["average", str(files[0]), str(files[1]), "--weights", "1", "3", "--out", str(soup)]) == [0, 1]
+    assert _all_finite(soup)
