@@ -118,7 +118,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     if world.main:
         record = _config_record(args, cfg, class_names)
         if resume_dir is not None:
-            rundir.check_resume_changes(out_dir, record, tcfg, int(state["step"]))
+            rundir.check_resume_changes(out_dir, record, tcfg, int(state["step"]), source=resume_dir)
         rundir.write_json(out_dir / "training_config.json", record)
         sinks = loggers.make_loggers(tcfg, out_dir, record)
 

@@ -600,3 +600,28 @@ def test_r3_average_refuses_non_finite_weights_and_parameters_and_other_class_li
 
     assert cli.main(["average", str(files[0]), str(files[1]), "--weights", "1", "3", "--out", str(soup)]) == [0, 1]
     assert _all_finite(soup)
+
+
+def test_r4_resuming_another_runs_state_checks_the_config_against_that_run(tmp_path, cheap_fit, capsys):
+    data = make_roboflow(tmp_path / "data")
+    other = make_roboflow(tmp_path / "other")
+    for split in ("train", "valid"):
+        path = other / split / "_annotations.coco.json"
+        path.write_text(path.read_text().replace('"sq"', '"circle"'))
+    first = tmp_path / "a"
+    cli.main(fit_argv(first, "--data.dataset-dir", str(data), "--train.epochs", "1"))
+    second = tmp_path / "b"
+    changed = ("--data.dataset-dir", str(other), "--train.lr", "0.001", "--train.seed", "7")
+    code, err = cli_exit(
+        fit_argv(second, *changed, "--train.epochs", "2", "--train.resume", str(first / "last")), capsys
+    )
+    assert code == 2 and str(first / "training_config.json") in err
+    for field in ("train.lr: 0.0001 -> 0.001", "train.seed: 0 -> 7", "class_names: ['sq'] -> ['circle']"):
+        assert field in err
+    assert not (second / "training_config.json").exists()
+
+    resumed = fit_argv(
+        second, "--data.dataset-dir", str(data), "--train.epochs", "2", "--train.resume", str(first / "last")
+    )
+    cli.main(resumed)  # the same settings: resumes, into the new directory
+    assert json.loads((second / "training_config.json").read_text())["train"]["output_dir"] == str(second)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,19 @@ def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
     return changes
 
 
-def check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
-    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
-    path = out_dir / "training_config.json"
+def check_resume_changes(
+    out_dir: Path, record: dict, tcfg: TrainConfig, step: int, *, source: Path | None = None
+) -> None:
+    """Refuse a resume whose config would silently change the run, unless allowed (then log each change).
+
+    The record compared against is the one of the run that saved the state (`source`, a state directory:
+    its parent holds that run's training_config.json), also when it is another run's directory."""
+    path = (Path(source).parent if source is not None else out_dir) / "training_config.json"
     if not path.is_file():
+        if source is not None and Path(source).parent.resolve() != out_dir.resolve():
+            warnings.warn(
+                f"{source}: no training_config.json beside it, so its settings cannot be compared", stacklevel=2
+            )
         return
     previous = json.loads(path.read_text())
     changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")
