@@ -23,6 +23,7 @@ from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from rfdetr_fn.data import (
     DatasetError,
     build_dataset,
+    check_same_categories,
     multi_scale_scales,
     per_batch_scale,
     resize_batch,
@@ -82,6 +83,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         args = attrs.evolve(args, train=tcfg)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
+    check_same_categories(train_ds, [val_ds, test_ds])
     if dcfg.check_images:
         _check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)

@@ -69,7 +69,10 @@ def collect_images(items: Sequence[str]) -> list[Path]:
         if "://" in str(item):
             raise ValueError(f"--images {item}: URLs are not supported (nothing is fetched); download the file first")
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # a broken symlink is listed too, to be reported like any unreadable file
+            found = sorted(
+                f for f in p.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES
+            )
             if not found:
                 raise ValueError(f"--images: folder {p} holds no {'/'.join(IMAGE_SUFFIXES)} files")
             paths.extend(found)
