@@ -280,6 +280,9 @@ class TrainConfig:
     (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.recipe.make_optimizer)."""
     optimizer_kwargs: str = attrs.field(default="{}", converter=lambda v: v if isinstance(v, str) else _json(v))
     """JSON object of extra optimizer arguments, e.g. '{"momentum": 0.9}' for sgd."""
+    allow_code_import: bool = False
+    """Let an experiment file's optimizer 'module:function' import Python code (command line only: a
+    config file cannot set this)."""
     freeze_encoder: bool = False
     """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)

@@ -110,3 +110,59 @@ def test_12_a_dangling_symlink_in_a_predict_folder_is_reported(tmp_path, capsys)
     assert code == 1 and "b.jpg" in err and "1 of 2 image(s) could not be read" in err
     records = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [Path(r["image"]).name for r in records] == ["a.png", "b.jpg"] and "error" in records[1]
+
+
+# ---------------------------------------------------------------- 10, 11, 14. config files and crafted files
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "train: [epochs: 1\n", "not valid YAML"),
+        ("bad.json", '{"train": {"epochs": 1,}}', "not valid JSON"),
+        ("list.yaml", "- train\n- model\n", "got a list"),
+        ("exp.toml", "[train]\nepochs = 1\n", "unknown extension .toml"),
+        ("evil.yaml", '!!python/object/apply:os.system ["touch pwned"]\n', "python/object/apply"),
+    ],
+)
+def test_11_14_config_parse_errors_are_one_message_naming_the_file(tmp_path, capsys, monkeypatch, name, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text(text)
+    code, err = cli_exit(fit_argv(tmp_path / "run", "--config", str(tmp_path / name)), capsys)
+    assert code == 2 and "Traceback" not in err and err.startswith(f"error: {tmp_path / name}: ")
+    assert message in err and not (tmp_path / "pwned").exists()
+
+
+def test_10_a_config_file_imports_code_only_with_an_explicit_flag(tmp_path, cheap_fit, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_opt.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef make(*a, **k):\n    raise SystemExit(9)\n"
+    )
+    (tmp_path / "exp.yaml").write_text("train:\n  optimizer: 'evil_opt:make'\n")
+    argv = fit_argv(tmp_path / "run", "--config", str(tmp_path / "exp.yaml"))
+    code, err = cli_exit(argv, capsys)
+    assert code == 2 and "exp.yaml: train.optimizer" in err and "--train.allow-code-import" in err
+    assert not marker.exists()  # nothing imported
+
+    (tmp_path / "sneaky.yaml").write_text("train:\n  optimizer: 'evil_opt:make'\n  allow_code_import: true\n")
+    code, err = cli_exit(fit_argv(tmp_path / "run", "--config", str(tmp_path / "sneaky.yaml")), capsys)
+    assert code == 2 and "allow_code_import" in err and "command line" in err and not marker.exists()
+
+    code, _ = cli_exit([*argv, "--train.allow-code-import"], capsys)
+    assert code == 9 and marker.exists()  # allowed: the factory ran
+
+
+def test_14_a_malicious_checkpoint_is_refused_with_a_whole_sentence(tmp_path, capsys):
+    import torch
+
+    from tests.test_reliability import _Marker
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.ones(1)}, "args": _Marker(marker)}, tmp_path / "evil.pth")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    code, err = cli_exit(["predict", "--checkpoint", str(tmp_path / "evil.pth"), "--images", str(tmp_path)], capsys)
+    first = err.splitlines()[0]
+    assert code == 2 and not marker.exists() and str(tmp_path / "evil.pth") in first
+    assert "io.open" in first and first.endswith(".")  # the whole message, not cut mid-sentence

@@ -52,7 +52,7 @@ RESUME_SAFE = {
         "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
         "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
         "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
-        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
+        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile", "allow_code_import",
     },
     "model": {"gradient_checkpointing"},  # the same numbers, less memory
     "data": {"num_workers", "check_images"},
