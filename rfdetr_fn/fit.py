@@ -38,7 +38,7 @@ from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import resolve_precision
 from rfdetr_fn.step import compile_step, init_state, make_train_step
-from rfdetr_fn.train import autobatch, grids, summary, trackers
+from rfdetr_fn.train import autobatch, grids, interrupt, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
 
 
@@ -71,7 +71,7 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     out_dir = Path(tcfg.output_dir)
     resume_dir = checkpoint.resume_dir(tcfg.resume, out_dir)
     if resume_dir is None and not tcfg.overwrite:
-        rundir.refuse_used_dir(out_dir)
+        rundir.refuse_used_dir(out_dir, resume=tcfg.resume)
     torch.manual_seed(tcfg.seed)
 
     # ---- data: the train split fixes the label space for every split ----
@@ -100,7 +100,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(dirlock.exclusive(out_dir))
         if resume_dir is None and tcfg.overwrite:
-            rundir.clear_run(out_dir)
+            rundir.clear_run(out_dir, reads=(tcfg.pretrain_weights, args.config, dcfg.dataset_dir))
+        rundir.clean_stale(out_dir, keep=resume_dir)
+    signals = held.enter_context(interrupt.catch_signals(enabled=world.size == 1))  # Ctrl-C: save, then exit
 
     # ---- weights and state ----
     if tcfg.pretrain_weights:
@@ -224,6 +226,9 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
                 if bar is not None:
                     rate = seen / (time.perf_counter() - started)
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", img_s=f"{rate:.1f}")
+            if signals.requested:  # at the step boundary: save, then exit 130/143 saying how to resume
+                _save_state(out_dir / "last", state, loop)
+                raise interrupt.stopped(signals, out_dir, step)
             if tcfg.max_steps and step >= tcfg.max_steps:
                 break
             if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(loader):
@@ -242,6 +247,8 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
         save_started = time.perf_counter()
         _save_state(out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
         times["save"] += time.perf_counter() - save_started
+        if signals.requested:  # saved just now (an evaluation still pending runs first on resume)
+            raise interrupt.stopped(signals, out_dir, step)
 
         # ---- evaluate, track the best weights, decide on stopping ----
         record = {"step": step, "epoch": epoch}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import re
@@ -130,19 +131,40 @@ def check_code_import(values: dict[str, Any], where: str, allowed: bool) -> None
 
 def run_or_exit(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
     """Run a command for a person at a terminal: a known error (bad config, data, checkpoint or output dir,
-    a full disk) prints its message alone and exits 2, a diverged run exits 1; `--debug` or RFDETR_FN_DEBUG=1 keeps
-    the traceback. Anything else is a bug and raises as usual."""
+    a full disk or read-only output) prints its message alone and exits 2, a diverged run exits 1, a run
+    stopped by a signal 130/143; `--debug` or RFDETR_FN_DEBUG=1 keeps the traceback. Anything else is a bug
+    and raises as usual."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("RFDETR_FN_DEBUG", "") not in ("", "0")
     try:
         return command([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (nothing more was saved)", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:
-        code = 2 if isinstance(err, UserError | FileNotFoundError) else 1 if isinstance(err, TrainingDiverged) else None
+        code, message = _known_error(err)
         if debug or code is None:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         print("(--debug or RFDETR_FN_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
+
+
+# What the disk says when an output cannot be written: the user's to fix, not a bug.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _known_error(err: Exception) -> tuple[int | None, str]:
+    if isinstance(err, UserError | FileNotFoundError):
+        return getattr(err, "exit_code", 2), str(err)
+    if isinstance(err, TrainingDiverged):
+        return 1, str(err)
+    if isinstance(err, OSError) and err.errno in _UNWRITABLE:
+        where = f"cannot write {err.filename}" if err.filename else "cannot write an output"
+        return 2, f"{where}: {err.strerror or err}; free some space or pick a writable output directory"
+    return None, str(err)
 
 
 # ---------------------------------------------------------------- values from experiment files
