@@ -8,6 +8,7 @@ mAP 50:95 (`--data.*` picks the dataset), so a checkpoint that hurts the soup is
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated
 
 import attrs
@@ -18,6 +19,7 @@ from rfdetr_fn import tree
 from rfdetr_fn.config import DataConfig, EvalConfig
 from rfdetr_fn.errors import UserError
 from rfdetr_fn.io import weights
+from rfdetr_fn.io.atomic import check_writable
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.research import soup
 
@@ -87,6 +89,7 @@ def run(args: AverageArgs) -> list[int]:
         raise AverageError(f"average: give at least two checkpoints, got {list(args.checkpoints)}")
     if not args.greedy:
         check_mix_weights(args.weights, len(args.checkpoints))
+    check_writable(Path(args.out).absolute().parent, "--out")
     (cfg, names), trees = load_ingredients(args.checkpoints)
     if args.greedy:
         from rfdetr_fn.eval.loop import run_split

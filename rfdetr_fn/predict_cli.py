@@ -27,7 +27,7 @@ from rfdetr_fn.eval.drawing import class_name, draw_detections
 from rfdetr_fn.eval.inference import predict
 from rfdetr_fn.flags import parse
 from rfdetr_fn.io import imageio, weights
-from rfdetr_fn.io.atomic import atomic_write
+from rfdetr_fn.io.atomic import atomic_write, check_writable
 from rfdetr_fn.io.weights import load_weights
 
 
@@ -59,22 +59,30 @@ class PredictArgs:
     """Read images above Pillow's decompression-bomb limit (about 179 megapixels)."""
 
 
+def check_args(args: PredictArgs) -> None:
+    """Values no prediction can use, refused before any work (NaN would silently keep nothing)."""
+    if not (0.0 <= args.threshold <= 1.0):  # False for NaN too
+        raise PredictError(f"--threshold {args.threshold}: expected a number from 0 to 1")
+    if args.batch_size < 1:
+        raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def collect_images(items: Sequence[str]) -> list[Path]:
     """Expand files and folders into the image paths to run on, in the order given (folders sorted)."""
     if not items:
-        raise ValueError("--images: no images given; pass image files and/or folders")
+        raise PredictError("--images: no images given; pass image files and/or folders")
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if "://" in str(item):
-            raise ValueError(f"--images {item}: URLs are not supported (nothing is fetched); download the file first")
+            raise PredictError(f"--images {item}: URLs are not supported (nothing is fetched); download the file first")
         if p.is_dir():
             # a broken symlink is listed too, to be reported like any unreadable file
             found = sorted(
                 f for f in p.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES
             )
             if not found:
-                raise ValueError(f"--images: folder {p} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+                raise PredictError(f"--images: folder {p} holds no {'/'.join(IMAGE_SUFFIXES)} files")
             paths.extend(found)
         elif p.is_file():
             paths.append(p)
@@ -152,8 +160,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
 
     An unreadable file is skipped and reported (a record with an "error" instead of detections, and a line
     on stderr); records also go to predictions.jsonl as they come, so a crash keeps what was done."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_args(args)
     paths = collect_images(args.images)
     ckpt = weights.resolve_checkpoint(args.checkpoint)
     cfg, params = load_weights(ckpt)
@@ -165,7 +172,8 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     out_dir = Path(args.output_dir)
     drawings = dict(zip(paths, _drawing_names(paths)))
     refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "--output-dir")
+    (out_dir / "predictions.json").unlink(missing_ok=True)  # a kill must not leave the last run's beside ours
     records: list[dict[str, Any]] = []
     limit = Image.MAX_IMAGE_PIXELS
     if args.allow_large_images:

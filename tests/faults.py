@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import errno
 import importlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, root: str | os.PathLike, code: 
         return guarded
 
     monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # pathlib's write_text / open go through io.open
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(os, "mkdir", wrap(os.mkdir))
     monkeypatch.setattr(os, "replace", wrap(os.replace, arg=1))

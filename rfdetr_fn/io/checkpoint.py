@@ -73,16 +73,30 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
     distributed.barrier(world)
     if world.main:
         marker = {"format": 1, "tensors": sorted(tensors), "values": values}
-        atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
+        try:
+            atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # an unfinished copy only keeps the disk full
+            raise
         replace_dir(tmp, directory)
         if keep is not None:
-            kept = directory.with_name(keep)
-            kept_tmp = kept.with_name(f"{kept.name}.tmp-{os.getpid()}")
-            shutil.rmtree(kept_tmp, ignore_errors=True)
-            shutil.copytree(directory, kept_tmp, copy_function=_link_or_copy)
-            replace_dir(kept_tmp, kept)
+            _keep_copy(directory, keep)
     distributed.barrier(world)
     return directory
+
+
+def _keep_copy(directory: Path, keep: str) -> None:
+    """A hard-linked sibling copy of a finished state directory (a numbered snapshot)."""
+    kept = directory.with_name(keep)
+    kept_tmp = kept.with_name(f"{kept.name}.tmp-{os.getpid()}")
+    shutil.rmtree(kept_tmp, ignore_errors=True)
+    try:
+        shutil.copytree(directory, kept_tmp, copy_function=_link_or_copy)
+    except BaseException as err:
+        shutil.rmtree(kept_tmp, ignore_errors=True)
+        raise_if_disk_full(err, kept)
+        raise
+    replace_dir(kept_tmp, kept)
 
 
 def update_values(directory: str | os.PathLike, values: dict) -> None:
