@@ -14,6 +14,7 @@ import errno
 import importlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ class Killed(BaseException):
     """Stands for kill -9: a BaseException, so no `except Exception` in the package catches it."""
 
 
-def kill_at(monkeypatch: pytest.MonkeyPatch, point: str, *, after: int = 0) -> None:
-    """Raise `Killed` at the named point's call number `after` + 1 (the earlier calls run normally)."""
+def kill_at(monkeypatch: pytest.MonkeyPatch, point: str, *, after: int = 0) -> Callable[[], None]:
+    """Raise `Killed` at the named point's call number `after` + 1 (the earlier calls run normally);
+    returns a function that revives the point (for the restarted run)."""
     module_name, attr = KILL_POINTS[point].split(":")
     module = importlib.import_module(module_name)
     real = getattr(module, attr)
@@ -47,6 +49,7 @@ def kill_at(monkeypatch: pytest.MonkeyPatch, point: str, *, after: int = 0) -> N
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, attr, dying)
+    return lambda: monkeypatch.setattr(module, attr, real)
 
 
 def _under(path: Any, root: Path) -> bool:

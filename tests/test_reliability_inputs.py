@@ -396,3 +396,21 @@ def test_13_a_killed_predict_never_leaves_the_previous_predictions_json_beside_n
         cli.main(argv)
     assert not (out / "predictions.json").exists()  # only the new run's partial predictions.jsonl
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("point", ["dcp-save", "state-marker", "state-swap"])
+def test_8_a_kill_inside_a_save_leaves_a_dir_that_resumes_and_ends_clean(tmp_path, cheap_fit, point):
+    from rfdetr_fn import cli
+    from rfdetr_fn.io import checkpoint
+
+    out = tmp_path / "run"
+    revive = faults.kill_at(cheap_fit, point, after=1)  # the first save completes, the second dies inside
+    with pytest.raises(faults.Killed):
+        cli.main(fit_argv(out, "--train.epochs", "3"))
+    revive()
+    debris = [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert bool(debris) == (point != "state-marker")  # killed mid-write or before the swap: a temp copy is left
+    cli.main(fit_argv(out, "--train.epochs", "3", "--train.resume", "auto"))
+    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name or ".old-" in p.name) == []
+    saved = checkpoint.load_state(out / "last", {"loop": {"epoch": 0}})
+    assert saved["loop"]["epoch"] == 3
