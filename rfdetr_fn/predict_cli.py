@@ -143,8 +143,16 @@ def _drawing_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def refuse_overwriting_inputs(out_dir: Path, outputs: Sequence[str], inputs: Sequence[Path]) -> None:
-    """No output may land on an input file (`--output-dir` = the image folder would replace the photos)."""
+def refuse_overwriting_inputs(
+    out_dir: Path, outputs: Sequence[str], inputs: Sequence[Path], folders: Sequence[str]
+) -> None:
+    """No output may land on an input file, nor drawings in an input folder (`--output-dir` = the image
+    folder would replace the photos, or mix drawings into the next run's inputs)."""
+    if outputs and out_dir.resolve() in {Path(f).resolve() for f in folders if Path(f).is_dir()}:
+        raise PredictError(
+            f"--output-dir {out_dir} is an input folder: the drawings would land among (and could overwrite) "
+            "the images; pick another --output-dir (or pass --no-draw)"
+        )
     sources = {p.resolve() for p in inputs}
     hit = [name for name in outputs if (out_dir / name).resolve() in sources]
     if hit:
@@ -171,7 +179,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     compiled = use_compile(args.compile, device, "inference")
     out_dir = Path(args.output_dir)
     drawings = dict(zip(paths, _drawing_names(paths)))
-    refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths)
+    refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths, args.images)
     check_writable(out_dir, "--output-dir")
     (out_dir / "predictions.json").unlink(missing_ok=True)  # a kill must not leave the last run's beside ours
     records: list[dict[str, Any]] = []

@@ -558,8 +558,13 @@ def test_r2_predict_never_writes_over_an_input_and_drawing_names_never_collide(t
     before = {p.name: p.read_bytes() for p in pngs.iterdir()}
     argv = ["predict", "--checkpoint", str(wfile), "--images", str(pngs), "--compile", "off"]
     code, err = cli_exit([*argv, "--output-dir", str(pngs)], capsys)
-    assert code == 2 and "Traceback" not in err and "a.png" in err and "input" in err
+    assert code == 2 and "Traceback" not in err and "is an input folder" in err
     assert {p.name: p.read_bytes() for p in pngs.iterdir()} == before  # inputs intact, nothing added
+    code, err = cli_exit(
+        [*argv[:-4], "--images", str(pngs / "a.jpg"), str(pngs / "a.png"), "--output-dir", str(pngs)], capsys
+    )
+    assert code == 2 and "would overwrite input image(s) a.png" in err
+    assert {p.name: p.read_bytes() for p in pngs.iterdir()} == before
 
     out = tmp_path / "drawn"
     records = cli.main([*argv, "--output-dir", str(out)])
