@@ -24,22 +24,11 @@ Encoder = Literal[
 Level = Literal["P3", "P4", "P5"]
 
 _ENCODER_DEFAULTS = {"small": (384, 6), "base": (768, 12)}
-UPSTREAM_NAMES = {
-    "nano": "RFDETRNano",
-    "small": "RFDETRSmall",
-    "medium": "RFDETRMedium",
-    "large": "RFDETRLarge",
-    "base": "RFDETRBase",
-    "large_deprecated": "RFDETRLargeDeprecated",
-    "seg_preview": "RFDETRSegPreview",
-    "seg_nano": "RFDETRSegNano",
-    "seg_small": "RFDETRSegSmall",
-    "seg_medium": "RFDETRSegMedium",
-    "seg_large": "RFDETRSegLarge",
-    "seg_xlarge": "RFDETRSegXLarge",
-    "seg_2xlarge": "RFDETRSeg2XLarge",
-    "keypoint_preview": "RFDETRKeypointPreview",
-}
+# Upstream's class name per preset: "RFDETR" + the name in title case, but for the two XLarge spellings.
+_PRESETS = ("nano", "small", "medium", "large", "base", "large_deprecated", "seg_preview", "seg_nano", "seg_small",
+            "seg_medium", "seg_large", "seg_xlarge", "seg_2xlarge", "keypoint_preview")  # fmt: skip
+_SPELLED = {"seg_xlarge": "RFDETRSegXLarge", "seg_2xlarge": "RFDETRSeg2XLarge"}
+UPSTREAM_NAMES = {n: _SPELLED.get(n, "RFDETR" + n.title().replace("_", "")) for n in _PRESETS}
 
 
 class ConfigError(UserError, ValueError):
@@ -283,6 +272,9 @@ class TrainConfig:
     (called with cfg, tcfg, groups, schedule; see rfdetr_fn.optim.recipe.make_optimizer)."""
     optimizer_kwargs: str = attrs.field(default="{}", converter=lambda v: v if isinstance(v, str) else _json(v))
     """JSON object of extra optimizer arguments, e.g. '{"momentum": 0.9}' for sgd."""
+    allow_code_import: bool = False
+    """Let an experiment file's optimizer 'module:function' import Python code (command line only: a
+    config file cannot set this)."""
     freeze_encoder: bool = False
     """Train everything but the ViT encoder (no gradients and no optimizer state for it)."""
     eps: float = attrs.field(default=1e-8, validator=_positive)

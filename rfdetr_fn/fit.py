@@ -23,6 +23,7 @@ from rfdetr_fn.data import (
     DatasetError,
     build_dataset,
     check_images,
+    check_same_categories,
     multi_scale_scales,
     per_batch_scale,
     resize_batch,
@@ -37,7 +38,7 @@ from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.model.precision import resolve_precision
 from rfdetr_fn.step import TrainStep, compile_step, make_train_step
-from rfdetr_fn.train import autobatch, grids, outputs, summary, trackers
+from rfdetr_fn.train import autobatch, grids, interrupt, outputs, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
 
 
@@ -88,6 +89,7 @@ class Run:
     step_fn: Any = None
     cache: compiler.CompileCache | None = None
     log: runlog.RunLog | None = None
+    signals: interrupt.Interrupt | None = None
 
     @property
     def tcfg(self) -> TrainConfig:
@@ -103,17 +105,18 @@ def _start(args: FitArgs, held: contextlib.ExitStack) -> tuple[Run, dict, tracke
     out_dir = Path(args.train.output_dir)
     resume_dir = checkpoint.resume_dir(args.train.resume, out_dir)
     if resume_dir is None and not args.train.overwrite:
-        rundir.refuse_used_dir(out_dir)
+        rundir.refuse_used_dir(out_dir, resume=args.train.resume)
     torch.manual_seed(args.train.seed)
     run = _data(args, world, out_dir)
     _open_out_dir(run, resume_dir, held)
+    signals = held.enter_context(interrupt.catch_signals(enabled=world.size == 1))  # Ctrl-C: save, then exit
     state, loop = _initial_state(run, resume_dir)
     sinks = _record_config(run, resume_dir, state)
     step_fn, cache = _make_step(run)
     log = runlog.RunLog(out_dir, tensorboard=run.tcfg.tensorboard, enabled=world.main, sinks=sinks)
     if resume_dir is not None:  # rows a killed run logged after its last save are replayed: drop them
         log.rewind(int(state["step"]), evaluated=loop.eval_pending < 0)
-    run = attrs.evolve(run, step_fn=step_fn, cache=cache, log=log)
+    run = attrs.evolve(run, step_fn=step_fn, cache=cache, log=log, signals=signals)
     if world.main:
         print(_start_summary(run, state, loop, resumed=resume_dir is not None))
     return run, state, loop
@@ -129,6 +132,7 @@ def _data(args: FitArgs, world, out_dir: Path) -> Run:
         args = attrs.evolve(args, train=tcfg)
     val_ds = build_dataset(dcfg, "valid", cfg, tcfg, train=False)
     test_ds = _test_split(dcfg, cfg, tcfg) if tcfg.run_test else None
+    check_same_categories(train_ds, [val_ds, test_ds])
     if dcfg.check_images:
         check_images([train_ds, val_ds, test_ds])
     class_names = list(dcfg.class_names or train_ds.class_names)
@@ -169,8 +173,9 @@ def _open_out_dir(run: Run, resume_dir: Path | None, held: contextlib.ExitStack)
         return
     run.out_dir.mkdir(parents=True, exist_ok=True)
     held.enter_context(dirlock.exclusive(run.out_dir))
-    if resume_dir is None and run.tcfg.overwrite:
-        rundir.clear_run(run.out_dir)
+    if resume_dir is None and run.tcfg.overwrite:  # never a file this command reads
+        rundir.clear_run(run.out_dir, reads=(run.tcfg.pretrain_weights, run.args.config, run.args.data.dataset_dir))
+    rundir.clean_stale(run.out_dir, keep=resume_dir)
 
 
 def _initial_state(run: Run, resume_dir: Path | None) -> tuple[dict, trackers.Loop]:
@@ -197,7 +202,7 @@ def _record_config(run: Run, resume_dir: Path | None, state: dict) -> list:
         return []
     record = _config_record(run.args, run.cfg, run.class_names)
     if resume_dir is not None:
-        rundir.check_resume_changes(run.out_dir, record, run.tcfg, int(state["step"]))
+        rundir.check_resume_changes(run.out_dir, record, run.tcfg, int(state["step"]), source=resume_dir)
     rundir.write_json(run.out_dir / "training_config.json", record)
     return loggers.make_loggers(run.tcfg, run.out_dir, record)
 
@@ -287,6 +292,9 @@ def _train_epoch(run: Run, state: dict, loop: trackers.Loop, epoch: int) -> tupl
         micro = []
         step, loop = step + 1, attrs.evolve(loop, batch=index + 1)
         _log_step(run, bar, metrics, step, epoch, seen / (time.perf_counter() - started))
+        if run.signals.requested:  # at the step boundary: save, then exit 130/143 saying how to resume
+            _save_state(run.out_dir / "last", state, loop)
+            raise interrupt.stopped(run.signals, run.out_dir, step)
         if tcfg.max_steps and step >= tcfg.max_steps:
             break
         if tcfg.save_every_n_steps and step % tcfg.save_every_n_steps == 0 and index + 1 < len(run.loader):
@@ -335,6 +343,8 @@ def _end_epoch(
     started = time.perf_counter()
     _save_state(run.out_dir / "last", state, loop, keep=f"checkpoint_{epoch:04d}" if numbered else None)
     seconds = {"save": time.perf_counter() - started, "eval": 0.0}
+    if run.signals.requested:  # saved just now (an evaluation still pending runs first on resume)
+        raise interrupt.stopped(run.signals, run.out_dir, step)
     record: dict[str, Any] = {"step": step, "epoch": epoch}
     if loop.eval_pending >= 0:
         started = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import re
@@ -36,18 +37,20 @@ def parse(cls: type[T], argv: list[str] | None = None, *, prog: str | None = Non
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--train.allow-code-import", dest="allow_code", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    default = defaults(cls, preset=known.preset, config=known.config)
+    default = defaults(cls, preset=known.preset, config=known.config, allow_code=known.allow_code)
     return tyro.cli(cls, args=argv, default=default, description=cls.__doc__, prog=prog)
 
 
-def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None) -> T:
+def defaults(cls: type[T], *, preset: str | None = None, config: str | None = None, allow_code: bool = False) -> T:
     """`cls()` with the experiment file's values and the preset's model fields applied.
 
     File values go through the same types as flags (`coerce_fields`); every error names the file
     and the key."""
     values: dict[str, Any] = load_config_file(config) if config else {}
     where = str(config)
+    check_code_import(values, where, allow_code)
     fields = attrs.fields_dict(cls)
     unknown = sorted(set(values) - set(fields) - {"preset"})
     if unknown:
@@ -79,37 +82,90 @@ def defaults(cls: type[T], *, preset: str | None = None, config: str | None = No
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML or JSON experiment file: {preset: ..., model: {...}, train: {...}, data: {...}, eval: {...}}."""
+    """A YAML or JSON experiment file: {preset: ..., model: {...}, train: {...}, data: {...}, eval: {...}}.
+
+    Read with YAML's safe loader (no Python tags); every problem is a ConfigError naming the file."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--config {path}: file not found")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ConfigError(
+            f"{path}: unknown extension {p.suffix or '(none)'}; experiment files are .yaml, .yml or .json"
+        )
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the experiment file ({err})") from err
+    if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:  # a !!python/... tag lands here too: it is never executed
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of sections, got {type(values).__name__}")
+        kind = {list: "a list", str: "a string"}.get(type(values), type(values).__name__)
+        raise ConfigError(f"{path}: expected a mapping of sections (train:, model:, ...), got {kind}")
     return values
+
+
+def check_code_import(values: dict[str, Any], where: str, allowed: bool) -> None:
+    """An experiment file naming `optimizer: "module:function"` imports and runs that module: it needs
+    --train.allow-code-import on the command line, which a file cannot set for itself."""
+    train = values.get("train")
+    if not isinstance(train, dict):
+        return
+    if "allow_code_import" in train:
+        raise ConfigError(f"{where}: train.allow_code_import can only be given on the command line")
+    optimizer = train.get("optimizer")
+    if isinstance(optimizer, str) and ":" in optimizer and not allowed:
+        raise ConfigError(
+            f"{where}: train.optimizer={optimizer!r} would import and run Python code from module "
+            f"{optimizer.split(':')[0]!r}; pass --train.allow-code-import to allow it (trusted files only)"
+        )
 
 
 def run_or_exit(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
     """Run a command for a person at a terminal: a known error (bad config, data, checkpoint or output dir,
-    a full disk) prints its message alone and exits 2, a diverged run exits 1; `--debug` or RFDETR_FN_DEBUG=1 keeps
-    the traceback. Anything else is a bug and raises as usual."""
+    a full disk or read-only output) prints its message alone and exits 2, a diverged run exits 1, a run
+    stopped by a signal 130/143; `--debug` or RFDETR_FN_DEBUG=1 keeps the traceback. Anything else is a bug
+    and raises as usual."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("RFDETR_FN_DEBUG", "") not in ("", "0")
     try:
         return command([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (nothing more was saved)", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:
-        code = 2 if isinstance(err, UserError | FileNotFoundError) else 1 if isinstance(err, TrainingDiverged) else None
+        code, message = _known_error(err)
         if debug or code is None:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         print("(--debug or RFDETR_FN_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
+
+
+# What the disk says when an output cannot be written: the user's to fix, not a bug.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _known_error(err: Exception) -> tuple[int | None, str]:
+    if isinstance(err, UserError | FileNotFoundError):
+        return getattr(err, "exit_code", 2), str(err)
+    if isinstance(err, TrainingDiverged):
+        return 1, str(err)
+    if isinstance(err, OSError) and err.errno in _UNWRITABLE:
+        where = f"cannot write {err.filename}" if err.filename else "cannot write an output"
+        return 2, f"{where}: {err.strerror or err}; free some space or pick a writable output directory"
+    return None, str(err)
 
 
 # ---------------------------------------------------------------- values from experiment files

@@ -22,12 +22,17 @@ from torch import Tensor
 from rfdetr_fn import tree
 from rfdetr_fn.compiler import use_compile
 from rfdetr_fn.data.source import IMAGE_SUFFIXES
+from rfdetr_fn.errors import UserError
 from rfdetr_fn.eval.drawing import class_name, draw_detections
 from rfdetr_fn.eval.inference import predict
 from rfdetr_fn.flags import parse
 from rfdetr_fn.io import imageio, weights
-from rfdetr_fn.io.atomic import atomic_write
+from rfdetr_fn.io.atomic import atomic_write, check_writable
 from rfdetr_fn.io.weights import load_weights
+
+
+class PredictError(UserError, ValueError):
+    """Bad predict arguments (images, output dir, threshold, batch size): printed alone, exit 2."""
 
 
 @attrs.frozen(kw_only=True)
@@ -54,19 +59,30 @@ class PredictArgs:
     """Read images above Pillow's decompression-bomb limit (about 179 megapixels)."""
 
 
+def check_args(args: PredictArgs) -> None:
+    """Values no prediction can use, refused before any work (NaN would silently keep nothing)."""
+    if not (0.0 <= args.threshold <= 1.0):  # False for NaN too
+        raise PredictError(f"--threshold {args.threshold}: expected a number from 0 to 1")
+    if args.batch_size < 1:
+        raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def collect_images(items: Sequence[str]) -> list[Path]:
     """Expand files and folders into the image paths to run on, in the order given (folders sorted)."""
     if not items:
-        raise ValueError("--images: no images given; pass image files and/or folders")
+        raise PredictError("--images: no images given; pass image files and/or folders")
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if "://" in str(item):
-            raise ValueError(f"--images {item}: URLs are not supported (nothing is fetched); download the file first")
+            raise PredictError(f"--images {item}: URLs are not supported (nothing is fetched); download the file first")
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # a broken symlink is listed too, to be reported like any unreadable file
+            found = sorted(
+                f for f in p.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES
+            )
             if not found:
-                raise ValueError(f"--images: folder {p} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+                raise PredictError(f"--images: folder {p} holds no {'/'.join(IMAGE_SUFFIXES)} files")
             paths.extend(found)
         elif p.is_file():
             paths.append(p)
@@ -113,13 +129,38 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 
 
 def _drawing_names(paths: Sequence[Path]) -> list[str]:
-    """<stem>.png per image; a repeated stem (same name in two folders) gets -2, -3, ... appended."""
-    seen: dict[str, int] = {}
+    """<stem>.png per image; a name already taken (same stem twice, or `a.png` for `a.jpg` beside `a-2.jpg`)
+    gets the first free -2, -3, ... (compared ignoring case, as on macOS and Windows disks)."""
+    used: set[str] = set()
     out = []
     for p in paths:
-        n = seen[p.stem] = seen.get(p.stem, 0) + 1
-        out.append(f"{p.stem}.png" if n == 1 else f"{p.stem}-{n}.png")
+        name, n = f"{p.stem}.png", 1
+        while name.lower() in used:
+            n += 1
+            name = f"{p.stem}-{n}.png"
+        used.add(name.lower())
+        out.append(name)
     return out
+
+
+def refuse_overwriting_inputs(
+    out_dir: Path, outputs: Sequence[str], inputs: Sequence[Path], folders: Sequence[str]
+) -> None:
+    """No output may land on an input file, nor drawings in an input folder (`--output-dir` = the image
+    folder would replace the photos, or mix drawings into the next run's inputs)."""
+    if outputs and out_dir.resolve() in {Path(f).resolve() for f in folders if Path(f).is_dir()}:
+        raise PredictError(
+            f"--output-dir {out_dir} is an input folder: the drawings would land among (and could overwrite) "
+            "the images; pick another --output-dir (or pass --no-draw)"
+        )
+    sources = {p.resolve() for p in inputs}
+    hit = [name for name in outputs if (out_dir / name).resolve() in sources]
+    if hit:
+        shown = ", ".join(hit[:5]) + (f" and {len(hit) - 5} more" if len(hit) > 5 else "")
+        raise PredictError(
+            f"--output-dir {out_dir}: the drawings would overwrite input image(s) {shown}; pick another "
+            "--output-dir (or pass --no-draw)"
+        )
 
 
 def run(args: PredictArgs) -> list[dict[str, Any]]:
@@ -127,8 +168,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
 
     An unreadable file is skipped and reported (a record with an "error" instead of detections, and a line
     on stderr); records also go to predictions.jsonl as they come, so a crash keeps what was done."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_args(args)
     paths = collect_images(args.images)
     ckpt = weights.resolve_checkpoint(args.checkpoint)
     cfg, params = load_weights(ckpt)
@@ -138,8 +178,10 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     params = tree.to(params, device)
     compiled = use_compile(args.compile, device, "inference")
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     drawings = dict(zip(paths, _drawing_names(paths)))
+    refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths, args.images)
+    check_writable(out_dir, "--output-dir")
+    (out_dir / "predictions.json").unlink(missing_ok=True)  # a kill must not leave the last run's beside ours
     records: list[dict[str, Any]] = []
     with open(out_dir / "predictions.jsonl", "w") as stream:
         for start in range(0, len(paths), args.batch_size):
@@ -162,6 +204,7 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
                     if args.draw:
                         drawn = draw_detections(arr, det, names, schema, cfg.keypoint_skeleton)
                         drawn.save(out_dir / drawings[path])
+                        record["drawing"] = drawings[path]
                 records.append(record)
                 stream.write(json.dumps(record) + "\n")
                 stream.flush()

@@ -16,6 +16,7 @@ from rfdetr_fn.config import DataConfig, EvalConfig
 from rfdetr_fn.eval.loop import run_split
 from rfdetr_fn.flags import parse
 from rfdetr_fn.io import distributed
+from rfdetr_fn.io.atomic import atomic_write, check_writable
 from rfdetr_fn.io.weights import class_names, load_weights, resolve_checkpoint
 
 
@@ -38,6 +39,8 @@ class EvalArgs:
 
 
 def run(args: EvalArgs) -> dict[str, float]:
+    if args.output:  # before the evaluation, not after it
+        check_writable(Path(args.output).absolute().parent, "--output")
     world = distributed.setup(args.device)
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg, params = load_weights(ckpt)
@@ -50,7 +53,7 @@ def run(args: EvalArgs) -> dict[str, float]:
         text = json.dumps(metrics, indent=2)
         print(text)
         if args.output:
-            Path(args.output).write_text(text)
+            atomic_write(Path(args.output), lambda tmp: tmp.write_text(text))
     distributed.teardown(world)
     return metrics
 

@@ -493,3 +493,144 @@ def test_also_disk_full_cleans_the_temp_and_says_so(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp files or directories left
     assert torch.load(wfile)["v"] == 1 and torch.equal(checkpoint.load_state(tmp_path / "last", state)["a"], state["a"])
+
+
+# ================================================================ issue 23: the second round (serious ones)
+# Items 5-14 are in test_reliability_inputs.py; the shared fault injection is tests/faults.py.
+
+
+def cli_exit(argv: list[str], capsys) -> tuple[int, str]:
+    """Run a command as a person would (run_or_exit): -> (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        run_or_exit(cli.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+class _Marker:
+    """Unpickling this runs `open(path, "w")`: what a malicious `.metadata` could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_r1_resume_refuses_a_train_state_whose_metadata_pickle_runs_code(tmp_path, cheap_fit, capsys):
+    import pickle
+
+    out = tmp_path / "run"
+    cli.main(fit_argv(out, "--train.epochs", "1"))
+    marker = tmp_path / "pwned"
+    (out / "last" / ".metadata").write_bytes(pickle.dumps(_Marker(marker)))
+    code, err = cli_exit(fit_argv(out, "--train.epochs", "2", "--train.resume", "auto"), capsys)
+    assert not marker.exists()  # nothing ran
+    assert code == 2 and "Traceback" not in err
+    assert f"{out / 'last' / '.metadata'}: refused" in err and "io.open" in err
+
+    (out / "last" / ".metadata").write_bytes(b"\x80\x05garbage")  # corrupt: a clear message too
+    code, err = cli_exit(fit_argv(out, "--train.epochs", "2", "--train.resume", "auto"), capsys)
+    assert code == 2 and f"{out / 'last' / '.metadata'}: unreadable" in err and "Traceback" not in err
+
+
+def test_r1_a_real_train_state_still_loads_through_the_restricted_unpickler(tmp_path):
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": {"c": torch.ones(2, dtype=torch.bfloat16)}, "n": 3}
+    checkpoint.save_state(tmp_path / "last", state)
+    back = checkpoint.load_state(tmp_path / "last", state)
+    assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"]["c"], state["b"]["c"]) and back["n"] == 3
+
+
+def _tiny_weights(tmp_path) -> Path:
+    import rfdetr_fn as rf
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64)
+    wfile = tmp_path / "w.pth"
+    weights.save_weights(wfile, rf.init(cfg, 0), cfg, class_names=["a", "b"])
+    return wfile
+
+
+def test_r2_predict_never_writes_over_an_input_and_drawing_names_never_collide(tmp_path, capsys):
+    wfile = _tiny_weights(tmp_path)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for name, colour in (("a-2.jpg", (200, 0, 0)), ("a.jpg", (0, 200, 0)), ("a.png", (0, 0, 200))):
+        Image.new("RGB", (64, 48), colour).save(pngs / name)
+    before = {p.name: p.read_bytes() for p in pngs.iterdir()}
+    argv = ["predict", "--checkpoint", str(wfile), "--images", str(pngs), "--compile", "off"]
+    code, err = cli_exit([*argv, "--output-dir", str(pngs)], capsys)
+    assert code == 2 and "Traceback" not in err and "is an input folder" in err
+    assert {p.name: p.read_bytes() for p in pngs.iterdir()} == before  # inputs intact, nothing added
+    code, err = cli_exit(
+        [*argv[:-4], "--images", str(pngs / "a.jpg"), str(pngs / "a.png"), "--output-dir", str(pngs)], capsys
+    )
+    assert code == 2 and "would overwrite input image(s) a.png" in err
+    assert {p.name: p.read_bytes() for p in pngs.iterdir()} == before
+
+    out = tmp_path / "drawn"
+    records = cli.main([*argv, "--output-dir", str(out)])
+    drawings = sorted(p.name for p in out.glob("*.png"))
+    assert len(records) == 3 and len(drawings) == 3  # one drawing per image
+    assert [r["drawing"] for r in records] == ["a-2.png", "a.png", "a-3.png"]
+
+
+def test_r3_average_refuses_non_finite_weights_and_parameters_and_other_class_lists(tmp_path, capsys):
+    import rfdetr_fn as rf
+
+    cfg = rf.presets.tiny(num_classes=2, resolution=64)
+    files = []
+    for seed, names in ((0, ["a", "b"]), (1, ["a", "b"]), (2, ["a", "c"])):
+        files.append(tmp_path / f"w{seed}.pth")
+        weights.save_weights(files[-1], rf.init(cfg, seed), cfg, class_names=names)
+    soup = tmp_path / "soup.pth"
+    for bad in ("nan", "inf"):
+        code, err = cli_exit(
+            ["average", str(files[0]), str(files[1]), "--weights", bad, "1", "--out", str(soup)], capsys
+        )
+        assert code == 2 and "--weights" in err and "finite" in err and "Traceback" not in err
+    assert not soup.exists()
+
+    code, err = cli_exit(["average", str(files[0]), str(files[2]), "--out", str(soup)], capsys)
+    assert code == 2 and "['a', 'b']" in err and "['a', 'c']" in err and str(files[2]) in err
+    three = rf.presets.tiny(num_classes=3, resolution=64)
+    weights.save_weights(tmp_path / "w3.pth", rf.init(three, 0), three, class_names=["a", "b", "c"])
+    code, err = cli_exit(["average", str(files[0]), str(tmp_path / "w3.pth"), "--out", str(soup)], capsys)
+    assert code == 2 and "3 classes" in err and "2 classes" in err
+    assert not soup.exists()
+
+    params = tree.flatten(rf.init(cfg, 1))
+    params[next(iter(params))] = params[next(iter(params))] * math.nan
+    weights.save_weights(tmp_path / "nan.pth", tree.unflatten(params), cfg, class_names=["a", "b"])
+    code, err = cli_exit(["average", str(files[0]), str(tmp_path / "nan.pth"), "--out", str(soup)], capsys)
+    assert code == 2 and "nan.pth" in err and "non-finite" in err and not soup.exists()
+
+    assert cli.main(["average", str(files[0]), str(files[1]), "--weights", "1", "3", "--out", str(soup)]) == [0, 1]
+    assert _all_finite(soup)
+
+
+def test_r4_resuming_another_runs_state_checks_the_config_against_that_run(tmp_path, cheap_fit, capsys):
+    data = make_roboflow(tmp_path / "data")
+    other = make_roboflow(tmp_path / "other")
+    for split in ("train", "valid"):
+        path = other / split / "_annotations.coco.json"
+        path.write_text(path.read_text().replace('"sq"', '"circle"'))
+    first = tmp_path / "a"
+    cli.main(fit_argv(first, "--data.dataset-dir", str(data), "--train.epochs", "1"))
+    second = tmp_path / "b"
+    changed = ("--data.dataset-dir", str(other), "--train.lr", "0.001", "--train.seed", "7")
+    code, err = cli_exit(
+        fit_argv(second, *changed, "--train.epochs", "2", "--train.resume", str(first / "last")), capsys
+    )
+    assert code == 2 and str(first / "training_config.json") in err
+    for field in ("train.lr: 0.0001 -> 0.001", "train.seed: 0 -> 7", "class_names: ['sq'] -> ['circle']"):
+        assert field in err
+    assert not (second / "training_config.json").exists()
+
+    resumed = fit_argv(
+        second, "--data.dataset-dir", str(data), "--train.epochs", "2", "--train.resume", str(first / "last")
+    )
+    cli.main(resumed)  # the same settings: resumes, into the new directory
+    assert json.loads((second / "training_config.json").read_text())["train"]["output_dir"] == str(second)

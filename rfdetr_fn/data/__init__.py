@@ -156,9 +156,29 @@ def build_dataset(
     )
     if data_cfg.class_names is not None:
         ds.class_names = check_class_names(data_cfg.class_names, ds.class_names, source.name)
+    if train and not any(len(r.labels) for r in ds.records):
+        warnings.warn(
+            f"{source.name}: the train split has no annotations: the model can learn only background", stacklevel=2
+        )
     if model_cfg.keypoints and not train:  # the train split defines the schema (fit aligns the model to it)
         check_keypoint_schema(model_cfg.num_keypoints_per_class, ds.keypoint_schema, source.name)
     return ds
+
+
+def check_same_categories(train: DetectionDataset, others: list[DetectionDataset | None]) -> None:
+    """Every split must name each category id as the train split does: scoring "cat" detections against
+    "dog" boxes would report a meaningless mAP."""
+    names = {int(c["id"]): str(c.get("name", "")) for c in train.categories}
+    problems = [
+        f"category id {int(c['id'])} is {names[int(c['id'])]!r} in {train.source_name} but {c.get('name')!r} "
+        f"in {ds.source_name}"
+        for ds in others
+        if ds is not None
+        for c in ds.categories
+        if int(c["id"]) in names and str(c.get("name", "")) != names[int(c["id"])]
+    ]
+    if problems:
+        raise DatasetError("the splits name the same category differently:\n  " + "\n  ".join(problems[:20]))
 
 
 def check_keypoint_schema(model: tuple[int, ...], found: tuple[int, ...], where: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rfdetr_fn.data.source import DatasetError, Source
@@ -44,6 +45,26 @@ def read_coco_json(path: Path) -> dict:
     return data
 
 
+def check_file_names(images: list, image_dir: Path, root: Path, ann_file: Path) -> None:
+    """Refuse `file_name`s that reach outside the dataset (absolute, or `..` past its root): an annotation
+    file must not make training read (or a grid show) files from elsewhere on the machine."""
+    top = Path(os.path.abspath(root))
+    outside = [
+        str(im["file_name"])
+        for im in images
+        if isinstance(im, dict) and isinstance(im.get("file_name"), str)
+        and (
+            Path(im["file_name"]).is_absolute()
+            or not Path(os.path.normpath(image_dir / im["file_name"])).is_relative_to(top)
+        )
+    ]  # fmt: skip
+    if outside:
+        raise DatasetError(
+            f"{ann_file}: {len(outside)} file_name(s) point outside the dataset at {top}: {outside[:10]}; "
+            "file names must be relative paths inside the dataset"
+        )
+
+
 def roboflow_label_map(train_json: dict) -> tuple[dict[int, int], list[str]]:
     """Contiguous labels from the TRAIN split (parents filtered, sorted by id), shared by every split."""
     annotated = {int(a["category_id"]) for a in train_json["annotations"] if "category_id" in a}
@@ -58,6 +79,7 @@ def roboflow_source(root: Path, split: str) -> Source:
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir}: split directory not found (Roboflow COCO layout)")
     data = read_coco_json(ann_file)
+    check_file_names(data["images"], split_dir, root, ann_file)
     train = data if SPLIT_DIRS[split] == "train" else read_coco_json(root / "train" / ROBOFLOW_ANNOTATIONS)
     cat2label, names = roboflow_label_map(train)
     return Source(
@@ -82,6 +104,7 @@ def coco2017_source(root: Path, split: str) -> Source:
         raise DatasetError(f"{image_dir}: split directory not found (COCO 2017 layout)")
     ann_file = root / "annotations" / f"instances_{part}2017.json"
     data = read_coco_json(ann_file)
+    check_file_names(data["images"], image_dir, root, ann_file)
     ids = sorted(int(c["id"]) for c in data["categories"])
     if not ids or ids[0] < 0:
         raise DatasetError(f"{ann_file}: categories must have non-negative ids")

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from rfdetr_fn.data import keypoints as kp
+from rfdetr_fn.data.masks import rle_problem
 from rfdetr_fn.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # files read as images, any case
@@ -130,6 +131,11 @@ def check_source(source: Source) -> tuple[list[dict], list[Record], list[str], s
         box[0::2] = box[0::2].clip(0, W)
         box[1::2] = box[1::2].clip(0, H)
         area = float(a.get("area") or (box[2] - box[0]) * (box[3] - box[1]))
+        seg = a.get("segmentation")
+        mask_problem = rle_problem(seg, H, W) if isinstance(seg, dict) else None
+        if mask_problem is not None:
+            problems.append(f"{where} (image {im['file_name']}): {mask_problem}")
+            continue
         points = kp.parse(a.get("keypoints"), counts.get(cat, 0), width) if width else None
         if isinstance(points, str):
             problems.append(f"{where} (category {declared[cat]}): {points}")

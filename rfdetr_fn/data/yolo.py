@@ -10,6 +10,7 @@ absent when a coordinate is negative or both are 0, else visible (Ultralytics' c
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import yaml
@@ -158,6 +159,28 @@ def pose_keypoints(values: list[float], count: int, dim: int, width: int, height
     return out
 
 
+def warn_unused_labels(image_dirs: list[Path], used: set[Path]) -> None:
+    """Label files that no image reads, counted: an orphan (its image is gone) or an upper-case `.TXT`
+    (read as `.txt` on no case-sensitive disk) would otherwise drop boxes silently."""
+    found = [
+        f for d in image_dirs if d.is_dir() and labels_dir_for(d).is_dir()
+        for f in labels_dir_for(d).rglob("*") if f.suffix.lower() == ".txt" and f not in used
+    ]  # fmt: skip
+    upper = [f for f in found if f.suffix != ".txt"]
+    orphans = [f for f in found if f.suffix == ".txt"]
+    if upper:
+        warnings.warn(
+            f"{len(upper)} label file(s) end in an upper-case suffix and were not read (rename them to .txt): "
+            f"{[str(f) for f in upper[:5]]}",
+            stacklevel=3,
+        )
+    if orphans:
+        warnings.warn(
+            f"{len(orphans)} label file(s) have no image and were ignored: {[str(f) for f in orphans[:5]]}",
+            stacklevel=3,
+        )
+
+
 def yolo_source(root: Path, split: str) -> Source:
     """Read one split of a YOLO dataset; every label problem goes into Source.problems."""
     root = Path(os.path.abspath(root))
@@ -168,7 +191,9 @@ def yolo_source(root: Path, split: str) -> Source:
     names = data["names"]
     pose = pose_schema(data, yaml_path)
     images, annotations, problems = [], [], []
-    pairs = [pair for d in split_image_dirs(root, data, split) for pair in _list_images(d)]
+    dirs = split_image_dirs(root, data, split)
+    pairs = [pair for d in dirs for pair in _list_images(d)]
+    warn_unused_labels(dirs, {label for _, label in pairs})
     for image_path, label_path in pairs:
         try:
             width, height = imageio.header_size(image_path)  # upright: YOLO labels are in the viewed frame

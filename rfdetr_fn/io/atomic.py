@@ -43,7 +43,7 @@ def raise_if_disk_full(err: BaseException, path: Path) -> None:
     """Say "no space left" plainly (torch's own message is an opaque inline_container.cc failure)."""
     text = str(err)
     full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text
-    if not full and "write failed" in text:  # torch.save / DCP do not keep the errno
+    if not full and ("write failed" in text or "unexpected pos" in text):  # torch's writer keeps no errno
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(path.parent).free < 64 * 2**20
     if full:
@@ -51,6 +51,24 @@ def raise_if_disk_full(err: BaseException, path: Path) -> None:
             errno.ENOSPC,
             f"no space left in {path.parent} while writing {path.name}: the partial file was removed and the "
             "previous one is intact; free some space and run again (with --train.resume auto for training)",
+        ) from err
+
+
+class OutputNotWritable(UserError, OSError):
+    """An output directory that cannot take files (read-only, no permission, full): found before the work."""
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Create `directory` if needed and write (then remove) a probe file, so a read-only or full output
+    fails at the start with one message instead of after an hour of work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputNotWritable(
+            err.errno, f"{what} {directory}: cannot write there ({err.strerror or err}); pick a writable directory"
         ) from err
 
 

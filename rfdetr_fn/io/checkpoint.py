@@ -7,8 +7,10 @@ directory (or a complete sibling copy that `load_state` restores from) in place.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -71,16 +73,30 @@ def save_state(directory: str | os.PathLike, state: dict, *, keep: str | None = 
     distributed.barrier(world)
     if world.main:
         marker = {"format": 1, "tensors": sorted(tensors), "values": values}
-        atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
+        try:
+            atomic_write(tmp / STATE_MARKER, lambda p: p.write_text(json.dumps(marker)))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # an unfinished copy only keeps the disk full
+            raise
         replace_dir(tmp, directory)
         if keep is not None:
-            kept = directory.with_name(keep)
-            kept_tmp = kept.with_name(f"{kept.name}.tmp-{os.getpid()}")
-            shutil.rmtree(kept_tmp, ignore_errors=True)
-            shutil.copytree(directory, kept_tmp, copy_function=_link_or_copy)
-            replace_dir(kept_tmp, kept)
+            _keep_copy(directory, keep)
     distributed.barrier(world)
     return directory
+
+
+def _keep_copy(directory: Path, keep: str) -> None:
+    """A hard-linked sibling copy of a finished state directory (a numbered snapshot)."""
+    kept = directory.with_name(keep)
+    kept_tmp = kept.with_name(f"{kept.name}.tmp-{os.getpid()}")
+    shutil.rmtree(kept_tmp, ignore_errors=True)
+    try:
+        shutil.copytree(directory, kept_tmp, copy_function=_link_or_copy)
+    except BaseException as err:
+        shutil.rmtree(kept_tmp, ignore_errors=True)
+        raise_if_disk_full(err, kept)
+        raise
+    replace_dir(kept_tmp, kept)
 
 
 def update_values(directory: str | os.PathLike, values: dict) -> None:
@@ -142,6 +158,67 @@ def _resolve_state_dir(directory: Path) -> Path:
     raise CheckpointError(f"{directory}: no such train-state checkpoint directory")
 
 
+# The classes a DCP `.metadata` pickle is built from (torch 2.x); anything else is refused, so a crafted
+# file cannot run code on resume (torch's own reader uses a plain pickle.load).
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_GLOBALS.get(module, ()) or (module == "torch" and _is_dtype(name)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refused to unpickle {module}.{name}: a train-state .metadata holds only checkpoint metadata, and "
+            "building anything else could run code"
+        )
+
+
+def _is_dtype(name: str) -> bool:
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def read_metadata(path: Path) -> Any:
+    """A state directory's DCP `.metadata`, rebuilt by a restricted unpickler; a clear error otherwise."""
+    file = path / ".metadata"
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(file.read_bytes())).load()
+    except pickle.UnpicklingError as err:
+        if str(err).startswith("refused"):
+            raise CheckpointError(f"{file}: {err}") from err
+        raise CheckpointError(f"{file}: unreadable train-state metadata (truncated or corrupt?): {err}") from err
+    except (OSError, ValueError, EOFError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise CheckpointError(f"{file}: unreadable train-state metadata (truncated or corrupt?): {err}") from err
+    if not hasattr(metadata, "state_dict_metadata"):
+        raise CheckpointError(f"{file}: not train-state metadata (a {type(metadata).__name__})")
+    return metadata
+
+
+def _safe_reader(path: Path) -> Any:
+    """torch's FileSystemReader with `read_metadata` going through the restricted unpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_metadata(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 def load_state(directory: str | os.PathLike, template: dict) -> dict:
     """Restore a train state saved by `save_state` into the structure (and tensor devices) of `template`.
 
@@ -149,14 +226,13 @@ def load_state(directory: str | os.PathLike, template: dict) -> dict:
     template is not modified: tensors are restored into fresh buffers like the template's.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
     path = _resolve_state_dir(Path(directory))
     try:
         marker = json.loads((path / STATE_MARKER).read_text())
-        stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except (OSError, ValueError, EOFError) as err:
-        raise CheckpointError(f"{path}: unreadable train-state checkpoint: {err}") from err
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / STATE_MARKER}: unreadable train-state marker: {err}") from err
+    stored = read_metadata(path).state_dict_metadata
     values = marker["values"]
     flat = _flat_state(template)
     buffers: dict[str, Tensor] = {}
@@ -181,7 +257,7 @@ def load_state(directory: str | os.PathLike, template: dict) -> dict:
     if buffers:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(buffers, checkpoint_id=path, no_dist=distributed.current().size == 1)
+            dcp.load(buffers, storage_reader=_safe_reader(path), no_dist=distributed.current().size == 1)
     restored = iter([values[k] if k in values else buffers[k] for k in flat])
     # map_ visits the template's leaves in the order paths() listed them; empty dicts stay as they are
     return tree.map_(lambda leaf: _like(leaf, next(restored)), template)

@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -131,12 +132,25 @@ def _torch_load(path: Path) -> Any:
     except _load_errors() as err:
         text = str(err)
         if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-            raise CheckpointError(
-                f"{path}: refused to load: the pickle needs objects a weights-only load does not allow, "
-                f"and unsafe unpickling could run arbitrary code. Re-save it as plain tensors/dicts. "
-                f"({text[:300]})"
-            ) from err
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {text[:300]}") from err
+            raise CheckpointError(f"{path}: refused to load: {_refusal_reason(text)}") from err
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(text)}"
+        ) from err
+
+
+def _refusal_reason(text: str) -> str:
+    """torch's weights-only refusal in one whole sentence: which object the pickle would build."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand (\S+)", text)
+    needs = f"it needs {found.group(1)}, which" if found else "it needs objects that"
+    return (
+        f"{needs} a weights-only load does not allow, and unsafe unpickling could run arbitrary code. "
+        "Re-save it as plain tensors and dicts."
+    )
+
+
+def _first_line(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

@@ -79,6 +79,8 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
 def read_error(path: Path, exc: BaseException) -> str:
     """One line saying why a file cannot be used, with the fix where there is one."""
     if isinstance(exc, FileNotFoundError):
+        if path.is_symlink():
+            return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
         return f"{path}: missing image file"
     if isinstance(exc, Image.DecompressionBombError):
         return f"{path}: image too large for the decompression-bomb guard ({exc})"

@@ -4,8 +4,11 @@ a resume is checked against (trajectory-changing edits are refused unless allowe
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,35 +16,86 @@ from rfdetr_fn.config import ConfigError, TrainConfig
 from rfdetr_fn.io import dirlock
 from rfdetr_fn.io.atomic import atomic_write
 
-# What a run writes into its output_dir (the README's table), temp and aside copies of saves included.
-RUN_FILES = (
+# What a run writes into its output_dir (the README's table): exact names, and the numbered snapshots, the
+# temp and set-aside copies of saves and atomic writes' temp files, as patterns. A user's own file that merely
+# shares a prefix (checkpoint_from_colleague.pth, last.yaml) is never a run file.
+RUN_NAMES = {
     "training_config.json", "config_history.jsonl", "metrics.csv", "tensorboard", "metrics.png", "dataset_grids",
-    "mlruns", "wandb", "last", "last.*", "checkpoint_*", ".checkpoint_*", "last_ema.pth", ".last_ema.pth.*",
-    ".training_config.json.*", ".metrics.csv.*",
-)  # fmt: skip
+    "mlruns", "wandb", "last", "last_ema.pth", "checkpoint_best_regular.pth", "checkpoint_best_ema.pth",
+    "checkpoint_best_total.pth",
+}  # fmt: skip
+_SNAPSHOT = r"(?:last|checkpoint_\d{4})"
+RUN_PATTERNS = (
+    re.compile(r"checkpoint_\d{4}"),
+    re.compile(rf"{_SNAPSHOT}\.(?:tmp|old)-\d+"),  # a save's temp or set-aside copy (checkpoint.save_state)
+)
+_ATOMIC_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")  # atomic.atomic_write's temp of <name>
 
 
-def run_files(out_dir: Path) -> list[Path]:
-    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+def is_run_file(name: str) -> bool:
+    if name in RUN_NAMES or any(p.fullmatch(name) for p in RUN_PATTERNS):
+        return True
+    temp = _ATOMIC_TEMP.fullmatch(name)
+    return temp is not None and temp["name"] in RUN_NAMES
 
 
-def refuse_used_dir(out_dir: Path) -> None:
+def run_files(out_dir: Path, *, reads: tuple[str | Path | None, ...] = ()) -> list[Path]:
+    """The files and folders a run wrote into `out_dir`, less any the current command reads (`reads`:
+    pretrain weights, the resumed state, the config file, the dataset, found inside `out_dir`)."""
+    if not out_dir.is_dir():
+        return []
+    kept = [Path(os.path.abspath(r)) for r in reads if r]
+    found = [p for p in out_dir.iterdir() if is_run_file(p.name)]
+    return sorted(p for p in found if not any(k == p.absolute() or k.is_relative_to(p.absolute()) for k in kept))
+
+
+def has_saved_state(out_dir: Path) -> bool:
+    return any((p / "rfdetr_fn_state.json").is_file() for p in out_dir.glob("last*") if p.is_dir())
+
+
+def refuse_used_dir(out_dir: Path, *, resume: str | None = None) -> None:
     """A fresh run must not mix with an earlier one (its best weights would be taken for the new run's)."""
-    found = run_files(out_dir) if out_dir.is_dir() else []
-    if found:
-        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    found = run_files(out_dir)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    if has_saved_state(out_dir):
         raise dirlock.OutputDirError(
             f"{out_dir} already holds a run ({names}): continue it with --train.resume auto, start over with "
             "--train.overwrite (deletes those files), or pick another --train.output-dir"
         )
+    asked = "--train.resume auto has nothing to continue" if resume == "auto" else "there is nothing to resume"
+    raise dirlock.OutputDirError(
+        f"{out_dir} holds an earlier run ({names}) but no train state was saved (it stopped before its first "
+        f"save), so {asked}: start over with --train.overwrite (deletes those files) or pick another "
+        "--train.output-dir"
+    )
 
 
-def clear_run(out_dir: Path) -> None:
-    for path in run_files(out_dir):
+def clear_run(out_dir: Path, *, reads: tuple[str | Path | None, ...] = ()) -> None:
+    """Delete what an earlier run wrote (`--train.overwrite`): exactly its files, never one in `reads`."""
+    for path in run_files(out_dir, reads=reads):
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def clean_stale(out_dir: Path, *, keep: Path | None) -> list[Path]:
+    """Remove the temp files and directories a killed run left (save copies, atomic-write temps), except
+    `keep` (the copy being resumed from); returns what was removed."""
+    keep_abs = Path(os.path.abspath(keep)) if keep is not None else None
+    stale = [
+        p
+        for p in run_files(out_dir)
+        if (p.name.endswith(".tmp") or ".tmp-" in p.name or ".old-" in p.name) and p.absolute() != keep_abs
+    ]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 # Fields a resumed run may change freely: stopping, evaluation, logging and I/O, not the optimisation path.
@@ -51,7 +105,7 @@ RESUME_SAFE = {
         "eval_batch_size", "early_stopping", "early_stopping_patience", "early_stopping_min_delta",
         "early_stopping_use_ema", "best_model_metric", "skip_best_epochs", "smooth_alpha", "run_test",
         "output_dir", "resume", "resume_allow_changes", "overwrite", "pretrain_weights", "tensorboard",
-        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile",
+        "progress_bar", "log_every_n_steps", "save_every_n_steps", "compile", "allow_code_import",
     },
     "model": {"gradient_checkpointing"},  # the same numbers, less memory
     "data": {"num_workers", "check_images"},
@@ -75,10 +129,19 @@ def config_changes(old: dict, new: dict, *, cosine: bool) -> dict[str, list]:
     return changes
 
 
-def check_resume_changes(out_dir: Path, record: dict, tcfg: TrainConfig, step: int) -> None:
-    """Refuse a resume whose config would silently change the run, unless allowed (then log each change)."""
-    path = out_dir / "training_config.json"
+def check_resume_changes(
+    out_dir: Path, record: dict, tcfg: TrainConfig, step: int, *, source: Path | None = None
+) -> None:
+    """Refuse a resume whose config would silently change the run, unless allowed (then log each change).
+
+    The record compared against is the one of the run that saved the state (`source`, a state directory:
+    its parent holds that run's training_config.json), also when it is another run's directory."""
+    path = (Path(source).parent if source is not None else out_dir) / "training_config.json"
     if not path.is_file():
+        if source is not None and Path(source).parent.resolve() != out_dir.resolve():
+            warnings.warn(
+                f"{source}: no training_config.json beside it, so its settings cannot be compared", stacklevel=2
+            )
         return
     previous = json.loads(path.read_text())
     changes = config_changes(previous, record, cosine=tcfg.lr_scheduler == "cosine")

@@ -5,6 +5,7 @@ Each is a function from trees to a tree; the `average` command writes the result
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,8 +24,8 @@ def average(trees: Sequence[Mapping[str, Any]], weights: Sequence[float] | None 
     if not trees:
         raise ValueError("average: no trees given")
     w = [1.0] * len(trees) if weights is None else [float(x) for x in weights]
-    if len(w) != len(trees) or sum(w) <= 0 or min(w) < 0:
-        raise ValueError(f"average: need {len(trees)} non-negative weights with a positive sum, got {w}")
+    if len(w) != len(trees) or not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"average: need {len(trees)} finite, non-negative weights with a positive sum, got {w}")
     total = sum(w)
     flats = [tree.flatten(t) for t in trees]
     _check_same(flats)
