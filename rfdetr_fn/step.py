@@ -56,6 +56,7 @@ class TrainStep:
     pieces: StepPieces
     optimizer: gt.GradientTransformation
     trainable: tree.Where | None
+    cfg: ModelConfig | None = None
 
     def __call__(self, state: TrainState, batches: Sequence[Batch]) -> tuple[TrainState, dict[str, Tensor]]:
         return self.step(state, batches)
@@ -104,7 +105,8 @@ def make_train_step(
         normalisers=functools.partial(_normalisers, cfg=cfg, world_size=world_size) if cfg.keypoints else None,
     )
     init = functools.partial(_init_state, tcfg=tcfg, optimizer=optimizer, where=where)
-    return TrainStep(init=init, step=assemble_step(pieces), pieces=pieces, optimizer=optimizer, trainable=where)
+    step = assemble_step(pieces)
+    return TrainStep(init=init, step=step, pieces=pieces, optimizer=optimizer, trainable=where, cfg=cfg)
 
 
 def _init_state(
@@ -335,6 +337,12 @@ def compile_step(
         compiled_update = compiler.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
         pieces = attrs.evolve(pieces, loss=loss, update=compiled_update)
         return attrs.evolve(step_fn, step=assemble_step(pieces), pieces=pieces)
+    if step_fn.cfg is not None and step_fn.cfg.gradient_checkpointing:
+        raise ValueError(
+            "compile_step(regional=False) cannot run gradient checkpointing: the whole-step graph traces "
+            "torch.func.grad, which does not support the saved-tensor hooks of torch.utils.checkpoint (torch "
+            "2.13). Use the regional step (compile_step's default), or turn off model.gradient_checkpointing."
+        )
     whole = compiler.compile_fn(step_fn.step, backend=backend, mode=mode, regions=False)
     return attrs.evolve(step_fn, step=whole)
 
