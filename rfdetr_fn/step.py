@@ -1,16 +1,20 @@
 """The train step: one pure function `(state, batches) -> (state, metrics)`, compiled piece by piece.
 
+`make_train_step` builds it once, optax-style, as a `TrainStep` record: `init(params) -> state` and
+`step(state, batches)` share one optimizer and one trainable selection (the record is callable as the step).
+
 `TrainState` is a plain dict pytree so torch.compile, DCP checkpoints and tree utilities all see the
 same structure:
 
     {"step": int64 0-dim, "seed": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {},
      "loss_scale": float 0-dim, "good_steps": int64 0-dim}
 
-The step has two pure pieces around the gradient. `loss` runs, per micro-batch, the forward pass, the
-Hungarian matching (an opaque custom op, so it does not split the graph; the scipy backend copies the
-costs to the host, the step's only sync) and the criterion; autograd differentiates it (see
+The step has two pure pieces around the gradient. `loss` runs, per micro-batch, `rf.loss` (the forward
+pass, the Hungarian matching: an opaque custom op, so it does not split the graph; the scipy backend copies
+the costs to the host, the step's only sync; and the criterion); autograd differentiates it (see
 `grad_and_value`). `update` sums the micro-batch gradients, averages them across ranks (one functional
-all-reduce over a flat buffer), clips by global norm, applies the scheduled AdamW update and the EMA.
+all-reduce over a flat buffer), clips by global norm (built-in optimizers; a custom chain clips itself),
+applies the optimizer's update (`apply_update`, one small function) and the EMA.
 `compile_step` compiles each piece as one fullgraph function (the loss with nested regions per block
 kind, its backward by AOTAutograd); gradient-accumulation micro-batches are unrolled into `update`, so
 its graph depends on grad_accum_steps and on the shapes only; the step number, learning rate and EMA
