@@ -1,16 +1,20 @@
 """The train step: one pure function `(state, batches) -> (state, metrics)`, compiled piece by piece.
 
+`make_train_step` builds it once, optax-style, as a `TrainStep` record: `init(params) -> state` and
+`step(state, batches)` share one optimizer and one trainable selection (the record is callable as the step).
+
 `TrainState` is a plain dict pytree so torch.compile, DCP checkpoints and tree utilities all see the
 same structure:
 
     {"step": int64 0-dim, "seed": int64 0-dim, "params": tree, "opt_state": {...}, "ema_state": {...} | {},
      "loss_scale": float 0-dim, "good_steps": int64 0-dim}
 
-The step has two pure pieces around the gradient. `loss` runs, per micro-batch, the forward pass, the
-Hungarian matching (an opaque custom op, so it does not split the graph; the scipy backend copies the
-costs to the host, the step's only sync) and the criterion; autograd differentiates it (see
+The step has two pure pieces around the gradient. `loss` runs, per micro-batch, `rf.loss` (the forward
+pass, the Hungarian matching: an opaque custom op, so it does not split the graph; the scipy backend copies
+the costs to the host, the step's only sync; and the criterion); autograd differentiates it (see
 `grad_and_value`). `update` sums the micro-batch gradients, averages them across ranks (one functional
-all-reduce over a flat buffer), clips by global norm, applies the scheduled AdamW update and the EMA.
+all-reduce over a flat buffer), clips by global norm (built-in optimizers; a custom chain clips itself),
+applies the optimizer's update (`apply_update`, one small function) and the EMA.
 `compile_step` compiles each piece as one fullgraph function (the loss with nested regions per block
 kind, its backward by AOTAutograd); gradient-accumulation micro-batches are unrolled into `update`, so
 its graph depends on grad_accum_steps and on the shapes only; the step number, learning rate and EMA
@@ -57,6 +61,7 @@ class TrainStep:
     pieces: StepPieces
     optimizer: gt.GradientTransformation
     trainable: tree.Where | None
+    cfg: ModelConfig | None = None
     settings: dict[str, Any] = attrs.field(factory=dict)
     """Everything the compiled pieces read besides the model config: the resolved `LossConfig` and
     `UpdateConfig`, drop path, precision, world size (the compile cache keys on it)."""
@@ -119,7 +124,9 @@ def make_train_step(
         "custom": attrs.asdict(tcfg) if ":" in tcfg.optimizer else None,
     }
     step = assemble_step(pieces)
-    return TrainStep(init=init, step=step, pieces=pieces, optimizer=optimizer, trainable=where, settings=settings)
+    return TrainStep(
+        init=init, step=step, pieces=pieces, optimizer=optimizer, trainable=where, cfg=cfg, settings=settings
+    )
 
 
 def _init_state(
@@ -350,6 +357,12 @@ def compile_step(
         compiled_update = compiler.compile_fn(pieces.update, backend=backend, mode=mode) if update else pieces.update
         pieces = attrs.evolve(pieces, loss=loss, update=compiled_update)
         return attrs.evolve(step_fn, step=assemble_step(pieces), pieces=pieces)
+    if step_fn.cfg is not None and step_fn.cfg.gradient_checkpointing:
+        raise ValueError(
+            "compile_step(regional=False) cannot run gradient checkpointing: the whole-step graph traces "
+            "torch.func.grad, which does not support the saved-tensor hooks of torch.utils.checkpoint (torch "
+            "2.13). Use the regional step (compile_step's default), or turn off model.gradient_checkpointing."
+        )
     whole = compiler.compile_fn(step_fn.step, backend=backend, mode=mode, regions=False)
     return attrs.evolve(step_fn, step=whole)
 

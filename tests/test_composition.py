@@ -222,6 +222,9 @@ def test_gradient_checkpointing_under_torch_func_gives_the_same_derivatives():
     _close(grad(checkpointed)(params), grad(CFG)(params), dtype)
     v = _like(params, 6)
     _close(torch.func.jvp(grad(checkpointed), (params,), (v,))[1], torch.func.jvp(grad(CFG), (params,), (v,))[1], dtype)
+    step = make_train_step(checkpointed, TCFG, steps_per_epoch=10)  # torch cannot trace this one: a clear error
+    raised = pytest.raises(ValueError, compile_step, step, regional=False, backend="aot_eager")
+    raised.match("Use the regional step")
 
 
 # ---------------------------------------------------------------- LoRA, the step, selections

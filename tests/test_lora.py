@@ -147,7 +147,7 @@ def test_backbone_lora_step_trains_adapters_and_heads_only():
 @pytest.mark.slow
 def test_gradient_checkpointing_same_gradients(monkeypatch):
     """ViT blocks, decoder layers, two-stage groups and heads are recomputed; the step is bit-identical."""
-    from rfdetr_fn.model import backbone, transformer
+    from rfdetr_fn.model import nn as nn_lib
 
     calls = []
 
@@ -155,8 +155,7 @@ def test_gradient_checkpointing_same_gradients(monkeypatch):
         calls.append(fn.__name__)
         return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
 
-    for module in (backbone, transformer, detector):
-        monkeypatch.setattr(module, "checkpoint", counted)
+    monkeypatch.setattr(nn_lib, "checkpoint_for_call", lambda: counted)
     cfg = presets.tiny(num_classes=2)
     params = detector.init(cfg, 0)
     tcfg = TrainConfig(drop_path=0.2)

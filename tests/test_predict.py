@@ -82,3 +82,16 @@ def test_bad_inputs_name_the_image(tmp_path):
         rf.predict(params, cfg, str(tmp_path / "missing.png"))
     with pytest.raises(TypeError, match=r"images\[0\]"):
         rf.predict(params, cfg, [42])
+
+
+def test_large_images_are_a_per_call_choice_never_pillows_global(tmp_path, monkeypatch):
+    """`read_rgb(allow_large=True)` skips the decompression-bomb guard for that read only: Pillow's
+    process-wide `Image.MAX_IMAGE_PIXELS` is never changed (predict used to flip it)."""
+    from rfdetr_fn.io import imageio
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.full((80, 80, 3), 7, dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1600)  # 80x80 = 6400 > 2 x 1600: a "bomb" now
+    pytest.raises(Image.DecompressionBombError, imageio.read_rgb, path)
+    assert imageio.read_rgb(path, allow_large=True).shape == (80, 80, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1600

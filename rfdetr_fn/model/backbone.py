@@ -10,7 +10,6 @@ from rfdetr_fn import rng
 from rfdetr_fn.compiler import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import nn
-from rfdetr_fn.model.nn import checkpoint
 from rfdetr_fn.tree import Params
 
 _EPS = 1e-6  # every LayerNorm in the ViT
@@ -191,7 +190,7 @@ def features(
         rate, layer_key = (None, None) if rates is None else (rates[i], rng.mix(key, i))
         layer = enc["encoder"]["layer"][str(i)]
         if train and cfg.gradient_checkpointing:  # keep only block inputs; the keyed draws replay exactly
-            x = checkpoint(_block, layer, x, cfg, i in full, rate, layer_key, use_reentrant=False)
+            x = nn.checkpoint_for_call()(_block, layer, x, cfg, i in full, rate, layer_key, use_reentrant=False)
         else:
             x = _block(layer, x, cfg, i in full, rate, layer_key)
         hidden.append(x)

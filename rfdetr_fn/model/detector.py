@@ -21,7 +21,6 @@ from torch import Tensor
 from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import backbone, keypoints, lora, nn, projector, segmentation, transformer
-from rfdetr_fn.model.nn import checkpoint
 from rfdetr_fn.tree import Params
 
 _PRIOR_PROB = 0.01  # class biases start at -log((1 - p) / p): every sigmoid score starts near 0.01
@@ -158,7 +157,7 @@ def apply(
     )
     heads = {k: params[k] for k in ("bbox_embed", "class_embed")}
     if train and cfg.gradient_checkpointing:  # every layer's outputs over every query group
-        logits, boxes = checkpoint(_heads, heads, tr["hs"], tr["ref"], use_reentrant=False)
+        logits, boxes = nn.checkpoint_for_call()(_heads, heads, tr["hs"], tr["ref"], use_reentrant=False)
     else:
         logits, boxes = _heads(heads, tr["hs"], tr["ref"])
     layers = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(cfg.dec_layers)]

@@ -119,8 +119,18 @@ def checkpoint(fn: Callable[..., Any], *args: Any, use_reentrant: bool = False) 
     """
     if use_reentrant:
         raise ValueError("checkpoint: only the non-reentrant form exists (use_reentrant=False)")
+    return _torch_func_checkpoint(fn, *args)
+
+
+def checkpoint_for_call() -> Callable[..., Any]:
+    """The checkpoint to call here: torch's (plain autograd, and always while Dynamo traces: it recognises
+    that function only when called directly) or `checkpoint` under torch.func transforms."""
     if torch.compiler.is_compiling() or not transforms.any_transform():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint
+    return checkpoint
+
+
+def _torch_func_checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
     leaves, spec = pytree.tree_flatten(args)
     slots = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.is_floating_point()]
     outputs: dict[str, Any] = {}

@@ -21,7 +21,6 @@ from rfdetr_fn.compiler import region
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import keypoints, nn
 from rfdetr_fn.model.attention import Shapes, deformable_attention, msda_init, self_attention, xavier_linear
-from rfdetr_fn.model.nn import checkpoint
 from rfdetr_fn.model.position import sine_for_boxes
 from rfdetr_fn.tree import Params
 
@@ -117,7 +116,9 @@ def two_stage(
     for g in range(groups):
         args = (p, str(g), out_memory, proposals, k)
         sel, box, logit, idx = (
-            checkpoint(_group_proposals, *args, use_reentrant=False) if checkpointed else _group_proposals(*args)
+            nn.checkpoint_for_call()(_group_proposals, *args, use_reentrant=False)
+            if checkpointed
+            else _group_proposals(*args)
         )
         mems.append(sel)
         boxes.append(box)
@@ -177,7 +178,11 @@ def decoder(
     for i in range(cfg.dec_layers):
         layer = p["layers"][str(i)]
         args = (layer, tgt, query_pos, ref_input, memory, mask, shapes, cfg, groups)
-        tgt = checkpoint(decoder_layer, *args, use_reentrant=False) if checkpointed else decoder_layer(*args)
+        tgt = (
+            nn.checkpoint_for_call()(decoder_layer, *args, use_reentrant=False)
+            if checkpointed
+            else decoder_layer(*args)
+        )
         if kp is not None:
             pos = p["keypoint_pos_embed"]
             tgt, kp = keypoints.block(layer, tgt, kp, pos, query_pos, ref_input, kp_memory, mask, shapes, cfg)
