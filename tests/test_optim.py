@@ -29,7 +29,7 @@ def adamw_update(params, grads, opt_state, groups: list[Group], lr_factor, *, be
     lrs, decays = group_values(groups)
     factor = torch.as_tensor(lr_factor, dtype=torch.float64)
     tx = gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=lambda step: factor)
-    updates, opt_state = tx.update(grads, opt_state, params, step=opt_state["step"])
+    updates, opt_state = gt.deferred_update(tx)(grads, opt_state, params, step=opt_state["step"])
     return gt.apply_updates(params, updates), opt_state
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 from PIL import Image
 
@@ -204,14 +205,14 @@ def test_7_a_signal_saves_the_state_at_the_step_boundary_and_exits_cleanly(tmp_p
     real = fake_step()
 
     def make(cfg, tcfg, **kw):
-        step = real(cfg, tcfg, **kw)
+        record = real(cfg, tcfg, **kw)
 
         def signalled_at_step_3(state, batches):
             if int(state["step"]) == 2:
                 os.kill(os.getpid(), signum)  # arrives mid-step, as a Ctrl-C would
-            return step(state, batches)
+            return record.step(state, batches)
 
-        return signalled_at_step_3
+        return attrs.evolve(record, step=signalled_at_step_3)
 
     cheap_fit.setattr(fit, "make_train_step", make)
     out = tmp_path / "run"
