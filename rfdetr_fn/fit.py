@@ -35,7 +35,7 @@ from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, imageio, loggers, rundir, runlog, weights
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
-from rfdetr_fn.model.precision import resolve_precision
+from rfdetr_fn.model.precision import explain_precision, resolve_precision
 from rfdetr_fn.step import compile_step, init_state, make_train_step
 from rfdetr_fn.train import autobatch, grids, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
@@ -67,6 +67,7 @@ def fit(args: FitArgs) -> dict[str, Any]:
 def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
     tcfg, dcfg, ecfg = args.train, args.data, args.eval
     world = distributed.setup(args.device)
+    threads = distributed.set_threads(world)
     out_dir = Path(tcfg.output_dir)
     resume_dir = checkpoint.resume_dir(tcfg.resume, out_dir)
     if resume_dir is None and not tcfg.overwrite:
@@ -178,8 +179,8 @@ def _fit(args: FitArgs, held: contextlib.ExitStack) -> dict[str, Any]:
                 steps_per_epoch=steps_per_epoch,
                 epochs=tcfg.epochs,
                 max_steps=tcfg.max_steps,
-                device=str(world.device),
-                precision=precision,
+                device=f"{world.device} ({threads} threads)" if world.device.type == "cpu" else str(world.device),
+                precision=explain_precision(tcfg.precision, world.device),
                 compiled=compiled,
                 output_dir=out_dir,
                 resumed_epoch=loop["epoch"] if resume_dir is not None else None,
