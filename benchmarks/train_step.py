@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --preset nano --batch-size 4 16 --device cuda --precision bf16 --gpu-report
     python benchmarks/train_step.py --device cuda --precision bf16 --modes eager graphed --gpu-report
     python benchmarks/train_step.py --device cuda --precision bf16 --parity 20   # graphed vs eager, 20 steps
+    python benchmarks/train_step.py --preset nano --resolution 384 --batch-size 2 --device cpu --precision bf16
 
 Each mode runs in its own subprocess so peak RSS (CPU) or peak allocated memory (CUDA) belongs to that mode
 alone. Timings are medians over --steps steps after --warmup steps (the compiled mode's first call,
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -175,6 +177,14 @@ def parity(args: argparse.Namespace) -> None:
     print(f"| {args.parity} | {worst_loss:.2e} | {worst_param:.2e} | {losses} |")
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="nano")
@@ -210,6 +220,11 @@ def main() -> None:
                 raise SystemExit(f"{mode} bs={bs} failed")
             rows.append(json.loads(line[0][7:]))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    if not args.device.startswith("cuda"):
+        from rfdetr_fn.model.precision import cpu_bf16_units
+
+        units = cpu_bf16_units()
+        print(f"CPU: {_cpu_model()}; bf16 matrix units (amx_bf16, avx512_bf16): {', '.join(units) or 'none'}")
     print(
         f"\ntrain step: preset={args.preset} res={args.resolution or 'preset'} precision={args.precision} "
         f"device={name} torch={torch.__version__} matcher={args.matcher}"

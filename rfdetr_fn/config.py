@@ -316,7 +316,8 @@ class TrainConfig:
     scale_jitter: bool = True
     """Randomly choose between square resize and resize-crop-resize."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on CUDA with compute capability >= 8, fp16 below, fp32 on CPU."""
+    """auto: bf16 autocast on CUDA with compute capability >= 8 (fp16 below) and on a CPU with AMX-BF16 or
+    AVX512-BF16, fp32 on other CPUs; bf16 runs on any CPU, fp16 on CUDA only (rfdetr_fn.model.precision)."""
     loss_scale_growth_interval: int = attrs.field(default=2000, validator=_positive)
     """fp16: double the loss scale after this many finite steps since the last overflow (GradScaler's rule)."""
     compile: Literal["auto", "on", "off"] = "auto"
@@ -500,8 +501,9 @@ class EvalConfig:
     train step is compiled, else where rfdetr_fn.compiler.use_compile says so for the device."""
 
     precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"
-    """Evaluation forward: CUDA autocast (auto = bf16 on compute capability >= 8, else fp16; upstream's
-    fp16_eval) or fp32; off CUDA only fp32 (and auto, which resolves to it)."""
+    """Evaluation forward: autocast by train.precision's rule (auto = bf16 on CUDA compute capability >= 8,
+    else fp16 there, upstream's fp16_eval; bf16 on a CPU with AMX-BF16/AVX512-BF16, fp32 on other CPUs);
+    bf16 runs on CUDA or CPU, fp16 on CUDA only."""
     keypoint_oks_sigmas: tuple[float, ...] | None = None
     """Keypoint OKS sigmas; None = COCO's person sigmas for 17 keypoints, else 0.05 each (upstream's rule)."""
 

@@ -36,7 +36,7 @@ from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, loggers, rundir, runlog
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
-from rfdetr_fn.model.precision import resolve_precision
+from rfdetr_fn.model.precision import explain_precision, resolve_precision
 from rfdetr_fn.step import TrainStep, compile_step, make_train_step
 from rfdetr_fn.train import autobatch, grids, interrupt, outputs, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
@@ -102,6 +102,7 @@ class Run:
 def _start(args: FitArgs, held: contextlib.ExitStack) -> tuple[Run, dict, trackers.Loop]:
     """Everything before the first step, in the order that fails cheapest first: data, directory, state."""
     world = distributed.setup(args.device)
+    threads = distributed.set_threads(world)  # the cores this process may use, not the machine's
     out_dir = Path(args.train.output_dir)
     resume_dir = checkpoint.resume_dir(args.train.resume, out_dir)
     if resume_dir is None and not args.train.overwrite:
@@ -118,7 +119,7 @@ def _start(args: FitArgs, held: contextlib.ExitStack) -> tuple[Run, dict, tracke
         log.rewind(int(state["step"]), evaluated=loop.eval_pending < 0)
     run = attrs.evolve(run, step_fn=step_fn, cache=cache, log=log, signals=signals)
     if world.main:
-        print(_start_summary(run, state, loop, resumed=resume_dir is not None))
+        print(_start_summary(run, state, loop, resumed=resume_dir is not None, threads=threads))
     return run, state, loop
 
 
@@ -229,7 +230,7 @@ def _make_step(run: Run) -> tuple[Any, compiler.CompileCache | None]:
     return step_fn, cache
 
 
-def _start_summary(run: Run, state: dict, loop: trackers.Loop, resumed: bool) -> str:
+def _start_summary(run: Run, state: dict, loop: trackers.Loop, resumed: bool, threads: int) -> str:
     cfg, tcfg = run.cfg, run.tcfg
     return summary.start_summary(
         model=f"{cfg.model_name} ({cfg.resolution} px)",
@@ -243,8 +244,8 @@ def _start_summary(run: Run, state: dict, loop: trackers.Loop, resumed: bool) ->
         steps_per_epoch=run.steps_per_epoch,
         epochs=tcfg.epochs,
         max_steps=tcfg.max_steps,
-        device=str(run.world.device),
-        precision=run.precision,
+        device=f"cpu ({threads} threads)" if run.world.device.type == "cpu" else str(run.world.device),
+        precision=explain_precision(tcfg.precision, run.world.device),
         compiled=run.compiled,
         output_dir=run.out_dir,
         resumed_epoch=loop.epoch if resumed else None,

@@ -28,7 +28,9 @@ from rfdetr_fn.eval.inference import predict
 from rfdetr_fn.flags import parse
 from rfdetr_fn.io import imageio, weights
 from rfdetr_fn.io.atomic import atomic_write, check_writable
+from rfdetr_fn.io.distributed import World, set_threads
 from rfdetr_fn.io.weights import load_weights
+from rfdetr_fn.model.precision import resolve_precision
 
 
 class PredictError(UserError, ValueError):
@@ -57,6 +59,9 @@ class PredictArgs:
     """torch.compile the forward pass (regional, cached on disk); auto follows rfdetr_fn.compiler.use_compile."""
     allow_large_images: bool = False
     """Read images above Pillow's decompression-bomb limit (about 179 megapixels)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Forward autocast: auto = bf16 on a CPU with AMX-BF16/AVX512-BF16 or CUDA compute capability >= 8
+    (fp16 on older CUDA), fp32 on other CPUs (rfdetr_fn.model.precision)."""
 
 
 def check_args(args: PredictArgs) -> None:
@@ -176,7 +181,9 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = tree.to(params, device)
+    set_threads(World(rank=0, size=1, device=device))
     compiled = use_compile(args.compile, device, "inference")
+    precision = resolve_precision(args.precision, device)
     out_dir = Path(args.output_dir)
     drawings = dict(zip(paths, _drawing_names(paths)))
     refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths, args.images)
@@ -188,7 +195,14 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
             chunk = [(p, _read(p, args.allow_large_images)) for p in paths[start : start + args.batch_size]]
             good = [(p, arr) for p, arr in chunk if not isinstance(arr, str)]
             found = iter(
-                predict(params, cfg, [arr for _, arr in good], threshold=args.threshold, compile=compiled)
+                predict(
+                    params,
+                    cfg,
+                    [arr for _, arr in good],
+                    threshold=args.threshold,
+                    compile=compiled,
+                    precision=precision,
+                )
                 if good
                 else []
             )

@@ -90,7 +90,7 @@ def forward_fn(
     """`detector.apply(params, images, mask, cfg, train=False)` bound to `cfg`; with compile, a regional
     fullgraph compiled function (one per config, device and backend in this process) whose artifacts are
     cached on disk like the train step's (`rfdetr_fn.compiler.CompileCache`). `precision` (resolved, see
-    `rfdetr_fn.model.precision`) bf16/fp16 runs under CUDA autocast, eagerly."""
+    `rfdetr_fn.model.precision`) bf16 (CUDA or CPU) or fp16 (CUDA) runs under autocast, eagerly."""
     if precision != "fp32":
         return functools.partial(_eval_apply, cfg=cfg, precision=precision)
     if not compile:
@@ -123,7 +123,13 @@ def _compiled_forward(cfg: ModelConfig, device_type: str, directory: str, backen
 
 
 def predict(
-    params: Params, cfg: ModelConfig, images: Any, *, threshold: float = 0.5, compile: bool = False
+    params: Params,
+    cfg: ModelConfig,
+    images: Any,
+    *,
+    threshold: float = 0.5,
+    compile: bool = False,
+    precision: str = "fp32",
 ) -> list[dict[str, Tensor]]:
     """Detect objects in one image or a list of them (paths, PIL images, uint8 (H, W, 3) RGB arrays).
 
@@ -132,6 +138,8 @@ def predict(
     per class, 3) as pixel x, y and confidence (zeros past the label's count; scores are fused with the
     keypoint uncertainty, as upstream); only detections scoring above `threshold`.
     Runs on the device and dtype of `params`; `compile=True` uses the compiled forward (`forward_fn`).
+    `precision` "auto" is bf16 autocast on a CPU with AMX-BF16/AVX512-BF16 or a CUDA GPU of compute
+    capability >= 8, fp32 elsewhere (`rfdetr_fn.model.precision.resolve_precision`); bf16 forces it.
     """
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
@@ -141,7 +149,8 @@ def predict(
     ref = next(leaves(params))
     batch, sizes = preprocess(images, cfg)
     with torch.no_grad():
-        forward = forward_fn(cfg, ref.device, compile=compile)
+        resolved = precision_lib.resolve_precision(precision, ref.device)
+        forward = forward_fn(cfg, ref.device, compile=compile, precision=resolved)
         out = forward(params, batch.to(ref.device, ref.dtype), None)
         results = postprocess(out, sizes.to(ref.device), cfg.num_select, **postprocess_kwargs(cfg))
     kept = []

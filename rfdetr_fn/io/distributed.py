@@ -34,6 +34,25 @@ def setup(device: str | None = None) -> World:
     return World(rank=rank, size=size, device=dev)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (taskset, cgroup cpusets, a batch scheduler's
+    share), not the machine's count, which over-subscribes a process confined to a few cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(world: World) -> int:
+    """Set torch's intra-op threads for the step and the forward: the cores available to this process,
+    shared among the ranks on this machine; OMP_NUM_THREADS, when set, wins (and torchrun sets it). Returns
+    the count in use. Data-loader workers run one thread each at a lower priority (`data.loader`)."""
+    if world.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, available_cores() // max(1, local)))
+    return torch.get_num_threads()
+
+
 def pick_device(device: str | None, *, local_rank: int, world_size: int, cuda_available: bool) -> torch.device:
     """`--device`: None picks CUDA when available; "cuda" is cuda:LOCAL_RANK (one GPU per torchrun rank);
     "cuda:N" is GPU N, in a single process only (under torchrun each rank takes its own GPU)."""

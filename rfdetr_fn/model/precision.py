@@ -1,11 +1,18 @@
 """Mixed precision for forward passes: which autocast dtype a run uses, and the forward under it.
 
-Shared by the train step, evaluation and the batch-size probe, so training and evaluation agree on what
-"bf16" means and the loss and postprocess always see float32.
+Shared by the train step, evaluation, inference and the batch-size probe, so training and evaluation agree
+on what "bf16" means and the loss and postprocess always see float32.
+
+The rule (`resolve_precision`): `auto` is bf16 autocast on CUDA with compute capability >= 8 (fp16 below)
+and on a CPU with bf16 matrix units (AMX-BF16 or AVX512-BF16, where oneDNN's bf16 GEMMs run several times
+faster than fp32), fp32 on any other CPU. bf16 may be asked for on any CPU (slower than fp32 without those
+units); fp16 stays CUDA-only (its loss scaling exists for CUDA's fp16 range, CPU fp16 GEMMs are slow).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,27 +22,78 @@ from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.model import detector
 from rfdetr_fn.tree import Params
 
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flag names of the CPU's bf16 matrix units
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA with compute capability >= 8, fp16 on older CUDA, fp32 elsewhere."""
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags: the first `flags` line of /proc/cpuinfo, else torch.cpu's own probes
+    (macOS, Windows) under the same names."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    return {flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()}
+
+
+def cpu_bf16_units(flags: Iterable[str] | None = None) -> list[str]:
+    """The bf16 matrix units among `flags` (default: this CPU's), e.g. ['amx_bf16', 'avx512_bf16']."""
+    have = set(cpu_flags() if flags is None else flags)
+    return [unit for unit in BF16_UNITS if unit in have]
+
+
+def resolve_precision(precision: str, device: torch.device, flags: Iterable[str] | None = None) -> str:
+    """'auto' -> bf16 on CUDA with compute capability >= 8, fp16 on older CUDA, bf16 on a CPU with bf16
+    matrix units (`cpu_bf16_units(flags)`), fp32 elsewhere. Explicit bf16 runs on CUDA and CPU; fp16 on
+    CUDA only."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
     if precision != "auto":
-        if precision != "fp32" and device.type != "cuda":
-            raise ValueError(f"precision={precision!r} needs a CUDA device; this run is on {device.type}")
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError(f"precision='fp16' needs a CUDA device; this run is on {device.type} (bf16 runs here)")
+        if precision == "bf16" and device.type not in ("cuda", "cpu"):
+            raise ValueError(f"precision='bf16' runs on CUDA or CPU; this run is on {device.type}")
         return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if device.type == "cpu" and cpu_bf16_units(flags):
+        return "bf16"
+    return "fp32"
+
+
+def explain_precision(precision: str, device: torch.device, flags: Iterable[str] | None = None) -> str:
+    """The resolved precision and why, for start summaries: 'bf16 (auto: CPU has amx_bf16, avx512_bf16)'."""
+    resolved = resolve_precision(precision, device, flags)
+    if precision != "auto":
+        return resolved
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{resolved} (auto: CUDA compute capability {major}.{minor})"
+    if device.type != "cpu":
+        return f"{resolved} (auto: {device.type})"
+    units = cpu_bf16_units(flags)
+    if units:
+        return f"{resolved} (auto: CPU has {', '.join(units)})"
+    return f"{resolved} (auto: CPU has no AMX-BF16 / AVX512-BF16; --train.precision bf16 forces it)"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision; None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def forward(
     params: Params, images: Tensor, mask: Tensor | None, cfg: ModelConfig, precision: str, **kwargs: Any
 ) -> dict:
-    """`detector.apply` under the resolved precision's CUDA autocast (bf16/fp16; fp32 runs as is), with the
-    outputs back in float32 for the loss and postprocess. Used by the train step and by evaluation."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    """`detector.apply` under the resolved precision's autocast on the images' device (bf16 on CUDA or CPU,
+    fp16 on CUDA; fp32 runs as is), with the outputs back in float32 for the loss and postprocess. Used by
+    the train step, evaluation and inference."""
+    dtype = autocast_dtype(precision)
     if dtype is None:
         return detector.apply(params, images, mask, cfg, **kwargs)
-    with torch.autocast("cuda", dtype=dtype):
+    with torch.autocast(images.device.type, dtype=dtype):
         return _to_float32(detector.apply(params, images, mask, cfg, **kwargs))
 
 

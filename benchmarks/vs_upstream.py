@@ -1,0 +1,288 @@
+"""rfdetr_fn against upstream rfdetr 1.11.2 on the same batch from the same weights, interleaved in one process.
+
+    python benchmarks/vs_upstream.py --preset nano --resolution 384 --batch-size 2
+    python benchmarks/vs_upstream.py --setup          # create the upstream virtualenv first (PyPI, ~6 GB)
+
+Both libraries must import in ONE process (same torch, same threads, same batch). When this interpreter cannot
+import `rfdetr`, the script re-runs itself under the upstream virtualenv's Python (--upstream-venv, default
+$RFDETR_UPSTREAM_VENV or /work/upstream-venv); --setup creates that virtualenv: `rfdetr[train]==1.11.2` (its
+training extra: Lightning, for the optimizer groups and EMA callback) with the
+torch/torchvision pair the registry offers together (upstream needs torchvision, whose PyPI wheels need their
+own torch), plus this repository installed editable. Without either, it says exactly what is missing.
+
+Measured, alternating upstream and rfdetr_fn call by call (medians over --steps after --warmup):
+- train step: forward in train mode, the criterion, backward, clip by global norm 0.1, AdamW over upstream's
+  parameter groups and the EMA update. Upstream is its bare modules (LWDETR, SetCriterion, torch.optim.AdamW as
+  `configure_optimizers` builds it, the EMA callback's foreach average), without Lightning's loop, so the
+  comparison favours upstream. rfdetr_fn is `make_train_step` (eager, fp32 or bf16 autocast).
+- inference, batch 1: eval-mode forward + postprocess under no_grad.
+Upstream "as shipped" on CPU is fp32 (Lightning's "32-true" there); where the CPU has bf16 matrix units (or with
+--precision bf16) both also run under bf16 autocast. Weights: rfdetr_fn's params use upstream's state-dict
+keys, so upstream's model loads every parameter from them (only its non-parameter buffers, such as
+`_kp_active_mask`, stay as built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM_VERSION = "1.11.2"
+DEFAULT_VENV = os.environ.get("RFDETR_UPSTREAM_VENV", "/work/upstream-venv")
+
+
+def _has_upstream() -> bool:
+    try:
+        import rfdetr  # noqa: F401
+    except Exception:  # noqa: BLE001 -- any import failure means this interpreter cannot run upstream
+        return False
+    return True
+
+
+def setup_venv(venv: Path) -> None:
+    """Create `venv` with upstream rfdetr and this repository (editable), from the package registry."""
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([*pip, "torch==2.14.1", "torchvision==0.29.1"], check=True)
+    deps = ["tyro", "attrs", "safetensors", "pycocotools"]
+    subprocess.run([*pip, f"rfdetr[train]=={UPSTREAM_VERSION}", *deps], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+
+
+def reexec_or_explain(args: argparse.Namespace) -> None:
+    """Run this script again under the upstream virtualenv, or print why upstream cannot run and exit 2."""
+    python = Path(args.upstream_venv) / "bin" / "python"
+    if not python.exists():
+        print(
+            f"UPSTREAM NOT AVAILABLE: `import rfdetr` fails in {sys.executable} and there is no virtualenv at "
+            f"{args.upstream_venv}.\nCreate it with: python benchmarks/vs_upstream.py --setup "
+            f"[--upstream-venv DIR]  (PyPI: rfdetr=={UPSTREAM_VERSION}, torch 2.14.1 + torchvision 0.29.1, ~6 GB)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    env = {**os.environ, "RFDETR_VS_UPSTREAM_CHILD": "1"}
+    code = subprocess.run([str(python), __file__, *sys.argv[1:]], cwd=str(ROOT / "benchmarks"), env=env).returncode
+    raise SystemExit(code)
+
+
+def cpu_report() -> str:
+    from rfdetr_fn.model.precision import cpu_bf16_units, cpu_flags
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    present = ", ".join(f"{f} {'yes' if f in flags else 'NO'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    units = cpu_bf16_units(flags)
+    return f"{model}; {present}; bf16 matrix units: {', '.join(units) if units else 'none'}"
+
+
+def build(args: argparse.Namespace):
+    """(ours, upstream) dicts of callables and state for one preset, from the same weights."""
+    import torch
+
+    import rfdetr_fn as rf
+    from rfdetr_fn import tree
+    from rfdetr_fn.config import TrainConfig
+    from rfdetr_fn.step import init_state, make_train_step
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import synthetic_batch
+
+    cfg = rf.presets.get(args.preset, resolution=args.resolution)
+    params = rf.init(cfg, seed=0)
+    batch = synthetic_batch(cfg, args.batch_size, cfg.resolution, torch.device("cpu"))
+    upstream = upstream_model(cfg, args, tree.flatten(params))
+    ours = {"cfg": cfg, "params": params, "batch": batch}
+    for precision in args.precisions:
+        tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", compile="off", precision=precision)
+        ours[precision] = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision)
+        ours[f"state_{precision}"] = init_state(tree.clone(params), tcfg)
+    return ours, upstream
+
+
+def upstream_model(cfg, args: argparse.Namespace, flat: dict):
+    """Upstream's LWDETR, criterion, postprocess, AdamW (its parameter groups) and EMA, loaded with `flat`."""
+    import torch
+    from rfdetr import config as ucfg
+    from rfdetr._namespace import _namespace_from_configs
+    from rfdetr.models.lwdetr import build_criterion_from_config, build_model_from_config
+    from rfdetr.training.callbacks.ema import RFDETREMACallback
+    from rfdetr.training.param_groups import get_param_dict
+
+    kind = {"nano": "RFDETRNanoConfig", "small": "RFDETRSmallConfig", "medium": "RFDETRMediumConfig"}[args.preset]
+    mc = getattr(ucfg, kind)(
+        num_classes=cfg.num_classes, resolution=cfg.resolution, pretrain_weights=None, device="cpu"
+    )
+    tc = ucfg.TrainConfig(dataset_dir=".", output_dir=".", batch_size=args.batch_size, multi_scale=False)
+    model = build_model_from_config(mc, tc)
+    result = model.load_state_dict({k: v.clone() for k, v in flat.items()}, strict=False)
+    names = {n for n, _ in model.named_parameters()}
+    if result.unexpected_keys or names & set(result.missing_keys):  # only buffers may stay as built
+        raise SystemExit(f"weights do not match upstream's keys: {result}")
+    criterion, postprocess = build_criterion_from_config(mc, tc)
+    optimizer = torch.optim.AdamW(
+        get_param_dict(_namespace_from_configs(mc, tc), model), lr=tc.lr, weight_decay=tc.weight_decay
+    )
+    callback = RFDETREMACallback(decay=tc.ema_decay, tau=tc.ema_tau)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=callback._multi_avg_fn, use_buffers=True)
+    return {"model": model, "criterion": criterion, "post": postprocess, "opt": optimizer, "ema": ema}
+
+
+def upstream_targets(batch: dict) -> list[dict]:
+    return [
+        {"labels": labels[labels >= 0], "boxes": boxes[labels >= 0], "orig_size": size, "size": size}
+        for labels, boxes, size in zip(batch["labels"], batch["boxes"], batch["size"])
+    ]
+
+
+def timers(ours: dict, up: dict, precision: str) -> dict:
+    """Four zero-argument callables: (ours|upstream) x (train step|batch-1 inference) in `precision`."""
+    import torch
+
+    from rfdetr_fn.eval.inference import forward_fn
+    from rfdetr_fn.model.postprocess import postprocess
+
+    cfg, batch = ours["cfg"], ours["batch"]
+    targets = upstream_targets(batch)
+    image = batch["images"][:1]
+    size = batch["size"][:1]
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+    forward = forward_fn(cfg, "cpu", precision=precision)
+    model, crit = up["model"], up["criterion"]
+
+    def ours_step():
+        ours[f"state_{precision}"], _ = ours[precision](ours[f"state_{precision}"], [batch])
+
+    def up_step():
+        model.train()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = model(batch["images"], targets)
+        losses = crit(out, targets)
+        total = sum(losses[k] * crit.weight_dict[k] for k in losses if k in crit.weight_dict)
+        up["opt"].zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        up["opt"].step()
+        up["ema"].update_parameters(model)
+
+    def ours_infer():
+        with torch.no_grad():
+            postprocess(forward(ours[f"state_{precision}"]["params"], image, None), size, cfg.num_select)
+
+    def up_infer():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            up["post"](model(image), size)
+
+    return {"step": (up_step, ours_step), "inference": (up_infer, ours_infer)}
+
+
+def parity(ours: dict, up: dict) -> float:
+    """Largest difference of the batch-1 eval logits, upstream vs rfdetr_fn, before any step."""
+    import torch
+
+    from rfdetr_fn.model import detector
+
+    image = ours["batch"]["images"][:1]
+    up["model"].eval()
+    with torch.no_grad():
+        theirs = up["model"](image)["pred_logits"]
+        mine = detector.apply(ours["params"], image, None, ours["cfg"], train=False)["pred_logits"]
+    return float((theirs - mine).abs().max())
+
+
+def interleaved(pair, steps: int, warmup: int) -> tuple[float, float]:
+    """Medians of alternating calls (upstream first, then ours, each round)."""
+    for _ in range(warmup):
+        pair[0](), pair[1]()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(steps):
+        for fn, out in zip(pair, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="nano", choices=["nano", "small", "medium"])
+    parser.add_argument("--resolution", type=int, default=384)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--infer-steps", type=int, default=10)
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: fp32, plus bf16 where the CPU has bf16 matrix units",
+    )
+    parser.add_argument("--upstream-venv", default=DEFAULT_VENV)
+    parser.add_argument("--setup", action="store_true", help="create --upstream-venv from PyPI and exit")
+    args = parser.parse_args()
+    if args.setup:
+        setup_venv(Path(args.upstream_venv))
+        return
+    if not _has_upstream():
+        if os.environ.get("RFDETR_VS_UPSTREAM_CHILD"):
+            print(f"UPSTREAM NOT AVAILABLE: `import rfdetr` fails in {sys.executable}", file=sys.stderr)
+            raise SystemExit(2)
+        reexec_or_explain(args)
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from rfdetr_fn.model.precision import cpu_bf16_units
+
+    precisions = {"fp32": ["fp32"], "bf16": ["fp32", "bf16"]}.get(args.precision)
+    args.precisions = precisions or (["fp32", "bf16"] if cpu_bf16_units() else ["fp32"])
+    import rfdetr
+
+    print(f"CPU: {cpu_report()}")
+    print(
+        f"torch {torch.__version__}, rfdetr {getattr(rfdetr, '__version__', UPSTREAM_VERSION)}, "
+        f"{torch.get_num_threads()} threads, {args.preset} {args.resolution} px, batch {args.batch_size}"
+    )
+    ours, up = build(args)
+    print(f"same weights: max |logit difference| of the eval forward {parity(ours, up):.2e} (fp32)")
+    print("\n| precision | what | upstream | rfdetr_fn | vs upstream same precision | vs upstream as shipped (fp32) |")
+    print("|---|---|---|---|---|---|", flush=True)
+    shipped = {}
+    for precision in args.precisions:
+        pieces = timers(ours, up, precision)
+        for what, pair, steps in (
+            ("inference, batch 1", pieces["inference"], args.infer_steps),
+            ("train step", pieces["step"], args.steps),
+        ):
+            t_up, t_ours = interleaved(pair, steps, args.warmup)
+            shipped.setdefault(what, t_up)  # fp32 comes first: upstream as shipped on CPU
+            print(
+                f"| {precision} | {what} | {_fmt(t_up)} | {_fmt(t_ours)} | {t_up / t_ours:.2f}x | "
+                f"{shipped[what] / t_ours:.2f}x |",
+                flush=True,
+            )
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""bf16 autocast on CPU: the `auto` rule from the CPU's flags, explicit bf16 on any CPU, fp16 CUDA-only,
+and bf16's numbers against fp32 (train step losses over 20 steps, eval forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rfdetr_fn as rf
+from rfdetr_fn.model import detector
+from rfdetr_fn.model.precision import cpu_bf16_units, cpu_flags, explain_precision, forward, resolve_precision
+from rfdetr_fn.step import init_state, make_train_step
+from tests.test_train import _tiny_setup
+
+CPU = torch.device("cpu")
+SAPPHIRE_RAPIDS = ["fpu", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+COOPER_LAKE = ["fpu", "avx512f", "avx512_bf16"]
+SKYLAKE = ["fpu", "avx2", "avx512f"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "units", "resolved"),
+    [
+        (SAPPHIRE_RAPIDS, ["amx_bf16", "avx512_bf16"], "bf16"),
+        (COOPER_LAKE, ["avx512_bf16"], "bf16"),
+        (SKYLAKE, [], "fp32"),
+    ],
+)
+def test_auto_picks_bf16_on_cpus_with_bf16_matrix_units(flags, units, resolved):
+    assert cpu_bf16_units(flags) == units
+    assert resolve_precision("auto", CPU, flags) == resolved
+    assert resolve_precision("fp32", CPU, flags) == "fp32"
+    assert resolve_precision("bf16", CPU, flags) == "bf16"  # explicit bf16 runs on any CPU
+    with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
+        resolve_precision("fp16", CPU, flags)
+
+
+def test_explain_says_why_auto_picked():
+    assert explain_precision("auto", CPU, SAPPHIRE_RAPIDS) == "bf16 (auto: CPU has amx_bf16, avx512_bf16)"
+    assert explain_precision("auto", CPU, SKYLAKE).startswith("fp32 (auto: CPU has no AMX-BF16 / AVX512-BF16")
+    assert explain_precision("bf16", CPU, SKYLAKE) == "bf16"
+    with pytest.raises(ValueError, match="expected auto, fp32, bf16 or fp16"):
+        resolve_precision("bfloat16", CPU)
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512f amx_bf16\n\nflags\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "avx512f", "amx_bf16"}
+    assert isinstance(cpu_flags(tmp_path / "missing"), set)  # falls back to torch.cpu's probes
+
+
+def test_bf16_train_steps_on_cpu_stay_close_to_fp32():
+    """20 steps of the tiny preset. Measured (2026-12-07, Xeon without bf16 units): the total loss within
+    0.3 % of fp32 at steps where both pick the same matches and two-stage proposals; a step where one of
+    them flips (a discrete choice) differs by up to 2.4 %, so per step the bound is 5 %, and over the 20
+    steps the mean total within 1 %, each term's mean within 10 %."""
+    cfg, tcfg, batch = _tiny_setup()
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        step = make_train_step(cfg, tcfg, steps_per_epoch=20, precision=precision)
+        state, rows = init_state(rf.init(cfg, 0), tcfg), []
+        for _ in range(20):
+            state, metrics = step(state, [batch])
+            rows.append({k: float(v) for k, v in metrics.items() if k.startswith("loss")})
+        runs[precision] = rows
+    for i, (a, b) in enumerate(zip(runs["fp32"], runs["bf16"])):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05), f"step {i}"
+    for key in runs["fp32"][0]:
+        mean = {p: sum(r[key] for r in rows) / len(rows) for p, rows in runs.items()}
+        assert mean["bf16"] == pytest.approx(mean["fp32"], rel=0.01 if key == "loss" else 0.1, abs=1e-3), key
+    assert runs["fp32"] != runs["bf16"]  # autocast really ran in bf16
+
+
+def test_bf16_eval_forward_on_cpu_is_close_to_fp32():
+    cfg = rf.presets.tiny(num_classes=3, resolution=64)
+    params = detector.init(cfg, 0)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = forward(params, images, None, cfg, "fp32", train=False)
+        bf16 = forward(params, images, None, cfg, "bf16", train=False)
+    assert bf16["pred_logits"].dtype == torch.float32 and bf16["pred_boxes"].dtype == torch.float32
+    assert not torch.equal(bf16["pred_boxes"], fp32["pred_boxes"])
+    # a query whose two-stage proposal flips moves far (measured: 2 of 160 box coordinates by 0.25); the rest
+    # stay close (measured: box median 0, logit median 0.004, 97.5 % of logits within 0.25)
+    box = (bf16["pred_boxes"] - fp32["pred_boxes"]).abs().flatten()
+    assert box.median() < 0.01 and (box < 0.05).float().mean() > 0.95
+    logit = (bf16["pred_logits"] - fp32["pred_logits"]).abs().flatten()
+    assert logit.median() < 0.05 and (logit < 0.25).float().mean() > 0.95
