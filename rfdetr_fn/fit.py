@@ -148,7 +148,13 @@ def _data(args: FitArgs, world, out_dir: Path) -> Run:
     precision = resolve_precision(tcfg.precision, world.device)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
     train_step = make_train_step(
-        cfg, tcfg, steps_per_epoch=steps_per_epoch, precision=precision, world_size=world.size, rank=world.rank
+        cfg,
+        tcfg,
+        steps_per_epoch=steps_per_epoch,
+        precision=precision,
+        world_size=world.size,
+        rank=world.rank,
+        donate=world.device.type == "cpu",  # CUDA compiles (or graphs) the update instead
     )
     return Run(
         args=args,

@@ -29,6 +29,7 @@ outputs, and the input state is never modified.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.model import detector, lora
 from rfdetr_fn.optim import chain as gt
 from rfdetr_fn.optim import ema as ema_lib
-from rfdetr_fn.optim import recipe, schedules
+from rfdetr_fn.optim import inplace, recipe, schedules
 from rfdetr_fn.optim.config import UpdateConfig
 
 TrainState = dict[str, Any]
@@ -87,6 +88,7 @@ def make_train_step(
     optimizer: gt.GradientTransformation | None = None,
     trainable: tree.Where | None = None,
     rank: int = 0,
+    donate: bool = False,
 ) -> TrainStep:
     """Bind the static configuration: the pure step and its `init`, sharing one optimizer and selection.
 
@@ -97,6 +99,12 @@ def make_train_step(
     `gt.report_lr`). Only the leaves `trainable` selects (default `recipe.trainable`: freezing, LoRA) get
     gradients and optimizer state; a selection matching no leaf is an error naming it.
     `rank` enters the random key, so drop path differs across the data shards of one step.
+
+    `donate=True` (JAX's `donate_argnums`; what `fit` uses on CPU) lets the step overwrite its input
+    state's buffers: clipping, upstream's AdamW and the EMA then run in place (`optim/inplace.py`), with
+    the same numbers as the pure step and without a second copy of params, moments and EMA. The state
+    passed in must not be used again (a second call with it raises). Donation applies to the built-in
+    adamw without fp16; any other optimizer or fp16 runs the pure update.
     """
     ucfg = UpdateConfig.resolve(tcfg, steps_per_epoch)
     schedule = functools.partial(schedules.lr_factor, **ucfg.schedule)
@@ -107,7 +115,9 @@ def make_train_step(
         optimizer = recipe.make_optimizer(cfg, tcfg, names, schedule)
     pieces = StepPieces(
         loss=_loss_piece(cfg, tcfg, precision, world_size),
-        update=_update_piece(cfg, ucfg, precision, world_size, optimizer, None if custom else schedule),
+        update=_donated_update_piece(cfg, tcfg, ucfg, world_size, where, schedule)
+        if donate and _donatable(tcfg, precision, custom)
+        else _update_piece(cfg, ucfg, precision, world_size, optimizer, None if custom else schedule),
         split=functools.partial(_split, where=where),
         fp16=precision == "fp16",
         rank=rank,
@@ -120,6 +130,7 @@ def make_train_step(
         "drop_path": tcfg.drop_path,
         "precision": precision,
         "world_size": world_size,
+        "donate": donate and _donatable(tcfg, precision, custom),
         # a 'module:function' optimizer is given the whole TrainConfig: key on all of it
         "custom": attrs.asdict(tcfg) if ":" in tcfg.optimizer else None,
     }
@@ -203,6 +214,47 @@ def _update_piece(
             metrics["lr_factor"] = schedule(step)
         if isinstance(new_opt, dict) and "lr" in new_opt:
             metrics["lr"] = new_opt["lr"]
+        return new_state, metrics
+
+    return update
+
+
+def _donatable(tcfg: TrainConfig, precision: str, custom: bool) -> bool:
+    """Whether the in-place update mirrors this run's: the built-in adamw (betas/eps overrides only), no fp16
+    (whose overflow skip needs the previous state)."""
+    extra = set(json.loads(tcfg.optimizer_kwargs)) - {"betas", "eps"}
+    return not custom and tcfg.optimizer == "adamw" and precision != "fp16" and not extra
+
+
+def _donated_update_piece(
+    cfg: ModelConfig, tcfg: TrainConfig, ucfg: UpdateConfig, world_size: int, where, schedule: Callable
+) -> Callable:
+    """The update of a donated state: the same as `_update_piece` for adamw, in place on `state`'s buffers."""
+    names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
+    groups = recipe.param_groups(names, cfg, tcfg)
+    kwargs = json.loads(tcfg.optimizer_kwargs)
+    betas, eps = tuple(kwargs.get("betas", tcfg.betas)), kwargs.get("eps", tcfg.eps)
+
+    def update(state: TrainState, trainable, grads_list: list, losses_list: list) -> tuple[TrainState, dict]:
+        if state.get("donated"):
+            raise ValueError(
+                "this train state was donated to an earlier step (make_train_step(donate=True)), which reused "
+                "its buffers: pass the state that step returned"
+            )
+        step = state["step"]
+        grads, loss_sums = _accumulate(grads_list, losses_list, None, cfg)
+        if world_size > 1:
+            averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
+            grads, loss_sums = averaged["grads"], averaged["losses"]
+        grad_norm = inplace.global_norm_clip_([g for g in tree.leaves(grads) if g is not None], ucfg.clip_max_norm)
+        finite = torch.isfinite(grad_norm)
+        metrics = {**loss_sums, "grad_norm": grad_norm.detach(), "finite": finite, "lr_factor": schedule(step)}
+        if not bool(finite):  # one host sync (fit makes it anyway): a non-finite step leaves the state intact
+            return state, metrics
+        with torch.no_grad():
+            inplace.donated_update(state, grads, groups, ucfg, betas=betas, eps=eps, lr_factor=metrics["lr_factor"])
+        new_state = {**state, "step": step + 1}
+        state["donated"] = True  # the input now holds the next state's buffers
         return new_state, metrics
 
     return update

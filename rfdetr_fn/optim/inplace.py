@@ -2,9 +2,9 @@
 pure path (`chain.global_norm_clip`, `chain.adamw` + `chain.apply_updates`, `ema.ema_maybe_update`), so the
 results are bit-equal (tests/test_inplace_update.py), but every buffer is overwritten instead of allocated.
 
-Not wired into the step yet: `make_train_step(..., donate=True)` will call these once the step's record
-form lands. A donated input must not be used again: these functions overwrite `params`, the moments, the
-EMA weights and the gradients they are given.
+`make_train_step(..., donate=True)` (what `fit` uses on CPU) runs `donated_update` in place of the pure
+update. A donated input must not be used again: these functions overwrite `params`, the moments, the EMA
+weights and the gradients they are given.
 
 Why not torch's fused AdamW (`torch._fused_adamw_`, one pass per tensor on CPU)? It rounds differently
 (up to 2.4e-7 absolute on unit-scale weights after a few steps), so it cannot be bit-equal to the pure
@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 from rfdetr_fn import tree
+from rfdetr_fn.optim import ema as ema_lib
+from rfdetr_fn.optim.config import UpdateConfig
+from rfdetr_fn.optim.recipe import Group
 
 
 def global_norm_clip_(grads: list[Tensor], max_norm: float) -> Tensor:
@@ -77,6 +80,41 @@ def ema_blend_(ema: list[Tensor], params: list[Tensor], delta: Tensor) -> None:
     for lo, hi in tree.chunks(ema):
         torch._foreach_mul_(ema[lo:hi], keep)
         torch._foreach_add_(ema[lo:hi], torch._foreach_mul(params[lo:hi], take))
+
+
+def donated_update(
+    state: dict,
+    grads,
+    groups: list[Group],
+    ucfg: UpdateConfig,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    lr_factor: Tensor,
+) -> None:
+    """Upstream's AdamW over its parameter groups and the EMA, in place on `state` (params, moments, EMA):
+    the in-place twin of the step's pure update for the built-in adamw, given clipped `grads`."""
+    flat_p, flat_g = tree.flatten(state["params"]), tree.flatten(grads)
+    opt = state["opt_state"]
+    flat_m, flat_v = tree.flatten(opt["exp_avg"]), tree.flatten(opt["exp_avg_sq"])
+    opt["step"].add_(1)  # the count after this step, as the pure update's `state["step"] + 1`
+    for group in groups:
+        names = [n for n in group.names if flat_g.get(n) is not None]
+        adamw_(
+            [flat_p[n] for n in names], [flat_g[n] for n in names], [flat_m[n] for n in names],
+            [flat_v[n] for n in names], opt["step"], lr=lr_factor * group.lr, weight_decay=group.weight_decay,
+            b1=betas[0], b2=betas[1], eps=eps,
+        )  # fmt: skip
+    if ucfg.use_ema:
+        ema = state["ema_state"]
+        delta = ema_lib._delta(ema["updates"], ucfg.ema_decay, ucfg.ema_tau)
+        counted = torch.ones_like(ema["updates"])
+        if ucfg.ema_update_interval > 1:  # a skipped step blends with delta 1, as the pure update does
+            due = torch.remainder(state["step"] + 1, ucfg.ema_update_interval) == 0
+            delta, counted = torch.where(due, delta, 1.0).to(torch.float64), due.to(counted.dtype)
+        flat_e = tree.flatten(ema["params"])
+        ema_blend_(list(flat_e.values()), [flat_p[n].detach() for n in flat_e], delta)
+        ema["updates"].add_(counted)
 
 
 def _scalar(value: Tensor | float, like: Tensor) -> Tensor:
