@@ -53,8 +53,9 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
 def test_bf16_train_steps_on_cpu_stay_close_to_fp32():
     """20 steps of the tiny preset. Measured (2026-12-07, Xeon without bf16 units): the total loss within
     0.3 % of fp32 at steps where both pick the same matches and two-stage proposals; a step where one of
-    them flips (a discrete choice) differs by up to 2.4 %, so per step the bound is 5 %, and over the 20
-    steps the mean total within 1 %, each term's mean within 10 %."""
+    them flips (a discrete choice) differs by up to 2.4 % (5.0 % with other GEMM kernels: eager linears as
+    F.linear), so per step the bound is 10 %, and over the 20 steps the mean total within 1 %, each term's
+    mean within 10 %."""
     cfg, tcfg, batch = _tiny_setup()
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -65,7 +66,7 @@ def test_bf16_train_steps_on_cpu_stay_close_to_fp32():
             rows.append({k: float(v) for k, v in metrics.items() if k.startswith("loss")})
         runs[precision] = rows
     for i, (a, b) in enumerate(zip(runs["fp32"], runs["bf16"])):
-        assert b["loss"] == pytest.approx(a["loss"], rel=0.05), f"step {i}"
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.1), f"step {i}"
     for key in runs["fp32"][0]:
         mean = {p: sum(r[key] for r in rows) / len(rows) for p, rows in runs.items()}
         assert mean["bf16"] == pytest.approx(mean["fp32"], rel=0.01 if key == "loss" else 0.1, abs=1e-3), key
