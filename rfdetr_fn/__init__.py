@@ -8,7 +8,7 @@ out = rf.apply(params, images, mask, cfg, train=False)
 
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from rfdetr_fn.eval.inference import predict
+from rfdetr_fn.deploy import export, predict
 from rfdetr_fn.io.weights import load_weights, save_weights
 from rfdetr_fn.model.detector import apply, init, param_shapes
 from rfdetr_fn.model.postprocess import postprocess
@@ -27,4 +27,5 @@ __all__ = [
     "param_shapes",
     "postprocess",
     "predict",
+    "export",
 ]
