@@ -16,11 +16,11 @@ from pathlib import Path
 import attrs
 import torch
 
+from rfdetr_fn import tree
 from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.deploy import graph, verify
 from rfdetr_fn.deploy.graph import ExportError
 from rfdetr_fn.io.atomic import fsync_dir, raise_if_disk_full
-from rfdetr_fn.tree import Params
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 
@@ -58,7 +58,7 @@ def resolve_format(path: Path, format: str | None) -> str:
 
 
 def export(
-    params: Params,
+    params: tree.Params,
     cfg: ModelConfig,
     path: str | os.PathLike,
     *,
@@ -68,12 +68,14 @@ def export(
     opset: int | None = None,
     half: bool = False,
     class_names: list[str] | None = None,
+    device: str = "cpu",
 ) -> ExportReport:
     """Export the eval forward to ONNX (`.onnx`) or a torch.export + AOTInductor package (`.pt2`), verified.
 
     batch_size None = a dynamic batch axis; resolution None = cfg.resolution (square); half = fp16 weights
-    and compute inside, float32 input and outputs. The exported file is run on a fixed input and compared
-    with `rf.apply`; beyond 1e-4 (fp32) it is an ExportError quoting the figures and nothing is written.
+    and compute inside, float32 input and outputs; device (pt2 only) = where the package runs. The exported
+    file is run on a fixed input and compared with `rf.apply`; beyond 1e-4 (fp32) it is an ExportError
+    quoting the figures, and nothing is written.
     """
     path = Path(path)
     fmt = resolve_format(path, format)
@@ -81,13 +83,16 @@ def export(
         raise ExportError(f"{path} is a directory; --output names the file to write")
     if batch_size is not None and batch_size < 1:
         raise ExportError(f"--batch-size must be >= 1 or dynamic, got {batch_size}")
+    if fmt == "onnx" and torch.device(device).type != "cpu":
+        raise ExportError(f"--device {device}: ONNX files are traced on the CPU and run anywhere; drop --device")
     if fmt == "onnx":
         from rfdetr_fn.deploy import onnx
 
         onnx.require("onnx", "onnxscript", "onnxruntime")  # before any work: the message names the extra
     ecfg = graph.export_config(cfg, resolution)
     module = graph.Forward(graph.export_params(params, ecfg, torch.float16 if half else torch.float32), ecfg)
-    example = graph.example_input(ecfg, graph.trace_batch(batch_size))
+    module.params = tree.to(module.params, device)
+    example = graph.example_input(ecfg, graph.trace_batch(batch_size)).to(device)
     meta = graph.metadata(ecfg, class_names, half=half, batch=batch_size)
     reference = graph.cpu_copy(params)  # as given: rf.apply resizes the table itself
     batches = [1, 2] if batch_size is None else [batch_size]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rfdetr_fn import kernels, tree
-from rfdetr_fn.config import ConfigError, ModelConfig
+from rfdetr_fn.config import ModelConfig
 from rfdetr_fn.errors import UserError
 from rfdetr_fn.io.formats import CONFIG_META, NAMES_META, config_to_dict
 from rfdetr_fn.model import backbone, detector, lora
@@ -51,7 +51,7 @@ def export_config(cfg: ModelConfig, resolution: int | None) -> ModelConfig:
         return cfg
     try:
         return attrs.evolve(cfg, resolution=resolution, positional_encoding_size=cfg.pe_size)
-    except ConfigError as err:
+    except ValueError as err:  # ConfigError, or the config's own divisibility checks
         raise ExportError(f"--resolution {resolution}: {err}") from None
 
 
