@@ -244,3 +244,30 @@ def test_static_batch_and_resolution_options(tmp_path):
         ref = rf.apply(params, x, None, model.cfg, train=False)
     got = model(x)
     assert max(float((ref[k] - got[k]).abs().max()) for k in got) <= 1e-4
+
+
+@pytest.mark.slow
+def test_half_onnx_runs_and_matches_fp16_apply(tmp_path):
+    cfg = rf.presets.tiny(**MICRO)
+    params = _perturbed(cfg)
+    report = rf.export(params, cfg, tmp_path / "m.onnx", half=True)
+    print(report.summary())
+    assert report.bound == verify.HALF_TOLERANCE
+    assert max(max(d.values()) for d in report.differences.values()) <= verify.HALF_TOLERANCE
+    m = onnx.load(tmp_path / "m.onnx")
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # the contract stays float32
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in m.graph.initializer)
+
+
+def test_verification_matches_queries_that_swapped_places():
+    """Near-tied two-stage scores may reorder whole queries between runtimes; a real difference still shows."""
+    gen = torch.Generator().manual_seed(0)
+    boxes, logits = torch.rand(2, 6, 4, generator=gen), torch.randn(2, 6, 5, generator=gen)
+    perm = torch.tensor([1, 0, 2, 3, 5, 4])
+    order = verify.match_queries(boxes, logits, boxes[:, perm], logits[:, perm])
+    assert all(torch.equal(o, perm) for o in order)
+    changed = logits[:, perm].clone()
+    changed[0, 0] += 0.5
+    order = verify.match_queries(boxes, logits, boxes[:, perm], changed)
+    worst = (torch.stack([logits[b, order[b]] for b in range(2)]) - changed).abs().max()
+    assert float(worst) >= 0.5 - 1e-6
