@@ -20,47 +20,32 @@ from rfdetr_fn.tree import Params
 TOLERANCE = 1e-4  # fp32: absolute, every output element
 HALF_TOLERANCE = 1e-2  # fp16: |difference| / max(1, largest |reference value|); measured 6e-4 (tiny, onnxruntime CPU)
 
+NEAR_TIE = 1e-4  # top-k scores closer than this may trade ranks between runtimes
+TRIES = 8  # fixed inputs tried before a near-tied difference counts as a failure
+SKIPPED = "near-tied inputs skipped"  # reported with the figures, not held to the bound
+
 Runner = Callable[[Tensor], dict[str, Tensor]]
 
 
 def differences(
     run: Runner, params: Params, cfg: ModelConfig, images: Tensor, *, relative: bool = False
-) -> dict[str, float]:
+) -> tuple[dict[str, float], float]:
     """Largest |exported - rf.apply| per output name on `images` (over max(1, |reference|) when `relative`),
-    queries matched first (see `match_queries`)."""
+    and the smallest gap between adjacent two-stage top-k scores of the reference (see `verify`)."""
     with reference_kernels(), torch.no_grad():
         ref = detector.apply(params, images, None, cfg, train=False)
         got = run(images)
-    names = output_names(cfg)
-    expected = {n: ref[OUTPUTS[n]].float().cpu() for n in names}
-    actual = {n: got[n].float().cpu() for n in names}
-    for n in names:
-        if expected[n].shape != actual[n].shape:
-            shapes = f"{tuple(actual[n].shape)}, rf.apply {tuple(expected[n].shape)}"
-            raise ExportError(f"exported output {n} has shape {shapes}")
-    order = match_queries(expected["dets"], expected["labels"], actual["dets"], actual["labels"])
     out = {}
-    for n in names:
-        e = torch.stack([expected[n][b, order[b]] for b in range(len(order))]) if len(order) else expected[n]
-        worst = float((e - actual[n]).abs().max()) if e.numel() else 0.0
-        out[n] = worst / max(1.0, float(e.abs().max())) if relative and e.numel() else worst
-    return out
-
-
-def match_queries(boxes: Tensor, logits: Tensor, boxes2: Tensor, logits2: Tensor) -> list[Tensor]:
-    """Per image, the reference query behind each exported query.
-
-    Queries come in the two-stage top-k's order; proposals whose scores differ by float rounding (about 1e-6
-    on untrained weights) may swap places between runtimes, which reorders whole queries without changing a
-    detection. Each exported query takes its nearest reference query (boxes and logits); when that is not
-    a one-to-one matching the order is kept as it is, so a real difference still shows."""
-    ref, got = torch.cat([boxes, logits], -1), torch.cat([boxes2, logits2], -1)
-    out = []
-    for b in range(ref.shape[0]):
-        nearest = torch.cdist(got[b], ref[b]).argmin(-1)
-        one_to_one = nearest.unique().numel() == nearest.numel()
-        out.append(nearest if one_to_one else torch.arange(ref.shape[1]))
-    return out
+    for name in output_names(cfg):
+        expected, actual = ref[OUTPUTS[name]].float().cpu(), got[name].float().cpu()
+        if expected.shape != actual.shape:
+            shapes = f"{tuple(actual.shape)}, rf.apply {tuple(expected.shape)}"
+            raise ExportError(f"exported output {name} has shape {shapes}")
+        worst = float((expected - actual).abs().max()) if expected.numel() else 0.0
+        out[name] = worst / max(1.0, float(expected.abs().max())) if relative and expected.numel() else worst
+    scores = ref["enc_outputs"]["pred_logits"].float().amax(-1)  # the top-k's scores, in rank order
+    gap = float((scores[:, :-1] - scores[:, 1:]).abs().min()) if scores.shape[1] > 1 else float("inf")
+    return out, gap
 
 
 def verify(
@@ -68,17 +53,26 @@ def verify(
 ) -> dict[int, dict[str, float]]:
     """Differences at each batch size; an ExportError quoting them when one is beyond the bound.
 
+    The two-stage top-k ranks proposals by score and each rank has its own query embedding, so two proposals
+    whose scores differ by float rounding (about 1e-6; common on untrained weights) may trade ranks between
+    runtimes and change every output (self-attention mixes the queries). Such an input cannot tell a good
+    export from a bad one: when the reference's closest top-k scores are within NEAR_TIE and the outputs
+    differ, the next fixed input is tried (up to TRIES), and the figures say how many were skipped.
+
     An fp16 file is compared with `rf.apply` on the same fp16 parameters (what the export must preserve),
-    relative to each output's largest |value|: fp16 against fp32 is the model's precision, not the export's
-    (on the test models it flips the two-stage top-k, so whole queries differ)."""
+    relative to each output's largest |value|: fp16 against fp32 is the model's precision, not the export's."""
     if half:
         params = tree.map_(lambda t: t.half(), params)
+    bound = HALF_TOLERANCE if half else TOLERANCE
     figures = {}
     for batch in batches:
-        images = example_input(cfg, batch, seed=batch)
-        figures[batch] = differences(run, params, cfg, images, relative=half)
-    bound = HALF_TOLERANCE if half else TOLERANCE
-    bad = {b: d for b, d in figures.items() if any(v > bound or v != v for v in d.values())}
+        for attempt in range(TRIES):
+            images = example_input(cfg, batch, seed=batch + 1000 * attempt)
+            diffs, gap = differences(run, params, cfg, images, relative=half)
+            if all(v <= bound for v in diffs.values()) or gap >= NEAR_TIE:
+                break
+        figures[batch] = {**diffs, SKIPPED: float(attempt)} if attempt else diffs
+    bad = {b: d for b, d in figures.items() if any(v > bound or v != v for k, v in d.items() if k != SKIPPED)}
     if bad:
         raise ExportError(f"{where}: exported outputs differ from rf.apply beyond {bound:g}: {describe(bad)}")
     return figures
@@ -87,5 +81,6 @@ def verify(
 def describe(figures: dict[int, dict[str, float]]) -> str:
     """'batch 1: dets 2.4e-07, labels 1.9e-06; batch 2: ...'"""
     return "; ".join(
-        f"batch {b}: " + ", ".join(f"{name} {v:.2g}" for name, v in diffs.items()) for b, diffs in figures.items()
+        f"batch {b}: " + ", ".join(f"{k} {v:.2g}" if k != SKIPPED else f"{k} {v:.0f}" for k, v in diffs.items())
+        for b, diffs in figures.items()
     )
