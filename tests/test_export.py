@@ -1,8 +1,9 @@
 """Export (rfdetr_fn.deploy): ONNX and pt2 files match rf.apply, keep upstream's contract, run under predict, and
 bad input fails with one message and nothing at --output.
 
-Times on the shared 2-core machine (load 5-7): the module fixture (one micro ONNX export through the CLI) about
-40 s; each slow ONNX export 50-80 s; each slow pt2 export (AOTInductor C++ build) 2-4 min.
+Times measured on the shared 2-core machine under load 6-12 (so pessimistic): the module fixture (one micro
+ONNX export through the CLI) 46 s, the other fast tests under 2 s each; slow: tiny ONNX exports 150-330 s
+(keypoint 1290 s at nice 15), tiny pt2 (AOTInductor C++ build) 640 s.
 """
 
 from __future__ import annotations
