@@ -1,9 +1,10 @@
 """Export (rfdetr_fn.deploy): ONNX and pt2 files match rf.apply, keep upstream's contract, run under predict, and
 bad input fails with one message and nothing at --output.
 
-Times measured on the shared 2-core machine under load 6-12 (so pessimistic): the module fixture (one micro
-ONNX export through the CLI) 46 s, the other fast tests under 2 s each; slow: tiny ONNX exports 150-330 s
-(keypoint 1290 s at nice 15), tiny pt2 (AOTInductor C++ build) 640 s.
+Times measured on the shared 2-core machine (pessimistic: load 6-12 for most runs): the module fixture (one
+micro ONNX export through the CLI) 46 s, the other fast tests under 2 s each; slow: tiny/golden ONNX exports
+70-330 s (keypoint 1340 s at load 12), tiny/golden pt2 (AOTInductor C++ build) 73-190 s at load 1-3, 640 s
+at load 10.
 """
 
 from __future__ import annotations
