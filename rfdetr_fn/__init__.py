@@ -9,7 +9,7 @@ total, terms = rf.loss(params, batch, cfg)  # the training loss of a loader batc
 
 from rfdetr_fn import presets, tree
 from rfdetr_fn.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from rfdetr_fn.eval.inference import predict
+from rfdetr_fn.deploy import export, predict
 from rfdetr_fn.io.weights import load_weights, save_weights
 from rfdetr_fn.losses.objective import loss
 from rfdetr_fn.model.detector import apply, init, param_shapes
@@ -30,4 +30,5 @@ __all__ = [
     "param_shapes",
     "postprocess",
     "predict",
+    "export",
 ]

@@ -5,6 +5,7 @@
     rfdetr_fn test     --checkpoint FILE_OR_DIR
     rfdetr_fn predict  --checkpoint FILE_OR_DIR --images a.jpg b.jpg | folder/
     rfdetr_fn average  a.pth b.pth c.pth --out soup.pth [--weights ...] [--greedy --data.*]
+    rfdetr_fn export   --checkpoint FILE_OR_DIR --format onnx|pt2 --output PATH [--batch-size N|dynamic ...]
 
 fit, validate and test are also `python -m rfdetr_fn.<command>`. `--preset` and `--config` are read first:
 they pick the defaults that the other flags then override, so `--preset small --model.resolution 640` is
@@ -22,6 +23,7 @@ COMMANDS = {
     "test": "score weights or a run directory on the test split (--checkpoint)",
     "predict": "detect objects in images; writes predictions.json and drawings (--checkpoint, --images)",
     "average": "average weights files into one (a model soup; --greedy keeps what helps on --data.*)",
+    "export": "export weights to ONNX or a compiled torch.export package, verified (--checkpoint, --format, --output)",
 }
 
 
@@ -41,7 +43,7 @@ def console() -> Any:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """`rfdetr_fn <command> ...`: dispatch to fit, validate, test or predict."""
+    """`rfdetr_fn <command> ...`: dispatch to fit, validate, test, predict, average or export."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> Any:
         from rfdetr_fn.test import main as run
     elif command == "average":
         from rfdetr_fn.average import main as run
+    elif command == "export":
+        from rfdetr_fn.deploy.command import main as run
     else:
         from rfdetr_fn.predict_cli import main as run
     return run(rest)

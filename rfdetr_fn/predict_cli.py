@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rfdetr_fn import tree
+from rfdetr_fn import deploy, tree
 from rfdetr_fn.compiler import use_compile
 from rfdetr_fn.data.source import IMAGE_SUFFIXES
+from rfdetr_fn.deploy import predict
 from rfdetr_fn.errors import UserError
 from rfdetr_fn.eval.drawing import class_name, draw_detections
-from rfdetr_fn.eval.inference import predict
 from rfdetr_fn.flags import parse
 from rfdetr_fn.io import imageio, weights
 from rfdetr_fn.io.atomic import atomic_write, check_writable
@@ -42,7 +42,7 @@ class PredictArgs:
     """Detect objects in images with a trained checkpoint; write predictions.json and annotated PNGs."""
 
     checkpoint: str = "output/checkpoint_best_total.pth"
-    """Weights file (.pth, .ckpt or .safetensors) or a training output directory."""
+    """Weights file (.pth, .ckpt or .safetensors), a training output directory, or an exported .onnx / .pt2."""
     images: tuple[str, ...] = ()
     """Image files and/or folders (folders: their .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files, sorted)."""
     output_dir: str = "predictions"
@@ -175,13 +175,17 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
     on stderr); records also go to predictions.jsonl as they come, so a crash keeps what was done."""
     check_args(args)
     paths = collect_images(args.images)
-    ckpt = weights.resolve_checkpoint(args.checkpoint)
-    cfg, params = load_weights(ckpt)
-    names = weights.class_names(ckpt)
-    schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    params = tree.to(params, device)
     set_threads(World(rank=0, size=1, device=device))
+    if deploy.is_exported(args.checkpoint):  # onnxruntime / AOTInductor; config and names from the file
+        params = deploy.load(args.checkpoint)
+        cfg, names = params.cfg, params.class_names
+    else:
+        ckpt = weights.resolve_checkpoint(args.checkpoint)
+        cfg, params = load_weights(ckpt)
+        names = weights.class_names(ckpt)
+        params = tree.to(params, device)
+    schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
     compiled = use_compile(args.compile, device, "inference")
     precision = resolve_precision(args.precision, device)
     out_dir = Path(args.output_dir)

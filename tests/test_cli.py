@@ -73,7 +73,7 @@ def test_no_command_prints_the_commands(capsys):
         cli.main([])
     assert stop.value.code == 2
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
-    assert [words[0] for words in lines] == ["fit", "validate", "test", "predict", "average"] and all(
+    assert [words[0] for words in lines] == ["fit", "validate", "test", "predict", "average", "export"] and all(
         len(w) > 3 for w in lines
     )
     assert cli.main(["--help"]) is None and "unknown" not in capsys.readouterr().out

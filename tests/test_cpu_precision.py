@@ -9,7 +9,7 @@ import torch
 import rfdetr_fn as rf
 from rfdetr_fn.model import detector
 from rfdetr_fn.model.precision import cpu_bf16_units, cpu_flags, explain_precision, forward, resolve_precision
-from rfdetr_fn.step import init_state, make_train_step
+from rfdetr_fn.step import make_train_step
 from tests.test_train import _tiny_setup
 
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ def test_bf16_train_steps_on_cpu_stay_close_to_fp32():
     runs = {}
     for precision in ("fp32", "bf16"):
         step = make_train_step(cfg, tcfg, steps_per_epoch=20, precision=precision)
-        state, rows = init_state(rf.init(cfg, 0), tcfg), []
+        state, rows = step.init(rf.init(cfg, 0)), []
         for _ in range(20):
             state, metrics = step(state, [batch])
             rows.append({k: float(v) for k, v in metrics.items() if k.startswith("loss")})

@@ -141,18 +141,34 @@ def predict(
     `precision` "auto" is bf16 autocast on a CPU with AMX-BF16/AVX512-BF16 or a CUDA GPU of compute
     capability >= 8, fp32 elsewhere (`rfdetr_fn.model.precision.resolve_precision`); bf16 forces it.
     """
+    ref = next(leaves(params))
+    resolved = precision_lib.resolve_precision(precision, ref.device)
+    forward = forward_fn(cfg, ref.device, compile=compile, precision=resolved)
+    return detect(
+        lambda x: forward(params, x, None), cfg, images, threshold=threshold, device=ref.device, dtype=ref.dtype
+    )
+
+
+def detect(
+    run: Callable[[Tensor], dict],
+    cfg: ModelConfig,
+    images: Any,
+    *,
+    threshold: float = 0.5,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[dict[str, Tensor]]:
+    """`predict` around any forward `run(batch) -> outputs` (apply's keys): the model, or an exported file
+    (`rfdetr_fn.deploy`); same preprocessing, postprocess and threshold either way."""
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
     images = list(images)
     if not images:
         return []
-    ref = next(leaves(params))
     batch, sizes = preprocess(images, cfg)
     with torch.no_grad():
-        resolved = precision_lib.resolve_precision(precision, ref.device)
-        forward = forward_fn(cfg, ref.device, compile=compile, precision=resolved)
-        out = forward(params, batch.to(ref.device, ref.dtype), None)
-        results = postprocess(out, sizes.to(ref.device), cfg.num_select, **postprocess_kwargs(cfg))
+        out = run(batch.to(device, dtype))
+        results = postprocess(out, sizes.to(out["pred_logits"].device), cfg.num_select, **postprocess_kwargs(cfg))
     kept = []
     for res in results:
         keep = res["scores"] > threshold
