@@ -14,7 +14,8 @@ Measured, alternating upstream and rfdetr_fn call by call (medians over --steps 
 - train step: forward in train mode, the criterion, backward, clip by global norm 0.1, AdamW over upstream's
   parameter groups and the EMA update. Upstream is its bare modules (LWDETR, SetCriterion, torch.optim.AdamW as
   `configure_optimizers` builds it, the EMA callback's foreach average), without Lightning's loop, so the
-  comparison favours upstream. rfdetr_fn is `make_train_step` (eager, fp32 or bf16 autocast).
+  comparison favours upstream. rfdetr_fn is `make_train_step(donate=True)` as `fit` runs it on CPU (eager,
+  fp32 or bf16 autocast).
 - inference, batch 1: eval-mode forward + postprocess under no_grad.
 Upstream "as shipped" on CPU is fp32 (Lightning's "32-true" there); where the CPU has bf16 matrix units (or with
 --precision bf16) both also run under bf16 autocast. Weights: rfdetr_fn's params use upstream's state-dict
@@ -98,7 +99,7 @@ def build(args: argparse.Namespace):
     import rfdetr_fn as rf
     from rfdetr_fn import tree
     from rfdetr_fn.config import TrainConfig
-    from rfdetr_fn.step import init_state, make_train_step
+    from rfdetr_fn.step import make_train_step
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from train_step import synthetic_batch
@@ -110,8 +111,9 @@ def build(args: argparse.Namespace):
     ours = {"cfg": cfg, "params": params, "batch": batch}
     for precision in args.precisions:
         tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", compile="off", precision=precision)
-        ours[precision] = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision)
-        ours[f"state_{precision}"] = init_state(tree.clone(params), tcfg)
+        # donate=True: the step fit runs on CPU (clip, AdamW and EMA in place on the state's buffers)
+        ours[precision] = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision, donate=True)
+        ours[f"state_{precision}"] = ours[precision].init(tree.clone(params))
     return ours, upstream
 
 
