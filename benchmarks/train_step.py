@@ -65,7 +65,8 @@ def build_step(args: argparse.Namespace, batch_size: int, mode: str):
         cuda_graphs=mode == "graphed",
     )
     params = tree.map_(lambda t: t.to(device), rf.init(cfg, seed=0))
-    train_step = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision)
+    donate = mode == "donated"  # eager, clip + AdamW + EMA in place on the state (what fit runs on CPU)
+    train_step = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision, donate=donate)
     state = train_step.init(params)
     step = compile_step(
         train_step,
@@ -195,7 +196,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled", "graphed"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "donated", "compiled", "graphed"]
+    )
     parser.add_argument("--matcher", default="auto", choices=["auto", "scipy", "device"])
     parser.add_argument("--parity", type=int, default=0, help="compare N graphed steps with N eager steps instead")
     parser.add_argument("--gpu-report", action="store_true")
