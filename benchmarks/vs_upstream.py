@@ -5,7 +5,7 @@
 
 Both libraries must import in ONE process (same torch, same threads, same batch). When this interpreter cannot
 import `rfdetr`, the script re-runs itself under the upstream virtualenv's Python (--upstream-venv, default
-$RFDETR_UPSTREAM_VENV or /work/upstream-venv); --setup creates that virtualenv: `rfdetr[train]==1.11.2` (its
+$RFDETR_UPSTREAM_VENV or .venv-upstream beside this repository); --setup creates that virtualenv: `rfdetr[train]==1.11.2` (its
 training extra: Lightning, for the optimizer groups and EMA callback) with the
 torch/torchvision pair the registry offers together (upstream needs torchvision, whose PyPI wheels need their
 own torch), plus this repository installed editable. Without either, it says exactly what is missing.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_VERSION = "1.11.2"
-DEFAULT_VENV = os.environ.get("RFDETR_UPSTREAM_VENV", "/work/upstream-venv")
+DEFAULT_VENV = os.environ.get("RFDETR_UPSTREAM_VENV", str(ROOT.parent / ".venv-upstream"))
 
 
 def _has_upstream() -> bool:

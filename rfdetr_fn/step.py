@@ -29,7 +29,6 @@ outputs, and the input state is never modified.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,17 +105,17 @@ def make_train_step(
     passed in must not be used again (a second call with it raises). Donation applies to the built-in
     adamw without fp16; any other optimizer or fp16 runs the pure update.
     """
-    ucfg = UpdateConfig.resolve(tcfg, steps_per_epoch)
+    lcfg, ucfg = LossConfig.resolve(cfg, tcfg), UpdateConfig.resolve(tcfg, steps_per_epoch)
     schedule = functools.partial(schedules.lr_factor, **ucfg.schedule)
     where = trainable if trainable is not None else recipe.trainable(cfg, tcfg)
+    names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
     custom = optimizer is not None or ":" in tcfg.optimizer
-    if optimizer is None:
-        names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
-        optimizer = recipe.make_optimizer(cfg, tcfg, names, schedule)
+    optimizer = optimizer or recipe.make_optimizer(cfg, tcfg, names, schedule)
+    donated = donate and _donatable(tcfg, precision, custom)
     pieces = StepPieces(
-        loss=_loss_piece(cfg, tcfg, precision, world_size),
-        update=_donated_update_piece(cfg, tcfg, ucfg, world_size, where, schedule)
-        if donate and _donatable(tcfg, precision, custom)
+        loss=_loss_piece(cfg, lcfg, tcfg.drop_path, precision, world_size),
+        update=_donated_update_piece(cfg, tcfg, ucfg, world_size, names, schedule)
+        if donated
         else _update_piece(cfg, ucfg, precision, world_size, optimizer, None if custom else schedule),
         split=functools.partial(_split, where=where),
         fp16=precision == "fp16",
@@ -125,12 +124,12 @@ def make_train_step(
     )
     init = functools.partial(_init_state, tcfg=tcfg, optimizer=optimizer, where=where)
     settings = {
-        "loss": LossConfig.resolve(cfg, tcfg)._asdict(),
+        "loss": lcfg._asdict(),
         "update": attrs.asdict(ucfg),
         "drop_path": tcfg.drop_path,
         "precision": precision,
         "world_size": world_size,
-        "donate": donate and _donatable(tcfg, precision, custom),
+        "donate": donated,
         # a 'module:function' optimizer is given the whole TrainConfig: key on all of it
         "custom": attrs.asdict(tcfg) if ":" in tcfg.optimizer else None,
     }
@@ -164,15 +163,17 @@ def _split(params: tree.Params, where: tree.Where | None) -> tuple[tree.Params, 
     return (params, {}) if where is None else tree.partition(params, where)
 
 
-def _loss_piece(cfg: ModelConfig, tcfg: TrainConfig, precision: str, world_size: int) -> Callable:
+def _loss_piece(cfg: ModelConfig, lcfg: LossConfig, drop_path: float, precision: str, world_size: int) -> Callable:
     """`loss(trainable, frozen, batch, scale, key[, window])`: `rf.loss` of one micro-batch, scaled."""
-    weighted = set(LossConfig.resolve(cfg, tcfg).weights)
+    weighted = set(lcfg.weights)
 
     def loss(trainable, frozen, batch: Batch, scale: Tensor, key: Tensor, window: Tensor | None = None):
         params = tree.combine(trainable, frozen)
         own = _num_boxes(batch["labels"], cfg.group_detr, world_size)
         num_boxes = own if window is None else window
-        total, losses = objective.loss(params, batch, cfg, tcfg, key=key, num_boxes=num_boxes, precision=precision)
+        total, losses = objective.loss_with(
+            params, batch, cfg, lcfg, drop_path=drop_path, key=key, num_boxes=num_boxes, precision=precision
+        )
         value = total * scale
         if window is not None:  # log what upstream logs: this micro-batch's terms over its own normaliser
             total, losses = _renormalise(total, losses, window / own, weighted)
@@ -199,10 +200,7 @@ def _update_piece(
 
     def update(state: TrainState, trainable, grads_list: list, losses_list: list) -> tuple[TrainState, dict]:
         fp16, step = precision == "fp16", state["step"]
-        grads, loss_sums = _accumulate(grads_list, losses_list, state["loss_scale"] if fp16 else None, cfg)
-        if world_size > 1:  # the logged losses ride along: the global batch's, not rank 0's shard
-            averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
-            grads, loss_sums = averaged["grads"], averaged["losses"]
+        grads, loss_sums = _gradient(grads_list, losses_list, state["loss_scale"] if fp16 else None, cfg, world_size)
         clip = ucfg.clip_max_norm if schedule is not None else 0.0  # 0: the norm only (a custom chain clips)
         grads, grad_norm = gt.global_norm_clip(grads, clip)
         finite = torch.isfinite(grad_norm)  # one non-finite gradient makes the global norm non-finite
@@ -222,18 +220,15 @@ def _update_piece(
 def _donatable(tcfg: TrainConfig, precision: str, custom: bool) -> bool:
     """Whether the in-place update mirrors this run's: the built-in adamw (betas/eps overrides only), no fp16
     (whose overflow skip needs the previous state)."""
-    extra = set(json.loads(tcfg.optimizer_kwargs)) - {"betas", "eps"}
-    return not custom and tcfg.optimizer == "adamw" and precision != "fp16" and not extra
+    return not custom and tcfg.optimizer == "adamw" and precision != "fp16" and not recipe.adam_settings(tcfg)[2]
 
 
 def _donated_update_piece(
-    cfg: ModelConfig, tcfg: TrainConfig, ucfg: UpdateConfig, world_size: int, where, schedule: Callable
+    cfg: ModelConfig, tcfg: TrainConfig, ucfg: UpdateConfig, world_size: int, names: list[str], schedule: Callable
 ) -> Callable:
     """The update of a donated state: the same as `_update_piece` for adamw, in place on `state`'s buffers."""
-    names = [n for n in param_names(cfg) if where is None or tree.matcher(where)(n, None)]
     groups = recipe.param_groups(names, cfg, tcfg)
-    kwargs = json.loads(tcfg.optimizer_kwargs)
-    betas, eps = tuple(kwargs.get("betas", tcfg.betas)), kwargs.get("eps", tcfg.eps)
+    betas, eps, _ = recipe.adam_settings(tcfg)
 
     def update(state: TrainState, trainable, grads_list: list, losses_list: list) -> tuple[TrainState, dict]:
         if state.get("donated"):
@@ -242,10 +237,7 @@ def _donated_update_piece(
                 "its buffers: pass the state that step returned"
             )
         step = state["step"]
-        grads, loss_sums = _accumulate(grads_list, losses_list, None, cfg)
-        if world_size > 1:
-            averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
-            grads, loss_sums = averaged["grads"], averaged["losses"]
+        grads, loss_sums = _gradient(grads_list, losses_list, None, cfg, world_size)
         grad_norm = inplace.global_norm_clip_([g for g in tree.leaves(grads) if g is not None], ucfg.clip_max_norm)
         finite = torch.isfinite(grad_norm)
         metrics = {**loss_sums, "grad_norm": grad_norm.detach(), "finite": finite, "lr_factor": schedule(step)}
@@ -258,6 +250,16 @@ def _donated_update_piece(
         return new_state, metrics
 
     return update
+
+
+def _gradient(grads_list: list, losses_list: list, scale: Tensor | None, cfg: ModelConfig, world_size: int):
+    """The step's gradient and logged losses: accumulated over micro-batches, then averaged over ranks (the
+    losses ride along: the global batch's, not rank 0's shard)."""
+    grads, loss_sums = _accumulate(grads_list, losses_list, scale, cfg)
+    if world_size > 1:
+        averaged = all_reduce_mean({"grads": grads, "losses": loss_sums})
+        grads, loss_sums = averaged["grads"], averaged["losses"]
+    return grads, loss_sums
 
 
 def _accumulate(grads_list: list, losses_list: list, scale: Tensor | None, cfg: ModelConfig):

@@ -19,6 +19,7 @@ from rfdetr_fn.eval.inference import forward_fn
 from rfdetr_fn.eval.keypoints import KeypointEvaluator
 from rfdetr_fn.io import distributed
 from rfdetr_fn.losses import objective
+from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
 from rfdetr_fn.model.precision import resolve_precision
 
@@ -59,14 +60,15 @@ def evaluate(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank
     )
     evaluator = make_evaluator(dataset, cfg, ecfg)
+    lcfg = None if loss_cfg is None else LossConfig.resolve(cfg, loss_cfg)  # once, not per batch
     losses: list[float] = []
     for batch in loader:
         images = batch["images"].to(world.device)
         mask = batch["mask"].to(world.device)
         out = forward(params, images, mask)
-        if loss_cfg is not None:
+        if lcfg is not None:
             targets = {k: batch[k].to(world.device) for k in TARGET_KEYS if k in batch}
-            losses.append(float(objective.of_outputs(out, targets, cfg, loss_cfg, train=False)[0]))
+            losses.append(float(objective.of_outputs(out, targets, cfg, lcfg, train=False)[0]))
         preds = postprocess(out, batch["orig_size"].to(world.device), cfg.num_select, **postprocess_kwargs(cfg))
         evaluator.update(preds, batch["image_id"].tolist())  # masks become RLE here: none outlives its batch
     states = distributed.gather_objects(evaluator.state(), world)

@@ -53,6 +53,27 @@ def loss(
     evaluation loss does. `precision` is the forward's autocast ("fp32", "bf16", "fp16").
     """
     tcfg = tcfg or TrainConfig()
+    return loss_with(
+        params, batch, cfg, LossConfig.resolve(cfg, tcfg), drop_path=tcfg.drop_path, indices=indices, key=key,
+        normalise=normalise, num_boxes=num_boxes, train=train, precision=precision,
+    )  # fmt: skip
+
+
+def loss_with(
+    params: tree.Params,
+    batch: dict[str, Tensor],
+    cfg: ModelConfig,
+    lcfg: LossConfig,
+    *,
+    drop_path: float = 0.0,
+    indices: list[Tensor] | None = None,
+    key: Tensor | int | None = None,
+    normalise: str = "batch",
+    num_boxes: Tensor | float | None = None,
+    train: bool = True,
+    precision: str = "fp32",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`loss` with its settings already resolved (the train step resolves `LossConfig` once, not per call)."""
     out = forward(
         params,
         batch["images"],
@@ -60,11 +81,11 @@ def loss(
         cfg,
         precision,
         train=train,
-        drop_path=tcfg.drop_path if key is not None and train else 0.0,
+        drop_path=drop_path if key is not None and train else 0.0,
         key=None if key is None else rng.mix(key, 0),
     )
     return of_outputs(
-        out, batch, cfg, tcfg, train=train, indices=indices, key=key, normalise=normalise, num_boxes=num_boxes
+        out, batch, cfg, lcfg, train=train, indices=indices, key=key, normalise=normalise, num_boxes=num_boxes
     )
 
 
@@ -72,7 +93,7 @@ def of_outputs(
     out: dict,
     batch: dict[str, Tensor],
     cfg: ModelConfig,
-    tcfg: TrainConfig,
+    lcfg: LossConfig,
     *,
     train: bool = True,
     indices: list[Tensor] | None = None,
@@ -84,7 +105,6 @@ def of_outputs(
     if normalise not in NORMALISE:
         raise ValueError(f"normalise={normalise!r}: expected one of {NORMALISE}")
     targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
-    lcfg = LossConfig.resolve(cfg, tcfg)  # a NamedTuple: built inside a compiled piece too
     crit_key = 0 if key is None else rng.mix(key, 1)
     if normalise == "batch":
         return criterion(out, targets, cfg, lcfg, train=train, num_boxes=num_boxes, indices=indices, key=crit_key)

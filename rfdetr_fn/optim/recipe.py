@@ -123,6 +123,12 @@ def trainable(cfg: ModelConfig, tcfg: TrainConfig) -> tree.Where | None:
     return outside
 
 
+def adam_settings(tcfg: TrainConfig) -> tuple[tuple[float, float], float, dict[str, Any]]:
+    """(betas, eps, the other `optimizer_kwargs`): `optimizer_kwargs` may override betas and eps."""
+    kwargs = json.loads(tcfg.optimizer_kwargs)
+    return tuple(kwargs.pop("betas", tcfg.betas)), kwargs.pop("eps", tcfg.eps), kwargs
+
+
 def make_optimizer(
     cfg: ModelConfig, tcfg: TrainConfig, names: Iterable[str], schedule: gt.Schedule | None = None
 ) -> gt.GradientTransformation:
@@ -140,8 +146,7 @@ def make_optimizer(
         factory = getattr(importlib.import_module(module), attr)
         return factory(cfg, tcfg, groups, schedule, **kwargs)
     lrs, decays = group_values(groups)
-    betas = tuple(kwargs.pop("betas", tcfg.betas))
-    eps = kwargs.pop("eps", tcfg.eps)
+    betas, eps, kwargs = adam_settings(tcfg)
     try:
         if name == "adamw":
             return gt.adamw(lrs, betas[0], betas[1], eps, weight_decay=decays, schedule=schedule, **kwargs)
