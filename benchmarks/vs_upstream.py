@@ -5,7 +5,8 @@
 
 Both libraries must import in ONE process (same torch, same threads, same batch). When this interpreter cannot
 import `rfdetr`, the script re-runs itself under the upstream virtualenv's Python (--upstream-venv, default
-$RFDETR_UPSTREAM_VENV or .venv-upstream beside this repository); --setup creates that virtualenv: `rfdetr[train]==1.11.2` (its
+$RFDETR_UPSTREAM_VENV or .venv-upstream beside this repository); --setup creates that virtualenv:
+`rfdetr[train]==1.11.2` (its
 training extra: Lightning, for the optimizer groups and EMA callback) with the
 torch/torchvision pair the registry offers together (upstream needs torchvision, whose PyPI wheels need their
 own torch), plus this repository installed editable. Without either, it says exactly what is missing.
