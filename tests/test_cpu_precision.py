@@ -51,11 +51,13 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
 
 
 def test_bf16_train_steps_on_cpu_stay_close_to_fp32():
-    """20 steps of the tiny preset. Measured (2026-12-07, Xeon without bf16 units): the total loss within
-    0.3 % of fp32 at steps where both pick the same matches and two-stage proposals; a step where one of
-    them flips (a discrete choice) differs by up to 2.4 % (5.0 % with other GEMM kernels: eager linears as
-    F.linear), so per step the bound is 10 %, and over the 20 steps the mean total within 1 %, each term's
-    mean within 10 %."""
+    """20 steps of the tiny preset. The total loss moves in discrete jumps of 0.4-0.8 (2.5-5 %) when a
+    match or a two-stage proposal flips, and bf16 and fp32 flip at different steps. Measured: Xeon without
+    bf16 units (2026-12-07, linears as `x @ w.T + b`), within 0.3 % between flips, 2.4 % at a flip; AMD
+    EPYC with AVX512-BF16 (2026-12-08, linears as `F.linear`, bf16 outputs like upstream's nn.Linear),
+    within 0.05 % over the first 10 steps, then flips at steps 11 and 13 (fp32 at 15): up to 5.1 % per step,
+    the 20-step mean 1.6 % apart. Bounds: 10 % per step, the mean total within 3 %, each term's mean
+    within 10 %."""
     cfg, tcfg, batch = _tiny_setup()
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -69,7 +71,7 @@ def test_bf16_train_steps_on_cpu_stay_close_to_fp32():
         assert b["loss"] == pytest.approx(a["loss"], rel=0.1), f"step {i}"
     for key in runs["fp32"][0]:
         mean = {p: sum(r[key] for r in rows) / len(rows) for p, rows in runs.items()}
-        assert mean["bf16"] == pytest.approx(mean["fp32"], rel=0.01 if key == "loss" else 0.1, abs=1e-3), key
+        assert mean["bf16"] == pytest.approx(mean["fp32"], rel=0.03 if key == "loss" else 0.1, abs=1e-3), key
     assert runs["fp32"] != runs["bf16"]  # autocast really ran in bf16
 
 
@@ -82,9 +84,10 @@ def test_bf16_eval_forward_on_cpu_is_close_to_fp32():
         bf16 = forward(params, images, None, cfg, "bf16", train=False)
     assert bf16["pred_logits"].dtype == torch.float32 and bf16["pred_boxes"].dtype == torch.float32
     assert not torch.equal(bf16["pred_boxes"], fp32["pred_boxes"])
-    # a query whose two-stage proposal flips moves far (measured: 2 of 160 box coordinates by 0.25); the rest
-    # stay close (measured: box median 0, logit median 0.004, 97.5 % of logits within 0.25)
-    box = (bf16["pred_boxes"] - fp32["pred_boxes"]).abs().flatten()
-    assert box.median() < 0.01 and (box < 0.05).float().mean() > 0.95
-    logit = (bf16["pred_logits"] - fp32["pred_logits"]).abs().flatten()
-    assert logit.median() < 0.05 and (logit < 0.25).float().mean() > 0.95
+    # a query whose two-stage proposal flips moves far (measured: 1 of 40 queries on a Xeon without bf16
+    # units, 2 of 40 on an EPYC with AVX512-BF16); the rest stay close (measured: box median 0, logit median
+    # 0.004-0.012, the same queries' logits the only ones off by more than 0.25)
+    box = (bf16["pred_boxes"] - fp32["pred_boxes"]).abs()
+    assert box.median() < 0.01 and (box > 0.05).any(-1).float().mean() <= 0.15
+    logit = (bf16["pred_logits"] - fp32["pred_logits"]).abs()
+    assert logit.median() < 0.05 and (logit > 0.25).any(-1).float().mean() <= 0.15

@@ -1,7 +1,9 @@
 """Pure layers over parameter subtrees. Each takes its own `{"weight", "bias", ...}` dict first.
 
-Linears are written as `x @ w.T + b`: under torch.func + torch.compile, `F.linear` with a bias on a
-3-D input specialises on the batch size and recompiles for every new one.
+Linears run as `F.linear` (one fused GEMM + bias, `addmm`) in eager code, and as `x @ w.T + b` while
+Dynamo traces: under torch.func + torch.compile, `F.linear` with a bias on a 3-D input specialises on the
+batch size and recompiles for every new one. Both forms return the GEMM's dtype, so under autocast a
+compiled linear gives the same bf16/fp16 output as an eager one (and as upstream's `nn.Linear`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Te
 
 
 def linear(p: Params, x: Tensor) -> Tensor:
+    if not torch.compiler.is_compiling():
+        return F.linear(x, p["weight"], p.get("bias"))
     y = x @ p["weight"].t()
-    return y + p["bias"] if "bias" in p else y
+    return (y + p["bias"]).to(y.dtype) if "bias" in p else y
 
 
 def layer_norm(p: Params, x: Tensor, eps: float = 1e-5) -> Tensor:
