@@ -2,6 +2,11 @@
 
     python benchmarks/compile.py --preset nano --resolution 384 --batch-size 2 --device cpu
     python benchmarks/compile.py --preset tiny nano --device cuda          # adds launches, syncs, max-autotune
+    python benchmarks/compile.py --preset nano --device cpu --precision bf16 --modes eager cold warm
+
+--precision bf16 runs the step and the forward under bf16 autocast (on a CPU with AMX-BF16 or AVX512-BF16
+that is what `auto` picks). --update eager (the CPU default, as `fit` runs there) compiles the loss piece
+only and keeps the donated in-place update eager; --update compiled (the CUDA default) compiles it too.
 
 Per preset, each measurement runs in its own subprocess (so peak RSS and the caches are that mode's alone):
 - eager: train-step median, steady-state peak RSS, batch-1 inference median;
@@ -34,6 +39,8 @@ from pathlib import Path
 import attrs
 import torch
 
+from rfdetr_fn.model.precision import describe_cpu
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import gpu_report, synthetic_batch  # noqa: E402  (the benchmarks share their batch)
 
@@ -59,7 +66,7 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = rf.presets.get(args.preset_one, num_classes=3, resolution=args.resolution)
-    tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", precision="fp32")
+    tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", precision=args.precision)
     params = tree.to(rf.init(cfg, seed=0), device)
     return cfg, tcfg, params, device
 
@@ -108,15 +115,16 @@ def child(args) -> dict:
     cfg, tcfg, params, device = _setup(args)
     batch = synthetic_batch(cfg, args.batch_size, args.resolution, device)
     image = batch["images"][:1]
-    eager_step = make_train_step(cfg, tcfg, steps_per_epoch=1000)
-    state = eager_step.init(params)
+    donate = args.update == "eager"  # as fit runs CPU: the update in place, eager
+    eager_step = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision, donate=donate)
+    state = eager_step.init(tree.clone(params))
     out: dict = {"mode": args.child}
     if args.child == "eager":
         state, _ = _median_step(eager_step, state, batch, args.warmup)
         _reset_peak_rss()
         state, out["step_s"] = _median_step(eager_step, state, batch, args.steps)
         out["peak_rss_gib"] = _rss_gib("VmHWM")
-        out["infer_s"] = _median_forward(forward_fn(cfg, device), params, image, args.steps)
+        out["infer_s"] = _median_forward(forward_fn(cfg, device, precision=args.precision), params, image, args.steps)
         return out
     if args.child == "menu":
         from rfdetr_fn.data import multi_scale_scales, resize_batch
@@ -135,7 +143,7 @@ def child(args) -> dict:
     key = compiler.cache_key(cfg, eager_step.settings, device=device, what="benchmark")
     cache = compiler.CompileCache(Path(args.artifacts), key)
     out["artifacts_loaded"] = cache.load()
-    step = compile_step(eager_step, mode=args.mode, backend=args.backend)
+    step = compile_step(eager_step, mode=args.mode, backend=args.backend, update=args.update == "compiled")
     # first the loss piece alone (its compile, and the numerical check), then the step (the update's compile)
     scale = torch.ones((), device=device)
     trainable, frozen = eager_step.pieces.split(params)
@@ -165,7 +173,15 @@ def child(args) -> dict:
     report_partial(out)  # a later failure keeps the compile figures
     loss_only = assemble_step(attrs.evolve(step.pieces, update=eager_step.pieces.update))  # nothing new to compile
     state, out["loss_only_step_s"] = _median_step(loss_only, state, batch, args.steps)
-    forward = forward_fn(cfg, device, compile=True, cache_dir=args.artifacts, mode=args.mode, backend=args.backend)
+    forward = forward_fn(
+        cfg,
+        device,
+        compile=True,
+        cache_dir=args.artifacts,
+        mode=args.mode,
+        backend=args.backend,
+        precision=args.precision,
+    )
     t0 = time.perf_counter()
     with torch.no_grad():
         float(forward(params, image, None)["pred_boxes"].sum())
@@ -212,8 +228,9 @@ def report(preset: str, rows: dict, args) -> None:
     except ImportError:
         triton_version = "none"
     print(
-        f"\n### {preset} {args.resolution}, batch {args.batch_size}, fp32, {name}, torch {torch.__version__}, "
-        f"triton {triton_version}, compile mode {args.mode or 'default'}\n"
+        f"\n### {preset} {args.resolution}, batch {args.batch_size}, {args.precision}, {name}, torch "
+        f"{torch.__version__}, triton {triton_version}, compile mode {args.mode or 'default'}, update "
+        f"{args.update}\n\n{describe_cpu()}\n"
     )
 
     def cells(key: str, spec: str) -> list[str]:
@@ -285,11 +302,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "cold", "warm", "menu"])
     parser.add_argument("--backend", default="inductor", help="aot_eager checks this script in minutes, no codegen")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--update", choices=["compiled", "eager"], help="default: eager on CPU (as fit), else compiled")
     parser.add_argument("--child-timeout", type=float, default=3600.0)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--preset-one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.update = args.update or ("eager" if args.device == "cpu" else "compiled")
     if args.child:
         report_partial(child(args))
         return

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,22 +24,9 @@ from pathlib import Path
 
 import torch
 
+from rfdetr_fn.model.precision import describe_cpu
+
 RUNTIMES = ("eager", "compiled", "onnx", "pt2")
-
-
-def cpu_line() -> str:
-    """CPU model, core count and the bf16 matrix-unit flags (from /proc/cpuinfo)."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    marks = ", ".join(f"{f}: {'yes' if f in flags else 'NO'}" for f in ("amx_bf16", "avx512_bf16", "avx512f"))
-    return f"{model} ({os.cpu_count()} logical CPUs; {marks})"
 
 
 def _time(fn, x, warmup: int, iters: int) -> list[float]:
@@ -158,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    print(f"CPU: {cpu_line()}; torch {torch.__version__}; {args.threads} threads; batch 1", flush=True)
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; {args.threads} threads; batch 1", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.resolutions:

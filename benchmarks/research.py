@@ -24,9 +24,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from rfdetr_fn.model.precision import describe_cpu
 
 VARIANTS = ("full", "backbone_lora", "lora_only", "checkpointing")
 
@@ -86,22 +87,6 @@ def memory(steps: int, variants: list[str]) -> None:
         print(f"| {r['variant']} | {r['trainable']:,} | {r['trainable'] / r['params']:.1%} | {r['opt_state']:,} | "
               f"{r['opt_state'] / full['opt_state']:.1%} | {r['step_s']:.1f} | {r['peak_rss_gib']:.2f} | "
               f"{r['peak_rss_gib'] / full['peak_rss_gib']:.2f}x | {r['loss']:.4f} |")  # fmt: skip
-
-
-def cpu_line() -> str:
-    """The CPU model and the flags that decide bf16 speed (AMX / AVX512-BF16), printed beside figures."""
-    model, flags = "unknown CPU", set()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        if line.startswith("model name") and model == "unknown CPU":
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    return f"{model}; {shown}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -167,7 +152,10 @@ def transforms(repeats: int) -> None:
     t = _interleaved({"forward": forward, "jvp": lambda: torch.func.jvp(logits, (params,), (tangent,))}, repeats)
     rows.append(("jvp of the logits, 2 images", "forward (no grad)", t["forward"], "jvp", t["jvp"], "<= 3x cost"))
 
-    print(f"{cpu_line()}; tiny preset at 64x64, {repeats} interleaved repeats, medians")
+    print(
+        f"{describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"tiny preset at 64x64, {repeats} interleaved repeats, medians"
+    )
     print("| what | baseline | s | variant | s | speed-up (baseline/variant) | cost (variant/baseline) | target |")
     print("|---|---|---|---|---|---|---|---|")
     for what, base, base_s, var, var_s, target in rows:

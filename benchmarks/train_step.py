@@ -25,9 +25,10 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
+
+from rfdetr_fn.model.precision import describe_cpu
 
 
 def synthetic_batch(cfg, batch_size: int, resolution: int, device, *, targets: int = 8, seed: int = 0) -> dict:
@@ -178,14 +179,6 @@ def parity(args: argparse.Namespace) -> None:
     print(f"| {args.parity} | {worst_loss:.2e} | {worst_param:.2e} | {losses} |")
 
 
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="nano")
@@ -224,10 +217,7 @@ def main() -> None:
             rows.append(json.loads(line[0][7:]))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     if not args.device.startswith("cuda"):
-        from rfdetr_fn.model.precision import cpu_bf16_units
-
-        units = cpu_bf16_units()
-        print(f"CPU: {_cpu_model()}; bf16 matrix units (amx_bf16, avx512_bf16): {', '.join(units) or 'none'}")
+        print(f"CPU: {describe_cpu()}")
     print(
         f"\ntrain step: preset={args.preset} res={args.resolution or 'preset'} precision={args.precision} "
         f"device={name} torch={torch.__version__} matcher={args.matcher}"

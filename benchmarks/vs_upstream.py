@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -74,23 +73,6 @@ def reexec_or_explain(args: argparse.Namespace) -> None:
     env = {**os.environ, "RFDETR_VS_UPSTREAM_CHILD": "1"}
     code = subprocess.run([str(python), __file__, *sys.argv[1:]], cwd=str(ROOT / "benchmarks"), env=env).returncode
     raise SystemExit(code)
-
-
-def cpu_report() -> str:
-    from rfdetr_fn.model.precision import cpu_bf16_units, cpu_flags
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
-    present = ", ".join(f"{f} {'yes' if f in flags else 'NO'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    units = cpu_bf16_units(flags)
-    return f"{model}; {present}; bf16 matrix units: {', '.join(units) if units else 'none'}"
 
 
 def build(args: argparse.Namespace):
@@ -258,7 +240,9 @@ def main() -> None:
     args.precisions = precisions or (["fp32", "bf16"] if cpu_bf16_units() else ["fp32"])
     import rfdetr
 
-    print(f"CPU: {cpu_report()}")
+    from rfdetr_fn.model.precision import describe_cpu
+
+    print(f"CPU: {describe_cpu()}")
     print(
         f"torch {torch.__version__}, rfdetr {getattr(rfdetr, '__version__', UPSTREAM_VERSION)}, "
         f"{torch.get_num_threads()} threads, {args.preset} {args.resolution} px, batch {args.batch_size}"

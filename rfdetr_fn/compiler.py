@@ -46,9 +46,9 @@ _USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 @attrs.frozen
 class Measured:
-    """What `benchmarks/compile.py` measured for Nano 384, batch 2, fp32 on one device type (RESULTS.md):
+    """What `benchmarks/compile.py` measured for Nano 384, batch 2 on one kind of compute (RESULTS.md):
     first compiled call with empty caches and in a second run, and compiled/eager speed of the train step
-    and of batch-1 inference."""
+    (as `fit` compiles it there) and of batch-1 inference."""
 
     cold_s: float
     warm_s: float
@@ -58,12 +58,13 @@ class Measured:
     infer_warm_s: float
 
 
-# Device types measured so far (benchmarks/RESULTS.md); `auto` compiles what reached the issue's bar there
-# (train step >= 1.25x, inference >= 1.5x eager: worth minutes of first compile) and stays eager elsewhere,
-# including device types never measured. CPU (2-core EPYC, torch 2.13, loss piece compiled, update eager):
-# 4.1 min cold, 23 s warm, step 1.14x, inference 1.41x -- below both bars, so auto stays eager there.
+# Kinds of compute measured so far (`rfdetr_fn.model.precision.compute_kind`: device type, precision and,
+# for bf16 on CPU, the unit running its GEMMs; benchmarks/RESULTS.md). `auto` compiles what reached the bar
+# there (train step >= 1.25x, inference >= 1.5x eager: worth minutes of first compile) and stays eager
+# elsewhere, including kinds never measured. CPU fp32 (2-core EPYC, torch 2.13, loss piece compiled, update
+# eager): 4.1 min cold, 23 s warm, step 1.14x, inference 1.41x -- below both bars, so auto stays eager there.
 MEASURED: dict[str, Measured] = {
-    "cpu": Measured(
+    "cpu fp32": Measured(
         cold_s=246.0, warm_s=22.7, step_speedup=1.14, infer_speedup=1.41, infer_cold_s=78.8, infer_warm_s=5.8
     )
 }
@@ -144,14 +145,15 @@ def raise_recompile_limit(max_shapes: int) -> None:
     setattr(dynamo_config, name, max(getattr(dynamo_config, name), max_shapes))
 
 
-def use_compile(setting: str, device: torch.device, what: str = "step") -> bool:
+def use_compile(setting: str, kind: str, what: str = "step") -> bool:
     """'auto' compiles the train step (what="step") or the forward pass (what="inference") where
-    benchmarks/compile.py measured it faster than eager on that device type (MEASURED)."""
+    benchmarks/compile.py measured it enough faster than eager on that kind of compute (MEASURED; the kind
+    is `rfdetr_fn.model.precision.compute_kind(device, precision)`)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile={setting!r}: expected auto, on or off")
     if setting != "auto":
         return setting == "on"
-    measured = MEASURED.get(device.type)
+    measured = MEASURED.get(kind)
     speedup = None if measured is None else (measured.step_speedup if what == "step" else measured.infer_speedup)
     return speedup is not None and speedup >= (STEP_WIN if what == "step" else INFER_WIN)
 
@@ -263,7 +265,7 @@ def _graph_count() -> int:
 
 def announce(
     what: str,
-    device: torch.device,
+    kind: str,
     cache: CompileCache | None,
     loaded: int,
     switch: str = "--train.compile off",
@@ -271,7 +273,7 @@ def announce(
 ) -> None:
     """Say once what the first compiled call of the step (or the inference forward) costs, so nobody waits
     minutes silently."""
-    m = MEASURED.get(device.type)
+    m = MEASURED.get(kind)
     if m is None:
         cold = warm = None
     elif piece == "step":
@@ -282,7 +284,7 @@ def announce(
         soon = f" (measured: {warm:.0f} s for Nano)" if warm is not None else ""
         print(f"compiling {what}: reusing {loaded} cached artifact file(s) from {cache.path}{soon}")
         return
-    guess = f"about {cold:.0f} s for Nano" if cold is not None else "minutes (not measured on this device)"
+    guess = f"about {cold:.0f} s for Nano" if cold is not None else f"minutes (not measured on {kind})"
     where = f"; later runs reuse {cache.path}" if cache is not None else ""
     print(f"compiling {what}: the first call at each input size takes {guess}{where} ({switch} skips it)")
 

@@ -36,7 +36,7 @@ from rfdetr_fn.flags import parse, run_or_exit
 from rfdetr_fn.io import checkpoint, dirlock, distributed, formats, loggers, rundir, runlog
 from rfdetr_fn.io.weights import load_weights
 from rfdetr_fn.model import detector, lora
-from rfdetr_fn.model.precision import explain_precision, resolve_precision
+from rfdetr_fn.model.precision import compute_kind, explain_precision, resolve_precision
 from rfdetr_fn.step import TrainStep, compile_step, make_train_step
 from rfdetr_fn.train import autobatch, grids, interrupt, outputs, summary, trackers
 from rfdetr_fn.train.graphs import graphed_step
@@ -140,12 +140,12 @@ def _data(args: FitArgs, world, out_dir: Path) -> Run:
     if tcfg.save_dataset_grids and world.main:
         written = grids.write_dataset_grids(train_ds, val_ds, cfg, tcfg, dcfg, class_names, out_dir)
         print(f"dataset grids: {len(written)} PNG files in {out_dir / 'dataset_grids'}")
-    compiled = compiler.use_compile(tcfg.compile, world.device)
+    precision = resolve_precision(tcfg.precision, world.device)
+    compiled = compiler.use_compile(tcfg.compile, compute_kind(world.device, precision))
     # A compiled or graphed step specialises on input shapes: fix the target axis for the run, leaving image
     # sizes (one per multi-scale entry) as the only shapes that vary.
     slots = target_slots(train_ds) if compiled or tcfg.cuda_graphs else None
     loader = train_loader(train_ds, tcfg, dcfg, world_size=world.size, rank=world.rank, seed=tcfg.seed, slots=slots)
-    precision = resolve_precision(tcfg.precision, world.device)
     steps_per_epoch = max(1, len(loader) // tcfg.grad_accum_steps)
     train_step = make_train_step(
         cfg,
@@ -232,7 +232,8 @@ def _make_step(run: Run) -> tuple[Any, compiler.CompileCache | None]:
     loaded = cache.load()  # every rank loads the artifacts of this exact graph-shaping configuration
     if world.main:
         sizes = len(run.scales) if tcfg.multi_scale != "off" else 1
-        compiler.announce(f"the train step ({sizes} input size(s))", world.device, cache, loaded)
+        kind = compute_kind(world.device, run.precision)
+        compiler.announce(f"the train step ({sizes} input size(s))", kind, cache, loaded)
     return step_fn, cache
 
 

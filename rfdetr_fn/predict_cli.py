@@ -30,7 +30,7 @@ from rfdetr_fn.io import imageio, weights
 from rfdetr_fn.io.atomic import atomic_write, check_writable
 from rfdetr_fn.io.distributed import World, set_threads
 from rfdetr_fn.io.weights import load_weights
-from rfdetr_fn.model.precision import resolve_precision
+from rfdetr_fn.model.precision import compute_kind, resolve_precision
 
 
 class PredictError(UserError, ValueError):
@@ -186,8 +186,8 @@ def run(args: PredictArgs) -> list[dict[str, Any]]:
         names = weights.class_names(ckpt)
         params = tree.to(params, device)
     schema = cfg.num_keypoints_per_class if cfg.keypoints else ()
-    compiled = use_compile(args.compile, device, "inference")
     precision = resolve_precision(args.precision, device)
+    compiled = use_compile(args.compile, compute_kind(device, precision), "inference")
     out_dir = Path(args.output_dir)
     drawings = dict(zip(paths, _drawing_names(paths)))
     refuse_overwriting_inputs(out_dir, [*drawings.values()] if args.draw else [], paths, args.images)

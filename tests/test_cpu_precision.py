@@ -8,7 +8,14 @@ import torch
 
 import rfdetr_fn as rf
 from rfdetr_fn.model import detector
-from rfdetr_fn.model.precision import cpu_bf16_units, cpu_flags, explain_precision, forward, resolve_precision
+from rfdetr_fn.model.precision import (
+    cpu_bf16_units,
+    cpu_flags,
+    describe_cpu,
+    explain_precision,
+    forward,
+    resolve_precision,
+)
 from rfdetr_fn.step import make_train_step
 from tests.test_train import _tiny_setup
 
@@ -48,6 +55,8 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512f amx_bf16\n\nflags\t: fpu\n")
     assert cpu_flags(info) == {"fpu", "avx512f", "amx_bf16"}
     assert isinstance(cpu_flags(tmp_path / "missing"), set)  # falls back to torch.cpu's probes
+    described = describe_cpu(info)
+    assert described == "X; avx512f yes, avx512_bf16 NO, amx_bf16 yes; bf16 matrix units: amx_bf16"
 
 
 def test_bf16_train_steps_on_cpu_stay_close_to_fp32():

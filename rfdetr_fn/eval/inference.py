@@ -90,13 +90,11 @@ def forward_fn(
     """`detector.apply(params, images, mask, cfg, train=False)` bound to `cfg`; with compile, a regional
     fullgraph compiled function (one per config, device and backend in this process) whose artifacts are
     cached on disk like the train step's (`rfdetr_fn.compiler.CompileCache`). `precision` (resolved, see
-    `rfdetr_fn.model.precision`) bf16 (CUDA or CPU) or fp16 (CUDA) runs under autocast, eagerly."""
-    if precision != "fp32":
-        return functools.partial(_eval_apply, cfg=cfg, precision=precision)
+    `rfdetr_fn.model.precision`) bf16 (CUDA or CPU) or fp16 (CUDA) runs under autocast, compiled or not."""
     if not compile:
-        return functools.partial(_eval_apply, cfg=cfg)
+        return functools.partial(_eval_apply, cfg=cfg, precision=precision)
     directory = Path(cache_dir) if cache_dir is not None else compiler.default_cache_dir()
-    return _compiled_forward(cfg, torch.device(device).type, str(directory), backend, mode)
+    return _compiled_forward(cfg, torch.device(device).type, str(directory), backend, mode, precision)
 
 
 def _eval_apply(
@@ -106,13 +104,17 @@ def _eval_apply(
 
 
 @functools.cache
-def _compiled_forward(cfg: ModelConfig, device_type: str, directory: str, backend: str, mode: str | None) -> Forward:
+def _compiled_forward(
+    cfg: ModelConfig, device_type: str, directory: str, backend: str, mode: str | None, precision: str
+) -> Forward:
     device = torch.device(device_type)
-    key = compiler.cache_key(cfg, device=device, what="inference", backend=backend, mode=mode)
+    key = compiler.cache_key(cfg, device=device, what="inference", backend=backend, mode=mode, precision=precision)
     cache = compiler.CompileCache(Path(directory), key)
-    compiler.announce("the forward pass", device, cache, cache.load(), "--eval.compile off", piece="inference")
+    kind = precision_lib.compute_kind(device, precision)
+    compiler.announce("the forward pass", kind, cache, cache.load(), "--eval.compile off", piece="inference")
     compiler.raise_recompile_limit(16)  # a last, shorter batch is one more shape
-    compiled = compiler.compile_fn(functools.partial(_eval_apply, cfg=cfg), backend=backend, mode=mode)
+    forward = functools.partial(_eval_apply, cfg=cfg, precision=precision)
+    compiled = compiler.compile_fn(forward, backend=backend, mode=mode)
 
     def run(params: Params, images: Tensor, mask: Tensor | None) -> dict:
         out = compiled(params, images, mask)

@@ -21,7 +21,7 @@ from rfdetr_fn.io import distributed
 from rfdetr_fn.losses import objective
 from rfdetr_fn.losses.config import LossConfig
 from rfdetr_fn.model.postprocess import postprocess, postprocess_kwargs
-from rfdetr_fn.model.precision import resolve_precision
+from rfdetr_fn.model.precision import compute_kind, resolve_precision
 
 
 def make_evaluator(dataset, cfg: ModelConfig, ecfg: EvalConfig) -> Evaluator:
@@ -52,9 +52,9 @@ def evaluate(
     With `loss_cfg`, the eval-mode criterion (one query group) is averaged over batches as `loss`.
     `compile` None follows `ecfg.compile` for the device; the compiled forward is `inference.forward_fn`'s."""
     world = world or distributed.World(rank=0, size=1, device=next(tree.leaves(params)).device)
-    if compile is None:
-        compile = use_compile(ecfg.compile, world.device, "inference")
     precision = resolve_precision(ecfg.precision, world.device)
+    if compile is None:
+        compile = use_compile(ecfg.compile, compute_kind(world.device, precision), "inference")
     forward = forward_fn(cfg, world.device, compile=compile, cache_dir=cache_dir, precision=precision)
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, world_size=world.size, rank=world.rank

@@ -11,6 +11,7 @@ units); fp16 stays CUDA-only (its loss scaling exists for CUDA's fp16 range, CPU
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,21 @@ def cpu_bf16_units(flags: Iterable[str] | None = None) -> list[str]:
     """The bf16 matrix units among `flags` (default: this CPU's), e.g. ['amx_bf16', 'avx512_bf16']."""
     have = set(cpu_flags() if flags is None else flags)
     return [unit for unit in BF16_UNITS if unit in have]
+
+
+def describe_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model and the flags that decide bf16 speed, printed beside every benchmark figure:
+    'AMD EPYC; avx512f yes, avx512_bf16 yes, amx_bf16 NO; bf16 matrix units: avx512_bf16'."""
+    model = platform.processor() or platform.machine()
+    try:
+        names = [x for x in Path(cpuinfo).read_text().splitlines() if x.startswith("model name")]
+        model = names[0].split(":", 1)[1].strip() if names else model
+    except OSError:
+        pass
+    flags = cpu_flags(cpuinfo)
+    shown = ", ".join(f"{f} {'yes' if f in flags else 'NO'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    units = cpu_bf16_units(flags)
+    return f"{model}; {shown}; bf16 matrix units: {', '.join(units) if units else 'none'}"
 
 
 def resolve_precision(precision: str, device: torch.device, flags: Iterable[str] | None = None) -> str:
@@ -77,6 +93,17 @@ def explain_precision(precision: str, device: torch.device, flags: Iterable[str]
     if units:
         return f"{resolved} (auto: CPU has {', '.join(units)})"
     return f"{resolved} (auto: CPU has no AMX-BF16 / AVX512-BF16; --train.precision bf16 forces it)"
+
+
+def compute_kind(device: torch.device, precision: str, flags: Iterable[str] | None = None) -> str:
+    """What compiling pays for depends on: the device type, the resolved precision and, for bf16 on a CPU,
+    which unit runs its GEMMs (fast bf16 GEMMs leave the small ops inductor fuses as most of the time).
+    The key of `rfdetr_fn.compiler.MEASURED`: 'cpu fp32', 'cpu bf16 amx_bf16', 'cpu bf16 avx512_bf16',
+    'cpu bf16 emulated', 'cuda bf16'."""
+    if device.type != "cpu" or precision != "bf16":
+        return f"{device.type} {precision}"
+    units = cpu_bf16_units(flags)
+    return f"cpu bf16 {units[0] if units else 'emulated'}"
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
