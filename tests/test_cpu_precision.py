@@ -100,3 +100,18 @@ def test_bf16_eval_forward_on_cpu_is_close_to_fp32():
     assert box.median() < 0.01 and (box > 0.05).any(-1).float().mean() <= 0.15
     logit = (bf16["pred_logits"] - fp32["pred_logits"]).abs()
     assert logit.median() < 0.05 and (logit > 0.25).any(-1).float().mean() <= 0.15
+
+
+def test_bf16_attention_on_cpu_runs_the_kernel_in_float32():
+    """CPU's bf16 flash-attention backward is slower than its float32 one, so bf16 q/k/v (autocast) are
+    attended in float32 and the result rounded back: bf16 out, equal to float32 attention of the same
+    (bf16-rounded) inputs, and gradients flow back in bf16."""
+    from rfdetr_fn.model.nn import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 17, 8, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    out = attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    out.sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
