@@ -18,6 +18,8 @@ Measured, alternating upstream and rfdetr_fn call by call (medians over --steps 
   comparison favours upstream. rfdetr_fn is `make_train_step(donate=True)` as `fit` runs it on CPU (eager,
   fp32 or bf16 autocast).
 - inference, batch 1: eval-mode forward + postprocess under no_grad.
+- with --memory, instead of the timings: the peak RSS of each side's train step, each side alone in its own
+  process (persistent state plus the step's transient memory; it does not depend on the machine's load).
 Upstream "as shipped" on CPU is fp32 (Lightning's "32-true" there); where the CPU has bf16 matrix units (or with
 --precision bf16) both also run under bf16 autocast. Weights: rfdetr_fn's params use upstream's state-dict
 keys, so upstream's model loads every parameter from them (only its non-parameter buffers, such as
@@ -135,25 +137,15 @@ def upstream_targets(batch: dict) -> list[dict]:
     ]
 
 
-def timers(ours: dict, up: dict, precision: str) -> dict:
-    """Four zero-argument callables: (ours|upstream) x (train step|batch-1 inference) in `precision`."""
+def upstream_step(up: dict, batch: dict, precision: str):
+    """Upstream's train step as a zero-argument callable (see the module docstring)."""
     import torch
 
-    from rfdetr_fn.eval.inference import forward_fn
-    from rfdetr_fn.model.postprocess import postprocess
-
-    cfg, batch = ours["cfg"], ours["batch"]
     targets = upstream_targets(batch)
-    image = batch["images"][:1]
-    size = batch["size"][:1]
     dtype = {"bf16": torch.bfloat16}.get(precision)
-    forward = forward_fn(cfg, "cpu", precision=precision)
     model, crit = up["model"], up["criterion"]
 
-    def ours_step():
-        ours[f"state_{precision}"], _ = ours[precision](ours[f"state_{precision}"], [batch])
-
-    def up_step():
+    def step():
         model.train()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             out = model(batch["images"], targets)
@@ -164,6 +156,91 @@ def timers(ours: dict, up: dict, precision: str) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         up["opt"].step()
         up["ema"].update_parameters(model)
+
+    return step
+
+
+def peak_rss_child(args: argparse.Namespace) -> None:
+    """One side's train step alone in this process (--memory-child SIDE:PRECISION): after the warm-up steps
+    the peak RSS is reset (clear_refs 5), and the peak over --steps steps is printed, so the figure is the
+    persistent state (weights, AdamW moments, EMA) plus the step's transient memory, of that side only."""
+    import torch
+
+    import rfdetr_fn as rf
+    from rfdetr_fn import tree
+    from rfdetr_fn.config import TrainConfig
+    from rfdetr_fn.step import make_train_step
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import synthetic_batch
+
+    side, precision = args.memory_child.split(":")
+    cfg = rf.presets.get(args.preset, resolution=args.resolution)
+    batch = synthetic_batch(cfg, args.batch_size, cfg.resolution, torch.device("cpu"))
+    if side == "upstream":
+        step = upstream_step(upstream_model(cfg, args, tree.flatten(rf.init(cfg, seed=0))), batch, precision)
+    else:
+        tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", compile="off", precision=precision)
+        ours = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision, donate=True)
+        box = {"state": ours.init(rf.init(cfg, seed=0))}
+
+        def step():
+            box["state"], _ = ours(box["state"], [batch])
+
+    try:
+        step()
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"PEAK fails: {type(e).__name__}")
+        return
+    step()
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(args.steps):
+        step()
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(x.split()[1]) for x in status if x.startswith("VmHWM:")) / 2**20
+    print(f"PEAK {peak:.3f}")
+
+
+def peak_rss_table(args: argparse.Namespace) -> None:
+    """Peak RSS of each side's step, each in its own process (memory does not depend on machine load)."""
+    print(
+        "\n| precision | peak RSS of the train step | upstream | rfdetr_fn | rfdetr_fn / upstream (fp32 as shipped) |"
+    )
+    print("|---|---|---|---|---|", flush=True)
+    peaks: dict[tuple[str, str], float | str] = {}
+    for precision in args.precisions:
+        for side in ("upstream", "ours"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-child", f"{side}:{precision}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT / "benchmarks"))
+            line = [x for x in done.stdout.splitlines() if x.startswith("PEAK ")]
+            text = line[-1][5:] if line else "no result"
+            peaks[side, precision] = text if text.startswith(("fails", "no")) else float(text)
+        up, mine = peaks["upstream", precision], peaks["ours", precision]
+        shipped = peaks["upstream", "fp32"]
+        ratio = f"{mine / shipped:.2f}x" if isinstance(shipped, float) and isinstance(mine, float) else "-"
+        cells = [v if isinstance(v, str) else f"{v:.2f} GiB" for v in (up, mine)]
+        row = f"| {precision} | {args.preset} step, {args.steps} steps | {cells[0]} | {cells[1]} | {ratio} |"
+        print(row, flush=True)
+
+
+def timers(ours: dict, up: dict, precision: str) -> dict:
+    """Four zero-argument callables: (ours|upstream) x (train step|batch-1 inference) in `precision`."""
+    import torch
+
+    from rfdetr_fn.eval.inference import forward_fn
+    from rfdetr_fn.model.postprocess import postprocess
+
+    cfg, batch = ours["cfg"], ours["batch"]
+    image = batch["images"][:1]
+    size = batch["size"][:1]
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+    forward = forward_fn(cfg, "cpu", precision=precision)
+    model = up["model"]
+
+    def ours_step():
+        ours[f"state_{precision}"], _ = ours[precision](ours[f"state_{precision}"], [batch])
+
+    up_step = upstream_step(up, batch, precision)
 
     def ours_infer():
         with torch.no_grad():
@@ -226,6 +303,8 @@ def main() -> None:
         default="auto",
         help="auto: fp32, plus bf16 where the CPU has bf16 matrix units",
     )
+    parser.add_argument("--memory", action="store_true", help="instead of timings: each side's peak step RSS")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--upstream-venv", default=DEFAULT_VENV)
     parser.add_argument("--setup", action="store_true", help="create --upstream-venv from PyPI and exit")
     args = parser.parse_args()
@@ -245,6 +324,9 @@ def main() -> None:
 
     precisions = {"fp32": ["fp32"], "bf16": ["fp32", "bf16"]}.get(args.precision)
     args.precisions = precisions or (["fp32", "bf16"] if cpu_bf16_units() else ["fp32"])
+    if args.memory_child:
+        peak_rss_child(args)
+        return
     import rfdetr
 
     from rfdetr_fn.model.precision import describe_cpu
@@ -254,6 +336,9 @@ def main() -> None:
         f"torch {torch.__version__}, rfdetr {getattr(rfdetr, '__version__', UPSTREAM_VERSION)}, "
         f"{torch.get_num_threads()} threads, {args.preset} {args.resolution} px, batch {args.batch_size}"
     )
+    if args.memory:
+        peak_rss_table(args)
+        return
     ours, up = build(args)
     print(f"same weights: max |logit difference| of the eval forward {parity(ours, up):.2e} (fp32)")
     print("\n| precision | what | upstream | rfdetr_fn | vs upstream same precision | vs upstream as shipped (fp32) |")

@@ -61,12 +61,17 @@ class Measured:
 # Kinds of compute measured so far (`rfdetr_fn.model.precision.compute_kind`: device type, precision and,
 # for bf16 on CPU, the unit running its GEMMs; benchmarks/RESULTS.md). `auto` compiles what reached the bar
 # there (train step >= 1.25x, inference >= 1.5x eager: worth minutes of first compile) and stays eager
-# elsewhere, including kinds never measured. CPU fp32 (2-core EPYC, torch 2.13, loss piece compiled, update
-# eager): 4.1 min cold, 23 s warm, step 1.14x, inference 1.41x -- below both bars, so auto stays eager there.
+# elsewhere, including kinds never measured. All below are 2-core CPUs, torch 2.13, loss piece compiled and
+# the update eager (as `fit` runs a CPU). fp32 (EPYC): 4.1 min cold, 23 s warm, step 1.14x, inference 1.41x.
+# bf16 on AVX512-BF16 (Zen 4 EPYC, 2026-12-08): 2.9 min cold, 30 s warm, step 0.84x, inference 0.97x --
+# compiled is slower there. Below both bars everywhere measured, so auto stays eager on CPU.
 MEASURED: dict[str, Measured] = {
     "cpu fp32": Measured(
         cold_s=246.0, warm_s=22.7, step_speedup=1.14, infer_speedup=1.41, infer_cold_s=78.8, infer_warm_s=5.8
-    )
+    ),
+    "cpu bf16 avx512_bf16": Measured(
+        cold_s=176.3, warm_s=30.0, step_speedup=0.84, infer_speedup=0.97, infer_cold_s=48.2, infer_warm_s=7.6
+    ),
 }
 STEP_WIN, INFER_WIN = 1.25, 1.5
 

@@ -78,6 +78,19 @@ def test_12_coco_file_names_outside_the_dataset_are_refused(tmp_path, cheap_fit,
     assert code == 2 and "../../secret.png" in err and str(secret) in err and "outside the dataset" in err
 
 
+def test_12_a_relative_dataset_dir_is_inside_itself(tmp_path, monkeypatch):
+    """configs/coco_mini_nano.yaml names its dataset as ../shared/data/coco_mini: the escape check compared
+    the relative image paths with the absolute root and refused every file name."""
+    from rfdetr_fn.config import DataConfig
+    from rfdetr_fn.data import load_source
+
+    make_roboflow(tmp_path / "data")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    source = load_source(DataConfig(dataset_dir="../data"), "train")
+    assert len(source.images) == 4
+
+
 def test_12_yolo_label_files_without_image_or_with_upper_case_suffix_are_counted(tmp_path):
     from rfdetr_fn.config import DataConfig
     from rfdetr_fn.data import load_source

@@ -55,7 +55,7 @@ def check_file_names(images: list, image_dir: Path, root: Path, ann_file: Path) 
         if isinstance(im, dict) and isinstance(im.get("file_name"), str)
         and (
             Path(im["file_name"]).is_absolute()
-            or not Path(os.path.normpath(image_dir / im["file_name"])).is_relative_to(top)
+            or not Path(os.path.abspath(image_dir / im["file_name"])).is_relative_to(top)
         )
     ]  # fmt: skip
     if outside:
