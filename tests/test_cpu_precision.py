@@ -103,9 +103,9 @@ def test_bf16_eval_forward_on_cpu_is_close_to_fp32():
 
 
 def test_bf16_attention_on_cpu_runs_the_kernel_in_float32():
-    """CPU's bf16 flash-attention backward is slower than its float32 one, so bf16 q/k/v (autocast) are
-    attended in float32 and the result rounded back: bf16 out, equal to float32 attention of the same
-    (bf16-rounded) inputs, and gradients flow back in bf16."""
+    """CPU's bf16 flash-attention backward is slower than its float32 one, so bf16 q/k/v (autocast) that
+    need gradients are attended in float32 and the result rounded back: bf16 out, equal to float32 attention
+    of the same (bf16-rounded) inputs, and gradients flow back in bf16."""
     from rfdetr_fn.model.nn import attention
 
     gen = torch.Generator().manual_seed(0)
@@ -115,3 +115,6 @@ def test_bf16_attention_on_cpu_runs_the_kernel_in_float32():
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
     out.sum().backward()
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    with torch.no_grad():  # inference keeps CPU's bf16 kernel
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert torch.equal(attention(q, k, v), plain)

@@ -28,13 +28,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Te
     Plain calls take SDPA's fused kernel. Under a torch.func transform the same function runs as SDPA's
     math composite (matmul, softmax), whose ops all have batching, forward-mode and double-backward
     rules: CPU's fused kernel has none of the last two, and the choice needs no switch by the caller.
-    bf16 inputs on CPU (autocast) run the kernel in float32: CPU's bf16 flash-attention backward is slower
-    than its float32 one (Nano's decoder self-attention 119 vs 79 ms forward + backward, AVX512-BF16 EPYC,
-    benchmarks/RESULTS.md), and the casts cost less than the difference.
+    bf16 inputs on CPU (autocast) that will be differentiated run the kernel in float32: CPU's bf16
+    flash-attention backward is slower than its float32 one (Nano's decoder self-attention 119 vs 79 ms
+    forward + backward, AVX512-BF16 EPYC, benchmarks/RESULTS.md), and the casts cost less than the
+    difference. Without gradients (inference) bf16 stays: there the casts cost more than they save.
     """
     if transforms.any_transform(q):
         return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, bias)[0]
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # see the docstring
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
