@@ -6,6 +6,9 @@
     python benchmarks/train_step.py --device cuda --precision bf16 --parity 20   # graphed vs eager, 20 steps
     python benchmarks/train_step.py --preset nano --resolution 384 --batch-size 2 --device cpu --precision bf16
 
+Modes: eager (the pure step), donated (`make_train_step(donate=True)`: the update in place, what `fit` runs
+on CPU), compiled (on CPU as `fit` compiles there: the loss piece, the donated update eager; on CUDA the
+whole regional step), graphed (CUDA). Default: eager and donated on CPU, eager and compiled on CUDA.
 Each mode runs in its own subprocess so peak RSS (CPU) or peak allocated memory (CUDA) belongs to that mode
 alone. Timings are medians over --steps steps after --warmup steps (the compiled mode's first call,
 which compiles, is reported separately). On CUDA, --gpu-report also counts host syncs per step
@@ -66,14 +69,13 @@ def build_step(args: argparse.Namespace, batch_size: int, mode: str):
         cuda_graphs=mode == "graphed",
     )
     params = tree.map_(lambda t: t.to(device), rf.init(cfg, seed=0))
-    donate = mode == "donated"  # eager, clip + AdamW + EMA in place on the state (what fit runs on CPU)
+    # donated: eager, clip + AdamW + EMA in place on the state (what fit runs on CPU); compiled on CPU is what
+    # fit compiles there: the loss piece, with the donated update eager
+    cpu = device.type == "cpu"
+    donate = mode == "donated" or (mode == "compiled" and cpu)
     train_step = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=args.precision, donate=donate)
     state = train_step.init(params)
-    step = compile_step(
-        train_step,
-        enabled=mode == "compiled",
-        max_shapes=32,
-    )
+    step = compile_step(train_step, enabled=mode == "compiled", max_shapes=32, update=not cpu)
     step = graphed_step(step, tcfg, device, max_graphs=32)
     if mode == "graphed" and not hasattr(step, "graphs"):
         raise SystemExit("graphed mode could not start (see the message above)")
@@ -190,7 +192,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "donated", "compiled", "graphed"]
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=["eager", "donated", "compiled", "graphed"],
+        help="default: eager donated on CPU (fit's auto stays eager there), eager compiled on CUDA",
     )
     parser.add_argument("--matcher", default="auto", choices=["auto", "scipy", "device"])
     parser.add_argument("--parity", type=int, default=0, help="compare N graphed steps with N eager steps instead")
@@ -198,6 +204,7 @@ def main() -> None:
     parser.add_argument("--report-scales", type=int, default=None, help="multi-scale sizes to cycle (default all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.modes = args.modes or (["eager", "donated"] if args.device == "cpu" else ["eager", "compiled"])
     if args.parity:
         parity(args)
         return
