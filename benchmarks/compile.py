@@ -26,7 +26,6 @@ Every child has --child-timeout seconds; one that runs out is reported as such, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -42,19 +41,7 @@ import torch
 from rfdetr_fn.model.precision import describe_cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import gpu_report, synthetic_batch  # noqa: E402  (the benchmarks share their batch)
-
-
-def _rss_gib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # Linux only: 5 resets VmHWM
-        Path("/proc/self/clear_refs").write_text("5")
+from train_step import gpu_report, peak_rss_gib, reset_peak_rss, synthetic_batch  # noqa: E402  (the benchmarks share their batch)
 
 
 def _setup(args):
@@ -121,9 +108,9 @@ def child(args) -> dict:
     out: dict = {"mode": args.child}
     if args.child == "eager":
         state, _ = _median_step(eager_step, state, batch, args.warmup)
-        _reset_peak_rss()
+        reset_peak_rss()
         state, out["step_s"] = _median_step(eager_step, state, batch, args.steps)
-        out["peak_rss_gib"] = _rss_gib("VmHWM")
+        out["peak_rss_gib"] = peak_rss_gib()
         out["infer_s"] = _median_forward(forward_fn(cfg, device, precision=args.precision), params, image, args.steps)
         return out
     if args.child == "menu":
@@ -160,16 +147,16 @@ def child(args) -> dict:
     float(metrics["loss"])
     out["first_update_s"] = time.perf_counter() - t0
     out["first_step_s"] = out["first_loss_s"] + out["first_update_s"]
-    out["compile_peak_rss_gib"] = _rss_gib("VmHWM")
+    out["compile_peak_rss_gib"] = peak_rss_gib()
     out["graphs"] = dutils.counters["stats"]["unique_graphs"]
     out["graph_breaks"] = sum(dutils.counters["graph_break"].values())
     out["compile_times"] = dutils.compile_times(repr="csv")
     cache.save_if_new()
     report_partial(out)
     state, _ = _median_step(step, state, batch, args.warmup)
-    _reset_peak_rss()
+    reset_peak_rss()
     state, out["step_s"] = _median_step(step, state, batch, args.steps)
-    out["peak_rss_gib"] = _rss_gib("VmHWM")
+    out["peak_rss_gib"] = peak_rss_gib()
     report_partial(out)  # a later failure keeps the compile figures
     loss_only = assemble_step(attrs.evolve(step.pieces, update=eager_step.pieces.update))  # nothing new to compile
     state, out["loss_only_step_s"] = _median_step(loss_only, state, batch, args.steps)

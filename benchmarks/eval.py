@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from train_step import peak_rss_gib, reset_peak_rss  # benchmarks/ is on sys.path: the script's folder
 
 NUM_CLASSES = 80
 QUERIES = 300
@@ -110,22 +111,6 @@ def synthetic_outputs(gt_by_image: list[list[dict]], height: int, width: int, rn
     return out
 
 
-def _peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux: the peak then covers the process so far
-        pass
-
-
 def run_one(kind: str, backend: str, args: argparse.Namespace) -> dict:
     """One (kind, backend) evaluation in this process -> phase times (s) and peak RSS (MiB)."""
     from rfdetr_fn.eval.coco import Evaluator
@@ -141,10 +126,10 @@ def run_one(kind: str, backend: str, args: argparse.Namespace) -> dict:
             by_image[ann["image_id"] - 1].append(ann)
     rng = np.random.default_rng(args.seed + 1)
     sizes = torch.tensor([[height, width]] * BATCH)
-    baseline = _peak_mib()
+    baseline = peak_rss_gib() * 1024
     times = {"predict": [0.0, 0.0], "accumulate": [0.0, 0.0]}  # wall, CPU seconds
     peaks = {}
-    _reset_peak()
+    reset_peak_rss()
     evaluator = Evaluator(gt, backend=backend)
     for start in range(0, args.images, BATCH):
         ids = list(range(start + 1, min(start + BATCH, args.images) + 1))
@@ -156,11 +141,11 @@ def run_one(kind: str, backend: str, args: argparse.Namespace) -> dict:
         clock.append((time.perf_counter(), time.process_time()))
         for name, (a, b) in zip(("predict", "accumulate"), zip(clock, clock[1:])):
             times[name] = [times[name][0] + b[0] - a[0], times[name][1] + b[1] - a[1]]
-    peaks["predict+accumulate"] = _peak_mib()
-    _reset_peak()
+    peaks["predict+accumulate"] = peak_rss_gib() * 1024
+    reset_peak_rss()
     phase: dict[str, tuple[float, float]] = {}
     metrics = evaluator.compute(timings=phase)
-    peaks["compute"] = _peak_mib()
+    peaks["compute"] = peak_rss_gib() * 1024
     times.update(phase)
     return {
         "kind": kind,

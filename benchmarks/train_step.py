@@ -21,6 +21,7 @@ the device matcher, which --matcher auto picks on CUDA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -28,10 +29,25 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from rfdetr_fn.model.precision import describe_cpu
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since start or the last `reset_peak_rss` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak at the current RSS, so a figure excludes what came before (e.g. a compile)."""
+    with contextlib.suppress(OSError):  # Linux only: 5 resets VmHWM
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def synthetic_batch(cfg, batch_size: int, resolution: int, device, *, targets: int = 8, seed: int = 0) -> dict:

@@ -77,27 +77,37 @@ def reexec_or_explain(args: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
-def build(args: argparse.Namespace):
-    """(ours, upstream) dicts of callables and state for one preset, from the same weights."""
+def common(args: argparse.Namespace):
+    """(cfg, params, batch): the preset, rfdetr_fn's init weights (upstream loads the same) and the batch."""
     import torch
 
     import rfdetr_fn as rf
-    from rfdetr_fn import tree
-    from rfdetr_fn.config import TrainConfig
-    from rfdetr_fn.step import make_train_step
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from train_step import synthetic_batch
 
     cfg = rf.presets.get(args.preset, resolution=args.resolution)
-    params = rf.init(cfg, seed=0)
-    batch = synthetic_batch(cfg, args.batch_size, cfg.resolution, torch.device("cpu"))
+    return cfg, rf.init(cfg, seed=0), synthetic_batch(cfg, args.batch_size, cfg.resolution, torch.device("cpu"))
+
+
+def ours_train_step(cfg, args: argparse.Namespace, precision: str):
+    """rfdetr_fn's step as `fit` runs it on CPU: donate=True (clip, AdamW and EMA in place on the state)."""
+    from rfdetr_fn.config import TrainConfig
+    from rfdetr_fn.step import make_train_step
+
+    tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", compile="off", precision=precision)
+    return make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision, donate=True)
+
+
+def build(args: argparse.Namespace):
+    """(ours, upstream) dicts of callables and state for one preset, from the same weights."""
+    from rfdetr_fn import tree
+
+    cfg, params, batch = common(args)
     upstream = upstream_model(cfg, args, tree.flatten(params))
     ours = {"cfg": cfg, "params": params, "batch": batch}
     for precision in args.precisions:
-        tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", compile="off", precision=precision)
-        # donate=True: the step fit runs on CPU (clip, AdamW and EMA in place on the state's buffers)
-        ours[precision] = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision, donate=True)
+        ours[precision] = ours_train_step(cfg, args, precision)
         ours[f"state_{precision}"] = ours[precision].init(tree.clone(params))
     return ours, upstream
 
@@ -164,25 +174,17 @@ def peak_rss_child(args: argparse.Namespace) -> None:
     """One side's train step alone in this process (--memory-child SIDE:PRECISION): after the warm-up steps
     the peak RSS is reset (clear_refs 5), and the peak over --steps steps is printed, so the figure is the
     persistent state (weights, AdamW moments, EMA) plus the step's transient memory, of that side only."""
-    import torch
+    from train_step import peak_rss_gib, reset_peak_rss
 
-    import rfdetr_fn as rf
     from rfdetr_fn import tree
-    from rfdetr_fn.config import TrainConfig
-    from rfdetr_fn.step import make_train_step
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import synthetic_batch
 
     side, precision = args.memory_child.split(":")
-    cfg = rf.presets.get(args.preset, resolution=args.resolution)
-    batch = synthetic_batch(cfg, args.batch_size, cfg.resolution, torch.device("cpu"))
+    cfg, params, batch = common(args)
     if side == "upstream":
-        step = upstream_step(upstream_model(cfg, args, tree.flatten(rf.init(cfg, seed=0))), batch, precision)
+        step = upstream_step(upstream_model(cfg, args, tree.flatten(params)), batch, precision)
     else:
-        tcfg = TrainConfig(batch_size=args.batch_size, multi_scale="off", compile="off", precision=precision)
-        ours = make_train_step(cfg, tcfg, steps_per_epoch=1000, precision=precision, donate=True)
-        box = {"state": ours.init(rf.init(cfg, seed=0))}
+        ours = ours_train_step(cfg, args, precision)
+        box = {"state": ours.init(params)}
 
         def step():
             box["state"], _ = ours(box["state"], [batch])
@@ -193,12 +195,10 @@ def peak_rss_child(args: argparse.Namespace) -> None:
         print(f"PEAK fails: {type(e).__name__}")
         return
     step()
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     for _ in range(args.steps):
         step()
-    status = Path("/proc/self/status").read_text().splitlines()
-    peak = next(int(x.split()[1]) for x in status if x.startswith("VmHWM:")) / 2**20
-    print(f"PEAK {peak:.3f}")
+    print(f"PEAK {peak_rss_gib():.3f}")
 
 
 def peak_rss_table(args: argparse.Namespace) -> None:
